@@ -1,0 +1,49 @@
+"""``rlhf data``: check contract files and convert rankings to pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import click
+
+from rlhf.config import config_command, opt
+from rlhf.data.io import read_records, write_records
+from rlhf.data.pairs import PairStats, rankings_to_pairs
+from rlhf.data.records import RECORD_TYPES, RankingRecord
+
+
+@click.group()
+def data() -> None:
+    """Data contracts: prompts, completions, rankings, pairs (JSON Lines)."""
+
+
+@dataclass
+class PairsConfig:
+    """Turn a rankings file into pairwise comparisons (chosen = preferred)."""
+
+    rankings: str = opt(help="Rankings file (JSON Lines): prompt, completions, ranking best-first.")
+    out: str = opt(help="Pairs file to write (JSON Lines); written atomically.")
+
+
+@config_command(PairsConfig, name="pairs")
+def pairs_cmd(cfg: PairsConfig) -> None:
+    """A ranking of K completions gives K·(K−1)/2 pairs; ties and skipped items give none."""
+    stats = PairStats()
+    pairs = rankings_to_pairs(read_records(cfg.rankings, RankingRecord), stats)
+    write_records(cfg.out, pairs)
+    click.echo(json.dumps({"rankings": stats.rankings, "pairs": stats.pairs, "skipped_items": stats.skipped_items,
+                           "tied_pairs_dropped": stats.tied_pairs, "identical_pairs_dropped": stats.identical_pairs,
+                           "out": cfg.out}))
+
+
+@data.command("validate")
+@click.argument("path", type=click.Path())
+@click.option("--kind", type=click.Choice(sorted(RECORD_TYPES)), required=True, help="Which contract the file follows.")
+def validate_cmd(path: str, kind: str) -> None:
+    """Check a file against its contract; the first error names file, line and field."""
+    records = read_records(path, kind)
+    click.echo(f"{path}: {len(records)} valid {kind} records")
+
+
+data.add_command(pairs_cmd)

@@ -1,0 +1,68 @@
+"""Rankings → pairwise comparisons (the reward model's training signal).
+
+A ranking of K completions, best first, yields every ordered pair (better, worse): K·(K−1)/2 of
+them. Pairs inside a tie group and all pairs of a skipped item are left out, as are pairs whose
+two texts are identical (sampling often repeats a completion; such a pair carries no preference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.data.io import read_records
+from rlhf.data.records import PairRecord, RankingRecord
+
+
+@dataclass
+class PairStats:
+    rankings: int = 0
+    skipped_items: int = 0
+    pairs: int = 0
+    tied_pairs: int = 0
+    identical_pairs: int = 0
+    by_labeler: dict[str, int] = field(default_factory=dict)
+
+
+def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None) -> list[PairRecord]:
+    stats = stats if stats is not None else PairStats()
+    stats.rankings += 1
+    if rec.skipped:
+        stats.skipped_items += 1
+        return []
+    tie_of = {i: g for g, group in enumerate(rec.ties) for i in group}
+    meta = {k: v for k, v in (("labeler", rec.labeler), ("criterion", rec.criterion), ("prompt_id", rec.prompt_id)) if v is not None}
+    pairs = []
+    for a, better in enumerate(rec.ranking):
+        for worse in rec.ranking[a + 1:]:
+            if better in tie_of and tie_of.get(worse) == tie_of[better]:
+                stats.tied_pairs += 1
+                continue
+            chosen, rejected = rec.completions[better], rec.completions[worse]
+            if chosen == rejected:
+                stats.identical_pairs += 1
+                continue
+            pairs.append(PairRecord(prompt=rec.prompt, chosen=chosen, rejected=rejected, extra=dict(meta)))
+    stats.pairs += len(pairs)
+    if rec.labeler is not None:
+        stats.by_labeler[rec.labeler] = stats.by_labeler.get(rec.labeler, 0) + len(pairs)
+    return pairs
+
+
+def rankings_to_pairs(rankings: list[RankingRecord], stats: PairStats | None = None) -> list[PairRecord]:
+    return [p for rec in rankings for p in ranking_to_pairs(rec, stats)]
+
+
+def load_pairs(path: str | Path, *, on_error: str = "raise", skipped: list[str] | None = None) -> list[PairRecord]:
+    """Read pairs from a pairs file (any supported layout) or convert a rankings file on the fly.
+
+    The file's first record decides: one with a ``ranking`` field is a rankings file.
+    """
+    from rlhf.data.io import iter_jsonl
+
+    path = Path(path)
+    if not path.is_dir():
+        first = next(iter_jsonl(path), None)
+        if first is not None and "ranking" in first[1]:
+            return rankings_to_pairs(read_records(path, RankingRecord, on_error=on_error, skipped=skipped))
+    return read_records(path, PairRecord, on_error=on_error, skipped=skipped)

@@ -1,0 +1,85 @@
+"""Loading and saving models and tokenizers, and the one place prompts are formatted.
+
+Any local Hugging Face causal-LM folder works; ``bundled`` names the tiny instruction model that
+ships in the package (built by ``rlhf base build``). Prompts are wrapped with the tokenizer's chat
+template when it has one, so SFT, generation, reward scoring and PPO all see the same text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import ConfigError
+
+BUNDLED_NAMES = ("bundled", "default")
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """``bundled`` → the packaged default model; anything else must be a local model folder."""
+    if str(name) in BUNDLED_NAMES:
+        if not (BUNDLED_DIR / "config.json").is_file():
+            raise ConfigError(f"the bundled model is missing from {BUNDLED_DIR}; build it with "
+                              f"`rlhf base build --out {BUNDLED_DIR}`")
+        return BUNDLED_DIR
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model folder {path} not found (models load from local folders only; "
+                          f"use 'bundled' for the packaged default)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(path)))
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; EOS is safe because masks hide padding.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   train: bool = False):
+    """A causal LM in float32 by default (bf16/fp16 are far slower than fp32 on most CPUs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(path)), dtype=dtype)
+    model.to(device)
+    model.train(train)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RL and exact resume need deterministic forward passes: zero every dropout probability."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text a model sees before its reply: the chat template's user turn plus the assistant cue."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    """HF format with safetensors, loadable by the plain Auto classes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic I/O, seeding, metrics logging, checkpoints, memory."""

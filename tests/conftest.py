@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny causal LM built from a transformers config (no hub access), real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+HH_DIR = REPO.parent / "shared" / "data" / "hh-harmless"
+
+TINY_TEXTS = [
+    "Thank you for asking! Open the windows at night and close the curtains by day.",
+    "Sure, here is a simple recipe: rinse the rice, add water, simmer for twenty minutes.",
+    "That is a stupid question. Figure it out yourself.",
+    "I like turtles and the colour blue.",
+    "Great question! Try a short walk, a glass of water, and an early night.",
+    "Whatever. I do not care about your problem.",
+    "my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlhf.models.tokenizer import train_tokenizer
+
+    return train_tokenizer(TINY_TEXTS, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A 2-layer Llama (width 32) with a trained BPE tokenizer and chat template, saved in HF format."""
+    from rlhf.models.architecture import ModelShape, new_causal_lm
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    model = new_causal_lm(tiny_tokenizer, ModelShape(hidden_size=32, num_layers=2, num_heads=2,
+                                                     intermediate_size=64, max_positions=256), seed=0)
+    model.save_pretrained(str(out))
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hh_dir() -> Path:
+    if not (HH_DIR / "train.jsonl.gz").is_file():
+        pytest.skip(f"real preference data not found at {HH_DIR} (see DEVELOPERS.md: ../shared/data/hh-harmless)")
+    return HH_DIR
