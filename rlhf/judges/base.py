@@ -1,0 +1,114 @@
+"""One scorer interface for everything that turns (prompt, completion) into a number.
+
+PPO optimises a scorer, evaluation judges with several, and the scripted labelers rank with one.
+A scorer is any object with
+
+    name: str
+    higher_is_better: bool
+    score(prompts: list[str], completions: list[str]) -> torch.Tensor   # float32 [N], no grad
+
+Scorers are named by a spec string (``load_scorer``): ``length``, ``repetition``, and the kinds that
+the other judge modules register in ``SCORER_KINDS`` (learned reward models, classifiers, ...).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from rlhf.errors import ConfigError, TrainingError
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+    higher_is_better: bool
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor: ...
+
+
+def check_scores(scorer: Scorer, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """A scorer's output must be a finite float vector of length N: anything else is an error, never a broadcast."""
+    if not isinstance(scores, torch.Tensor):
+        raise TrainingError(f"scorer {scorer.name!r} returned {type(scores).__name__}, expected a tensor of shape [{n}]")
+    if scores.shape != (n,):
+        raise TrainingError(f"scorer {scorer.name!r} returned shape {tuple(scores.shape)}, expected [{n}]")
+    if not torch.isfinite(scores).all():
+        bad = (~torch.isfinite(scores)).nonzero().flatten()[:5].tolist()
+        raise TrainingError(f"scorer {scorer.name!r} returned non-finite scores (first at rows {bad})")
+    return scores.float()
+
+
+def score_checked(scorer: Scorer, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    with torch.no_grad():
+        return check_scores(scorer, scorer.score(prompts, completions), len(completions))
+
+
+class LengthScorer:
+    """Reply length in whitespace-separated words. Higher is longer, not better: a drift signal."""
+
+    name = "length"
+    higher_is_better = True
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        return torch.tensor([float(len(c.split())) for c in completions])
+
+
+class RepetitionScorer:
+    """How repetitive a reply is: 1 − (compressed size / raw size), 0 for short or varied text.
+
+    Degenerate RL policies repeat phrases; zlib finds repeats of any length without a tokenizer.
+    Lower is better.
+    """
+
+    name = "repetition"
+    higher_is_better = False
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        out = []
+        for c in completions:
+            raw = c.encode("utf-8")
+            if len(raw) < 16:
+                out.append(0.0)
+                continue
+            # Compressed size includes a fixed header; subtracting it keeps varied text near 0.
+            packed = len(zlib.compress(raw, 9)) - 8
+            out.append(max(0.0, 1.0 - packed / len(raw)))
+        return torch.tensor(out)
+
+
+# kind -> factory(argument string after "kind:", device) -> Scorer.
+# Judge modules add their kinds here (learned reward models, classifiers, lexicons).
+SCORER_KINDS: dict[str, Callable[[str, str], Scorer]] = {
+    "length": lambda arg, device: LengthScorer(),
+    "repetition": lambda arg, device: RepetitionScorer(),
+}
+
+
+def load_scorer(spec: str, device: str = "cpu") -> Scorer:
+    """``kind`` or ``kind:argument``; a bare folder path is a learned reward model."""
+    _register_builtin_kinds()
+    kind, _, arg = spec.partition(":")
+    if kind in SCORER_KINDS:
+        return SCORER_KINDS[kind](arg, device)
+    if "path" in SCORER_KINDS:  # a bare folder: let the reward-model loader decide
+        from pathlib import Path
+
+        if Path(spec).is_dir():
+            return SCORER_KINDS["path"](spec, device)
+    raise ConfigError(f"unknown scorer {spec!r}; known kinds: {', '.join(sorted(k for k in SCORER_KINDS if k != 'path'))}, "
+                      "or a reward-model folder")
+
+
+def _register_builtin_kinds() -> None:
+    """Import the judge modules that register further kinds (kept lazy: they load heavy libraries)."""
+    import importlib
+    import importlib.util
+
+    for module in ("rlhf.judges.learned", "rlhf.judges.classifiers"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
