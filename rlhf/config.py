@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
 import click
+from click.core import ParameterSource
 import yaml
 
 from rlhf.errors import ConfigError
@@ -167,21 +168,19 @@ def _click_option(f: dataclasses.Field, tp: Any) -> click.Option:
         default = f.default_factory()
     else:
         default = None
-    kwargs: dict[str, Any] = dict(help=f.metadata.get("help", ""), show_default=True, default=None)
+    # The real default is shown in --help; the callback asks click where each value came from, so
+    # that an untouched flag never beats the YAML file.
+    kwargs: dict[str, Any] = dict(help=f.metadata.get("help", ""), show_default=True, default=default)
     if default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         kwargs["help"] += "  [required]"
         kwargs["show_default"] = False
-    elif default is not None:
-        # Shown in --help, but click receives None so that an untouched flag never beats the YAML file.
-        kwargs["show_default"] = str(default) if not isinstance(default, list) else ",".join(map(str, default)) or "none"
     if inner is bool:
         decls = [f"--{flag}/--no-{flag}"]
-        kwargs["show_default"] = str(default).lower()
     elif origin is Literal:
         kwargs["type"] = click.Choice([str(c) for c in get_args(inner)])
     elif origin in (list, tuple):
         kwargs["multiple"] = True
-        kwargs["default"] = None
+        kwargs["default"] = tuple(default or ())
         kwargs["help"] += " (repeat the option for several)"
     elif inner in (int, float, str):
         kwargs["type"] = inner
@@ -195,9 +194,10 @@ def config_command(cls: type[C], name: str | None = None, help: str | None = Non
     def decorate(fn: Callable[[C], Any]) -> click.Command:
         @functools.wraps(fn)
         def callback(config: str | None, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
             overrides = {}
             for k, v in kwargs.items():
-                if v is None or (isinstance(v, tuple) and len(v) == 0):
+                if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
                     continue
                 overrides[k] = list(v) if isinstance(v, tuple) else v
             try:
