@@ -177,3 +177,10 @@ def pretraining_documents(n: int, seed: int = 1) -> list[str]:
         else:
             docs.append(" ".join(rng.sample(filler, k=3)))
     return docs
+
+
+def prompt_files() -> dict[str, list[dict]]:
+    """The shipped prompt sets (rlhf/assets/prompts): ``train`` for rollouts and labeling, ``eval`` held out."""
+    train, held_out = split_prompts()
+    return {"train": [{"id": f"train-{i:03d}", "prompt": p} for i, (_, p) in enumerate(train)],
+            "eval": [{"id": f"eval-{i:03d}", "prompt": p} for i, (_, p) in enumerate(held_out)]}

@@ -83,3 +83,11 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+
+
+def shipped_prompts(split: str = "train") -> Path:
+    """Path of a shipped prompt set: ``train`` (rollouts, labeling) or ``eval`` (held-out phrasings)."""
+    return PROMPTS_DIR / f"{split}.jsonl"
