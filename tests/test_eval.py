@@ -1,0 +1,58 @@
+"""Evaluation: statistics by hand, judging two models through the CLI, the report renders escaped."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rlhf.eval.stats import bootstrap_ci, relative_change, summarise
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+    torch.manual_seed(0)
+    small, big = torch.randn(20) + 3, torch.randn(2000) + 3
+    lo_s, hi_s = bootstrap_ci(small, n_boot=500)
+    lo_b, hi_b = bootstrap_ci(big, n_boot=500)
+    assert lo_s < float(small.mean()) < hi_s and lo_b < float(big.mean()) < hi_b
+    assert (hi_b - lo_b) < (hi_s - lo_s) / 4
+    # For the mean of N(3, 1) with n = 2000 the 95% interval is about ±1.96/√2000 = ±0.044.
+    assert abs((hi_b - lo_b) / 2 - 1.96 / 2000 ** 0.5) < 0.01
+
+
+def test_constant_values_have_zero_width_interval():
+    s = summarise(torch.full((10,), 2.0))
+    assert (s.mean, s.std, s.ci_low, s.ci_high, s.n) == (2.0, 0.0, 2.0, 2.0, 10)
+
+
+def test_relative_change_is_signed_by_direction():
+    assert relative_change(0.5, 0.25, higher_is_better=False) == 50.0   # toxicity halved: 50% better
+    assert relative_change(0.5, 0.75, higher_is_better=True) == 50.0
+    assert relative_change(-1.0, -0.5, higher_is_better=True) == 50.0
+
+
+def test_eval_cli_judges_models_and_writes_escaped_report(tmp_path, tiny_model_dir):
+    from rlhf.cli import app
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "1", "prompt": "<script>alert(1)</script> hot house"}\n{"id": "2", "prompt": "rice"}\n')
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "ev"), "--model", str(tiny_model_dir),
+                                      "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+                                      "--prompts", str(prompts), "--judge", "length", "--judge", "repetition",
+                                      "--samples-per-prompt", "3", "--max-new-tokens", "8", "--bootstrap", "100"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    rows = {(r["judge"], i % 2) for i, r in enumerate(data["table"])}
+    assert len(data["table"]) == 4 and ("length", 0) in rows
+    # Same weights, same seeds: identical samples, zero KL, no change.
+    assert data["table"][1]["improvement_pct"] in (0.0, None) or abs(data["table"][1]["improvement_pct"]) < 1e-9
+    assert all(abs(m["kl"]["mean"]) < 1e-4 for m in data["models"])
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_unknown_judge_is_a_clear_error(tmp_path, tiny_model_dir):
+    from rlhf.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--judge", "nope"])
+    assert result.exit_code != 0 and "unknown scorer 'nope'" in str(result.exception)
