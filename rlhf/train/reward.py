@@ -1,0 +1,374 @@
+"""Pairwise reward-model training: −log σ(r_chosen − r_rejected) over human (or scripted) comparisons.
+
+Follows Ouyang et al. 2022 (InstructGPT §3.5) with one difference for small CPUs: both replies of a
+pair go through the model in one batch of 2B sequences rather than all K·(K−1)/2 pairs of a prompt
+at once. Optional margin (Llama 2) and reward-centering (Eisenstein et al. 2023) come from
+``rlhf.algos.bradley_terry_loss``, the one copy of the loss.
+
+Exact resume: each epoch's order is a function of (seed, epoch); checkpoints hold the weights,
+optimizer, scheduler, RNG and early-stopping state, so a killed run restarted with the same options
+ends with the same weights as an uninterrupted one. The validation split groups pairs by prompt, so
+pairs from one ranking never sit on both sides of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.algos import bradley_terry_loss
+from rlhf.config import config_to_dict, opt
+from rlhf.errors import ConfigError, DataError, TrainingError
+from rlhf.models.reward_model import (Encoded, RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
+                                      save_reward_model, score_encoded)
+from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
+from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
+from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
+
+
+@dataclass
+class RewardTrainConfig:
+    """Train a reward model on preference pairs (pairs files, HH dialogues, or rankings files)."""
+
+    pairs: str = opt(help="Training comparisons: a pairs file (ours, TRL or Anthropic-HH layout) or a rankings file.")
+    out: str = opt(help="Output folder: model/ (the reward model), checkpoints/, metrics.jsonl, summary.json.")
+    base: str = opt("minilm", help="Backbone: 'minilm' (packaged all-MiniLM-L6-v2 encoder), 'bundled' (the tiny "
+                                   "causal LM), or any local Hugging Face causal-LM or encoder folder.")
+    val_pairs: str | None = opt(None, help="Validation comparisons; without it --val-fraction of the prompts is held out.")
+    val_fraction: float = opt(0.1, help="Share of prompts held out for validation when --val-pairs is not given (0 = none).")
+    epochs: float = opt(2.0, help="Passes over the training pairs (fractions allowed).")
+    batch_size: int = opt(16, help="Pairs per optimizer step (each pair is two sequences).")
+    lr: float = opt(3e-5, help="Peak learning rate (AdamW), reached after warmup, then linear decay to 0.")
+    warmup_ratio: float = opt(0.1, help="Share of the optimizer steps spent warming the learning rate up.")
+    weight_decay: float = opt(0.01, help="AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
+    max_length: int = opt(256, help="Tokens per (prompt, reply); longer inputs lose the left end of the prompt, never the reply.")
+    margin: float = opt(0.0, help="Margin the chosen reward should beat the rejected one by (0 = plain Bradley-Terry).")
+    center_coef: float = opt(0.0, help="Weight of the reward-centering term E[(r_c + r_r)^2] (0 = off).")
+    backbone_kind: str = opt("auto", help="auto, causal (reward at the last token) or encoder (pooled states).")
+    pooling: str = opt("auto", help="auto, last, mean or cls (auto: last for causal LMs, mean for encoders).")
+    lora: bool = opt(False, help="Train LoRA adapters (peft) and the head instead of all weights; merged at the end.")
+    lora_r: int = opt(16, help="LoRA rank.")
+    lora_alpha: int = opt(32, help="LoRA scaling numerator (alpha / r scales the update).")
+    dropout: bool = opt(True, help="Keep the backbone's dropout during training (off: deterministic forward passes).")
+    eval_every: int = opt(0, help="Validate (and checkpoint) every N optimizer steps; 0 = at the end of each epoch.")
+    patience: int = opt(0, help="Stop after this many validations without a better accuracy (0 = never stop early).")
+    eval_batch_size: int = opt(64, help="Sequences per forward pass when validating.")
+    skip_bad_pairs: bool = opt(False, help="Skip and count malformed pairs (empty or one-sided, identical replies) "
+                                           "instead of stopping at the first.")
+    keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
+    seed: int = opt(0, help="Random seed (split, data order, head initialisation, dropout).")
+    device: str = opt("auto", help="cpu, cuda, or auto.")
+    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
+    max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("--batch-size and --eval-batch-size must be at least 1")
+        if self.epochs <= 0:
+            raise ConfigError("--epochs must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_length < 8:
+            raise ConfigError("--max-length must be at least 8")
+        if self.patience < 0 or self.eval_every < 0 or self.max_steps < 0:
+            raise ConfigError("--patience, --eval-every and --max-steps must not be negative")
+        if self.pooling not in ("auto", "last", "mean", "cls"):
+            raise ConfigError(f"--pooling must be auto, last, mean or cls, got {self.pooling!r}")
+        if self.backbone_kind not in ("auto", "causal", "encoder"):
+            raise ConfigError(f"--backbone-kind must be auto, causal or encoder, got {self.backbone_kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def read_pairs(path: str, skip_bad: bool) -> tuple[list, list[str]]:
+    """Pairs from any supported file; returns (pairs, messages of skipped records)."""
+    from rlhf.data.pairs import load_pairs
+
+    if not Path(path).exists():
+        raise ConfigError(f"pairs file {path} not found")
+    skipped: list[str] = []
+    try:
+        pairs = load_pairs(path, on_error="skip" if skip_bad else "raise", skipped=skipped)
+    except DataError as exc:
+        raise DataError(exc.path, exc.line, f"{str(exc).split(': ', 1)[-1]} (use --skip-bad-pairs to skip and count such records)") from None
+    if not pairs:
+        raise DataError(path, None, f"no usable pairs ({len(skipped)} skipped)" if skipped else "no pairs in the file")
+    return pairs, skipped
+
+
+def split_by_prompt(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out about ``fraction`` of the prompts (all their pairs) for validation, chosen by a seeded hash."""
+    if fraction <= 0:
+        return pairs, []
+    def bucket(prompt: str) -> float:
+        h = hashlib.sha256(f"{seed}\0{prompt}".encode("utf-8")).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+    train = [p for p in pairs if bucket(p.prompt) >= fraction]
+    val = [p for p in pairs if bucket(p.prompt) < fraction]
+    if not train or not val:
+        raise ConfigError(f"--val-fraction {fraction} leaves {len(train)} training and {len(val)} validation pairs; "
+                          "give --val-pairs or more data")
+    return train, val
+
+
+@dataclass
+class TruncationStats:
+    sequences: int = 0
+    prompts_cut: int = 0
+    replies_cut: int = 0
+
+    def add(self, e: Encoded) -> None:
+        self.sequences += 1
+        self.prompts_cut += int(e.prompt_cut)
+        self.replies_cut += int(e.reply_cut)
+
+
+def encode_pairs(encoder: RewardEncoder, pairs: list, stats: TruncationStats) -> list[tuple[Encoded, Encoded]]:
+    out = []
+    for p in pairs:
+        c, r = encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected)
+        stats.add(c)
+        stats.add(r)
+        out.append((c, r))
+    return out
+
+
+def epoch_batches(encoded: list[tuple[Encoded, Encoded]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, a function of (seed, epoch) alone (which makes resume exact).
+
+    Pairs are shuffled, then sorted by length inside windows of 16 batches, and the batches are
+    shuffled again: similar lengths share a batch (less padding, much faster on a CPU) while the
+    order stays random. A last partial batch is dropped.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(encoded), generator=g).tolist()
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: max(len(encoded[i][0].ids), len(encoded[i][1].ids)))
+        batches += [chunk[s:s + batch_size] for s in range(0, len(chunk) - batch_size + 1, batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+LENGTH_BUCKETS = ((0, 20), (20, 50), (50, 100), (100, None))
+
+
+def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: list) -> dict:
+    """Pairwise accuracy (ties count half), mean margin, and accuracy by reply length in words.
+
+    r_chosen, r_rejected: [N] rewards (higher = preferred). The length of a pair is the mean word
+    count of its two replies.
+    """
+    diff = (r_chosen - r_rejected).double()
+    won = (diff > 0).double() + 0.5 * (diff == 0).double()
+    lengths = [(len(p.chosen.split()) + len(p.rejected.split())) / 2 for p in pairs]
+    by_len = {}
+    for lo, hi in LENGTH_BUCKETS:
+        idx = [i for i, n in enumerate(lengths) if n >= lo and (hi is None or n < hi)]
+        if idx:
+            name = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+            by_len[name] = {"pairs": len(idx), "accuracy": round(float(won[idx].mean()), 4)}
+    shorter = [1.0 if len(p.chosen) < len(p.rejected) else 0.5 if len(p.chosen) == len(p.rejected) else 0.0 for p in pairs]
+    return {
+        "accuracy": round(float(won.mean()), 4),
+        "pairs": len(pairs),
+        "mean_margin": round(float(diff.mean()), 4),
+        "ties": int((diff == 0).sum()),
+        "accuracy_by_length": by_len,
+        "shorter_reply_baseline": round(sum(shorter) / len(shorter), 4),
+    }
+
+
+def evaluate_encoded(model, encoded: list[tuple[Encoded, Encoded]], pairs: list, pad_id: int, batch_size: int) -> dict:
+    flat = [e for pair in encoded for e in pair]
+    scores = score_encoded(model, flat, pad_id, batch_size)
+    return pair_metrics(scores[0::2], scores[1::2], pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def _apply_lora(model, cfg: RewardTrainConfig) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    # The head stays fully trainable; peft only wraps the backbone's linear layers.
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                               target_modules="all-linear", lora_dropout=0.0))
+
+
+def _disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def train_reward_model(cfg: RewardTrainConfig) -> dict:
+    """Run a whole training stage; returns the summary also written to ``out/summary.json``."""
+    from rlhf.models.loading import pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    pairs, skipped = read_pairs(cfg.pairs, cfg.skip_bad_pairs)
+    if cfg.val_pairs:
+        val_pairs, val_skipped = read_pairs(cfg.val_pairs, cfg.skip_bad_pairs)
+        skipped += val_skipped
+        train_pairs = pairs
+    else:
+        train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+    for msg in skipped[:5]:
+        print(f"skipped: {msg}", file=sys.stderr)
+    if len(train_pairs) < cfg.batch_size:
+        raise ConfigError(f"{cfg.pairs}: {len(train_pairs)} training pairs, fewer than --batch-size {cfg.batch_size}")
+
+    device = pick_device(cfg.device)
+    model, tok, spec = new_reward_model(cfg.base, kind=cfg.backbone_kind, pooling=cfg.pooling,
+                                        max_length=cfg.max_length, seed=cfg.seed, device=device)
+    if not cfg.dropout:
+        _disable_dropout(model)
+    if cfg.lora:
+        _apply_lora(model, cfg)
+    encoder, pad_id = RewardEncoder(tok, spec), pad_id_of(tok)
+    trunc = TruncationStats()
+    train_enc = encode_pairs(encoder, train_pairs, trunc)
+    val_enc = encode_pairs(encoder, val_pairs, trunc)
+
+    steps_per_epoch = len(train_pairs) // cfg.batch_size
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    run_until = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    eval_every = cfg.eval_every or steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(cfg.warmup_ratio * total_steps), total_steps))
+    ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
+    best_dir = out / "best"
+
+    step, best_acc, since_best, stopped_early = 0, -1.0, 0, False
+    latest = ckpts.latest() if cfg.resume else None
+    if latest is not None:
+        state = ckpts.load_state(latest)
+        if state.get("total_steps") != total_steps or state.get("train_pairs") != len(train_pairs):
+            raise ConfigError(f"{latest} was written by a run with other data or options "
+                              f"({state.get('train_pairs')} pairs, {state.get('total_steps')} steps); "
+                              "use another --out or --no-resume")
+        load_weights_into(model, latest / "model")
+        ts = ckpts.load_trainer_state(latest)
+        optim.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        set_rng_state(ts["rng"])
+        step, best_acc, since_best = state["step"], state["best_accuracy"], state["evals_since_best"]
+        stopped_early = state.get("stopped_early", False)
+        print(f"resuming from {latest} (step {step} of {total_steps})", file=sys.stderr)
+
+    def checkpoint(at: int) -> None:
+        ckpts.save(at, lambda d: save_reward_model(model, tok, d / "model"),
+                   {"total_steps": total_steps, "train_pairs": len(train_pairs), "best_accuracy": best_acc,
+                    "evals_since_best": since_best, "stopped_early": stopped_early, "config": config_to_dict(cfg)},
+                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+
+    def publish(folder: Path) -> None:
+        staged = staging_dir(folder)
+        try:
+            save_reward_model(model, tok, staged)
+            publish_dir(staged, folder)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+
+    logger = MetricsLogger(out, resume_step=step if latest is not None else None)
+    bar = tqdm(total=run_until, initial=step, desc="reward", unit="step")
+    t0, pairs_seen, last_val = time.perf_counter(), 0, None
+    model.train()
+    while step < run_until and not stopped_early:
+        epoch, within = divmod(step, steps_per_epoch)
+        batch_ids = epoch_batches(train_enc, cfg.batch_size, cfg.seed, epoch)[within]
+        items = [e for i in batch_ids for e in train_enc[i]]  # chosen, rejected, chosen, ...
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+        rewards = model(**batch)
+        r_c, r_r = rewards[0::2], rewards[1::2]
+        loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
+                                f"is kept in {ckpts.root}. Try a lower --lr.")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {step + 1}; the last good checkpoint is kept in {ckpts.root}")
+        optim.step()
+        sched.step()
+        step += 1
+        pairs_seen += len(batch_ids)
+        with torch.no_grad():
+            metrics = {"loss": loss.item(), "accuracy": float((r_c > r_r).float().mean()),
+                       "margin": float((r_c - r_r).mean()), "reward_mean": float(rewards.mean()),
+                       "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0], "epoch": step / steps_per_epoch}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if (step % eval_every == 0 or step == run_until) and val_enc:
+            last_val = evaluate_encoded(model, val_enc, val_pairs, pad_id, cfg.eval_batch_size)
+            metrics.update({"val_accuracy": last_val["accuracy"], "val_margin": last_val["mean_margin"]})
+            if last_val["accuracy"] > best_acc:
+                best_acc, since_best = last_val["accuracy"], 0
+                publish(best_dir)
+            else:
+                since_best += 1
+                stopped_early = bool(cfg.patience) and since_best >= cfg.patience
+            logger.log(step, metrics)
+            checkpoint(step)
+        else:
+            logger.log(step, metrics)
+            if step % eval_every == 0 or step == run_until:
+                checkpoint(step)
+    bar.close()
+    logger.close()
+    elapsed = time.perf_counter() - t0
+
+    # The final model is the best on validation (what early stopping is for), else the last one.
+    final = out / "model"
+    if val_enc and best_dir.is_dir():
+        staged = staging_dir(final)
+        shutil.rmtree(staged)
+        shutil.copytree(best_dir, staged)
+        publish_dir(staged, final)
+    else:
+        publish(final)
+    summary = {
+        "model": str(final), "backbone": spec.base, "backbone_kind": spec.backbone_kind, "pooling": spec.pooling,
+        "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
+        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_pairs": len(skipped),
+        "best_val_accuracy": best_acc if val_enc else None, "last_val": last_val,
+        "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
+        "seconds": round(elapsed, 2), "pairs_per_second": round(pairs_seen / elapsed, 2) if elapsed > 0 and pairs_seen else None,
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+    atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
+    return summary
