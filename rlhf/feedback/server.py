@@ -55,7 +55,7 @@ class Submission(BaseModel):
     """A labeler's answer for one item, in SHOWN positions (0 = first completion on their screen)."""
 
     model_config = ConfigDict(extra="forbid")
-    item: StrictInt = Field(description="The item id from /api/next.")
+    item: StrictInt = Field(ge=1, le=2 ** 62, description="The item id from /api/next (SQLite ids fit in 63 bits).")
     submission_id: str = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_-]+$",
                                description="Chosen by the client once per item; a retry sends the same one.")
     ranking: list[StrictInt] = Field(default_factory=list, max_length=64, description="Shown positions, best first.")

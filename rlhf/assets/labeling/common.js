@@ -1,6 +1,7 @@
 "use strict";
 // Shared helpers. Data from the server is only ever put into the page as text
-// (textContent, Text nodes, input values): never innerHTML, so model output cannot become markup.
+// (textContent, Text nodes, input values), never through an HTML-parsing setter, so model output
+// cannot become markup (tests/test_feedback_app.py greps for those setters).
 const RLHF = (() => {
   function token(kind) {
     const key = "rlhf-token-" + kind;
