@@ -168,6 +168,10 @@ def create_app(store: Store) -> FastAPI:
             raise ApiError(404, f"no static file {name!r}")
         return page(name)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask for it; an empty answer keeps their console clean
+
     @app.get("/healthz")
     def healthz() -> dict[str, bool]:
         return {"ok": True}

@@ -338,7 +338,7 @@ class Store:
             if row is not None:
                 return self._assignment(conn, row[0])
             params = {"cid": camp.id, "uid": user.id, "fresh": time.time() - self.claim_timeout_s, "n": camp.labels_per_item}
-            row = conn.execute("SELECT i.id, i.completions " + self._AVAILABLE + " ORDER BY i.position LIMIT 1", params).fetchone()
+            row = conn.execute("SELECT i.id, i.completions " + self._AVAILABLE + " ORDER BY i.position, i.id LIMIT 1", params).fetchone()
             if row is None:
                 return None
             order = shuffled_order(len(json.loads(row[1])), user.id, row[0])
