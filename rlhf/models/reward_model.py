@@ -149,11 +149,14 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
 
     def init_head(self, seed: int) -> None:
-        # Small weights: the initial rewards sit near 0, so the first pairwise losses are near log 2.
-        g = torch.Generator().manual_seed(seed)
+        # A zero head: every reward starts at 0, so the first pairwise loss is exactly log 2 and the
+        # starting validation accuracy is exactly chance (ties count half). A random head would
+        # separate two kinds of reply in a random direction and start at 0% or 100% by luck.
+        # The head still learns at once (its gradient is the pooled features); the backbone from
+        # the second step on. ``seed`` is kept for heads that need randomness.
+        del seed
         with torch.no_grad():
-            w = torch.randn(self.head.weight.shape, generator=g) / (self.head.in_features ** 0.5 * 10)
-            self.head.weight.copy_(w)
+            self.head.weight.zero_()
             self.head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

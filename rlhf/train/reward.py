@@ -103,6 +103,8 @@ def read_pairs(path: str, skip_bad: bool) -> tuple[list, list[str]]:
     try:
         pairs = load_pairs(path, on_error="skip" if skip_bad else "raise", skipped=skipped)
     except DataError as exc:
+        if exc.line is None:
+            raise
         raise DataError(exc.path, exc.line, f"{str(exc).split(': ', 1)[-1]} (use --skip-bad-pairs to skip and count such records)") from None
     if not pairs:
         raise DataError(path, None, f"no usable pairs ({len(skipped)} skipped)" if skipped else "no pairs in the file")
@@ -306,6 +308,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     logger = MetricsLogger(out, resume_step=step if latest is not None else None)
     bar = tqdm(total=run_until, initial=step, desc="reward", unit="step")
     t0, pairs_seen, last_val = time.perf_counter(), 0, None
+    if latest is None and val_enc:  # the starting point, so a run's log shows validation accuracy rise
+        first = evaluate_encoded(model, val_enc, val_pairs, pad_id, cfg.eval_batch_size)
+        logger.log(0, {"val_accuracy": first["accuracy"], "val_margin": first["mean_margin"]})
     model.train()
     while step < run_until and not stopped_early:
         epoch, within = divmod(step, steps_per_epoch)
@@ -352,15 +357,14 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     logger.close()
     elapsed = time.perf_counter() - t0
 
-    # The final model is the best on validation (what early stopping is for), else the last one.
+    # The final model is the best on validation (what early stopping is for), else the last one;
+    # LoRA adapters are merged into it, so it loads without peft or the base folder.
     final = out / "model"
     if val_enc and best_dir.is_dir():
-        staged = staging_dir(final)
-        shutil.rmtree(staged)
-        shutil.copytree(best_dir, staged)
-        publish_dir(staged, final)
-    else:
-        publish(final)
+        load_weights_into(model, best_dir)
+    if cfg.lora:
+        model.backbone = model.backbone.merge_and_unload()
+    publish(final)
     summary = {
         "model": str(final), "backbone": spec.base, "backbone_kind": spec.backbone_kind, "pooling": spec.pooling,
         "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
