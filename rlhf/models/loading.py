@@ -85,6 +85,31 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
         tokenizer.save_pretrained(str(out_dir))
 
 
+def load_model_weights(model, folder: str | Path) -> None:
+    """Restore a checkpoint's safetensors weights into a built model (a peft model takes its adapter)."""
+    from safetensors.torch import load_file
+
+    from rlhf.errors import TrainingError
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TrainingError(f"checkpoint {folder} has no safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Tied output embeddings are saved once; anything else missing means the wrong checkpoint.
+        missing = [m for m in missing if "lm_head" not in m]
+        if missing or unexpected:
+            raise TrainingError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.errors import ConfigError, TrainingError
+from rlhf.models.loading import load_model_weights
 from rlhf.utils.checkpoint import CheckpointManager
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
@@ -127,7 +128,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     step = 0
     latest = ckpts.latest() if cfg.resume else None
     if latest is not None:
-        _load_weights(model, latest / "model")
+        load_model_weights(model, latest / "model")
         ts = ckpts.load_trainer_state(latest)
         optim.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
@@ -180,27 +181,6 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     elapsed = time.perf_counter() - t0
     return {"steps": step, "final_loss": last_loss, "seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None}
-
-
-def _load_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise TrainingError(f"checkpoint {folder} has no safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # Tied output embeddings are saved once; anything else missing means the wrong checkpoint.
-        missing = [m for m in missing if "lm_head" not in m]
-        if missing or unexpected:
-            raise TrainingError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[int]]]:
