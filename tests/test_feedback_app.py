@@ -255,3 +255,56 @@ def test_cli_import_rejects_bad_input_clearly(tmp_path):
         import_campaign(store, badgold, "helpfulness", 1, tmp_path / "missing.md")
     with pytest.raises(ConfigError, match="not supported"):
         open_store("postgresql://db/labels")
+
+
+def test_a_busy_database_is_a_503_to_retry_and_nothing_is_stored(env, tmp_path):
+    import sqlite3
+
+    _, camp, _, _, _ = env
+    store = open_store(tmp_path / "labels.sqlite", busy_timeout_s=0.2)
+    _, token = store.add_user("dan", "labeler", camp.id)
+    client = TestClient(create_app(store), raise_server_exceptions=False)
+    item = client.get("/api/next", headers=h(token)).json()["item"]
+    body = {"item": item["id"], "submission_id": "busy-0001", "ranking": rank_longest_first(item)}
+    other = sqlite3.connect(tmp_path / "labels.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holding the write lock past the busy timeout
+    try:
+        r = client.post("/api/submit", headers=h(token), json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "nothing was saved" in r.json()["error"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert label_records(store, camp) == []
+    # the same request again, once the lock is gone: stored once, and this thread's connection is usable
+    r = client.post("/api/submit", headers=h(token), json=body)
+    assert r.status_code == 200 and r.json()["stored"] is True
+    assert len(label_records(store, camp)) == 1
+    client.close()
+
+
+def test_a_failed_commit_is_rolled_back_so_the_connection_stays_usable(tmp_path):
+    import sqlite3
+
+    store = open_store(tmp_path / "labels.sqlite")
+    real = store._conn()
+
+    class FailingCommit:
+        """The thread's connection, except that the first COMMIT fails as a full disk would."""
+
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT" and not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    store._local.conn = FailingCommit()
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        store.add_user("boss", "admin", None)
+    assert not real.in_transaction
+    store.add_user("boss", "admin", None)  # the same write again: no "transaction within a transaction"
+    assert store.user_by_token("nope") is None and len(real.execute("SELECT * FROM users").fetchall()) == 1

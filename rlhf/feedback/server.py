@@ -15,6 +15,7 @@ export, new labelers) need an admin token. Every bad request is a 4xx with ``{"e
 
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException
 from rlhf.errors import ConfigError, DataError
 from rlhf.feedback.export import campaign_summary, consensus_records, label_records
 from rlhf.feedback.pages import ASSETS, asset, markdown_blocks
-from rlhf.feedback.store import Conflict, Invalid, NotFound, Store, User
+from rlhf.feedback.store import Conflict, Invalid, NotFound, Store, User, is_busy
 
 log = logging.getLogger("rlhf.feedback")
 
@@ -244,6 +245,16 @@ def create_app(store: Store) -> FastAPI:
         name = f"{camp.name}-{'consensus' if consensus else 'rankings'}.jsonl"
         return Response(body, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_error(request: Request, exc: sqlite3.OperationalError):
+        if is_busy(exc):
+            # Another process (e.g. an import into the same file) held the write lock past the busy
+            # timeout. Nothing was stored, and every request here is safe to resend: say so.
+            log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse({"error": "the labeling database is busy; nothing was saved, try again in a moment"},
+                                status_code=503, headers={"Retry-After": "1"})
+        return await unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -81,6 +81,10 @@ class ApiClient:
                 self.retries += 1
                 time.sleep(0.2)
                 continue
+            if r.status_code == 503 and time.monotonic() < deadline:  # database busy: nothing stored, resend
+                self.retries += 1
+                time.sleep(0.2)
+                continue
             if r.status_code >= 400:
                 try:
                     msg = r.json().get("error", r.text)

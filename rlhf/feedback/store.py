@@ -142,6 +142,12 @@ class LabelRow:
     submission_id: str
 
 
+def is_busy(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked / busy": another process held the write lock for
+    longer than the busy timeout. Nothing was stored; the same request may simply be sent again."""
+    return isinstance(exc, sqlite3.OperationalError) and any(w in str(exc).lower() for w in ("locked", "busy"))
+
+
 def hash_token(token: str) -> str:
     # Only hashes are stored, so a copied database file does not hand out working links.
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -159,15 +165,21 @@ class Store:
 
     Writes take a process-wide lock and ``BEGIN IMMEDIATE``: SQLite allows one writer anyway, and
     taking the write lock up front avoids the deadlock of two readers upgrading at once.
-    ``busy_timeout`` covers a second process (the CLI adding a labeler while the server runs).
+    ``busy_timeout_s`` covers a second process (the CLI adding a labeler while the server runs);
+    past it SQLite raises ``OperationalError: database is locked``, which the server answers with
+    a 503 (see :func:`is_busy`), never a stored label.
     """
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL", claim_timeout_s: float = 1800.0):
+    def __init__(self, path: str | Path, synchronous: str = "FULL", claim_timeout_s: float = 1800.0,
+                 busy_timeout_s: float = 30.0):
         self.path = Path(path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        if busy_timeout_s < 0:
+            raise ConfigError("busy timeout must be 0 or more seconds")
         self.synchronous = synchronous.upper()
         self.claim_timeout_s = claim_timeout_s
+        self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,11 +196,11 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+            # timeout= is SQLite's busy timeout, in force from the first statement on.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn
 
@@ -208,7 +220,17 @@ class Store:
 
         def __exit__(self, exc_type, exc, tb) -> None:
             try:
-                self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                if exc_type is None:
+                    try:
+                        self.conn.execute("COMMIT")
+                    except BaseException:
+                        # A failed COMMIT (busy, disk full) leaves the transaction open on this
+                        # thread's connection; without the rollback every later BEGIN on it fails.
+                        if self.conn.in_transaction:
+                            self.conn.execute("ROLLBACK")
+                        raise
+                elif self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
             finally:
                 self.store._write_lock.release()
 

@@ -120,11 +120,12 @@
 
   async function post(body) {
     // Retried with the same submission id: the server stores it once however often it arrives.
+    // Retried: network failures (no status) and 503 (database busy; nothing was stored).
     for (let attempt = 0; ; attempt++) {
       try {
         return await api("POST", "/api/submit", body);
       } catch (e) {
-        if (e.status !== undefined || attempt >= 4) throw e;
+        if ((e.status !== undefined && e.status !== 503) || attempt >= 4) throw e;
         await new Promise(r => setTimeout(r, 500 * (attempt + 1)));
       }
     }
