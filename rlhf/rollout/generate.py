@@ -1,4 +1,4 @@
-"""Sampling completions: batched, left-padded, with the KV cache, stopping at EOS.
+"""Sampling completions: batched, left-padded, with a static KV cache, stopping at EOS.
 
 ``sample_tokens`` is the rollout primitive PPO builds on (token ids and masks); ``generate_completions``
 wraps it for the ``rlhf generate`` verb (K texts per prompt).
@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.models.loading import format_prompt
+from rlhf.rollout.decode import sample_response_ids
 
 
 @dataclass
@@ -44,30 +45,42 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[
     return (positions[None, :] <= first[:, None]).long(), ended
 
 
-@torch.no_grad()
 def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams) -> SampledBatch:
-    """Sample one reply per prompt (prompts are raw user texts; the chat template is applied here)."""
+    """Sample one reply per prompt (prompts are raw user texts; the chat template is applied here).
+
+    Decoding uses our static-cache loop (rlhf/rollout/decode.py) and falls back to ``model.generate``
+    for models that loop cannot handle; both give the same SampledBatch contract.
+    """
     texts = [format_prompt(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     device = next(model.parameters()).device
     query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos = tokenizer.eos_token_id
-    gen_kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=eos, use_cache=True)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        response_ids = sample_response_ids(model, query_ids, query_mask, params, eos, pad)
+        if response_ids is None:
+            response_ids = _generate_with_hf(model, query_ids, query_mask, params, eos, pad)
+    finally:
+        model.train(was_training)
+    if response_ids.shape[1] == 0:  # max_new_tokens=0 or immediate stop: keep one pad column for shapes
+        response_ids = torch.full((query_ids.shape[0], 1), pad, device=device)
+    mask, ended = response_mask_from_ids(response_ids, eos)
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad))
+    return SampledBatch(query_ids, query_mask, response_ids, mask, ended)
+
+
+@torch.no_grad()
+def _generate_with_hf(model, query_ids, query_mask, params: SamplingParams, eos, pad) -> torch.Tensor:
+    """The reference path: transformers' ``generate`` with its KV cache (reply tokens only)."""
+    gen_kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True)
     if params.temperature > 0:
         gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     else:
         gen_kwargs.update(do_sample=False)
-    was_training = model.training
-    model.eval()
     out = model.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
-    model.train(was_training)
-    response_ids = out[:, query_ids.shape[1]:]
-    if response_ids.shape[1] == 0:  # max_new_tokens=0 or immediate stop: keep one pad column for shapes
-        response_ids = torch.full((out.shape[0], 1), tokenizer.pad_token_id, device=device)
-    mask, ended = response_mask_from_ids(response_ids, eos)
-    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
-    return SampledBatch(query_ids, query_mask, response_ids, mask, ended)
+    return out[:, query_ids.shape[1]:]
 
 
 def decode_responses(tokenizer, batch: SampledBatch) -> list[str]:
