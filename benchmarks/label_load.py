@@ -241,6 +241,15 @@ def export_records(db: Path, out: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def stored_labels(db: Path) -> int:
+    """How many labels the database holds, read directly (cheaper than a whole export)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return conn.execute("SELECT count(*) FROM labels").fetchone()[0]
+    finally:
+        conn.close()
+
+
 # -- the labelers ----------------------------------------------------------------------------------
 
 @dataclass
@@ -513,23 +522,25 @@ def run_steady_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
 
 def resubmit(url: str, campaign: Campaign, acks: list[Ack]) -> dict[str, int]:
     """Send acknowledged submissions again, unchanged: each must be a 2xx saying stored: false."""
-    clients: dict[str, httpx.Client] = {name: http_client(url, token) for name, token in campaign.tokens.items()}
-    lock = threading.Lock()  # an httpx.Client is shared by the resends of one labeler
+    by_labeler: dict[str, list[Ack]] = defaultdict(list)
+    for ack in acks:
+        by_labeler[ack.labeler].append(ack)
 
-    def one(ack: Ack) -> str:
-        with lock:
-            client = clients[ack.labeler]
-        r = client.post("/api/submit", json=ack.body)
-        if not 200 <= r.status_code < 300:
-            return f"http_{r.status_code}"
-        return "stored_again" if r.json().get("stored") else "idempotent"
+    def resend(name: str) -> Counter[str]:
+        out: Counter[str] = Counter()
+        with http_client(url, campaign.tokens[name]) as client:
+            for ack in by_labeler[name]:
+                try:
+                    r = client.post("/api/submit", json=ack.body)
+                except httpx.TransportError:
+                    out["network_error"] += 1
+                    continue
+                ok = 200 <= r.status_code < 300
+                out[("stored_again" if r.json().get("stored") else "idempotent") if ok else f"http_{r.status_code}"] += 1
+        return out
 
-    try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            outcomes = Counter(pool.map(one, acks))
-    finally:
-        for c in clients.values():
-            c.close()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = sum(pool.map(resend, list(by_labeler)), Counter())
     return {"sent": len(acks), **outcomes}
 
 
@@ -567,7 +578,7 @@ def run_crash_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
         crash["acknowledged_before_kill"] = len(before_kill)
         if server.proc is None or server.proc.poll() is not None:
             raise LoadTestError(f"the server is not running after the restart; log: {server.log_tail()}")
-        count_before = len(export_records(campaign.db, workdir / "export-before-resend.jsonl"))
+        count_before = stored_labels(campaign.db)
         crash["resubmit_after_restart"] = resubmit(server.url, campaign, before_kill)
         records = export_records(campaign.db, workdir / "export.jsonl")
         crash["export_records_changed_by_resubmit"] = len(records) - count_before
@@ -597,40 +608,41 @@ def phase_ok(result: dict[str, Any]) -> bool:
 # -- report ----------------------------------------------------------------------------------------
 
 def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    def lat(r: dict, ep: str, p: str) -> str:
-        v = r["latency_ms"].get(ep, {}).get(p)
-        return "–" if v is None else f"{v:.1f}"
+    def lat(r: dict, ep: str) -> str:
+        v = r["latency_ms"].get(ep, {})
+        return f"{v['p50']:.1f} / {v['p99']:.1f}" if v else "–"
 
     rows = [("", *(r["phase"] for r in results))]
-    rows.append(("concurrent labelers", *(str(r["labelers"]) for r in results)))
-    rows.append(("submissions acknowledged / sent", *(f"{r['acknowledged']} / {r['target']}" for r in results)))
-    rows.append(("  of which skips, with a tie", *(f"{r['skipped']}, {r['with_tie']}" for r in results)))
-    rows.append(("HTTP requests (2xx / 4xx / 5xx)", *(f"{r['requests']} ({r['http_2xx']} / {r['http_4xx']} / {r['http_5xx']})"
-                                                      for r in results)))
-    rows.append(("network errors (retried)", *(str(r["transport_errors"]) for r in results)))
-    rows.append(("submit latency p50 / p99 (ms)", *(f"{lat(r, 'submit', 'p50')} / {lat(r, 'submit', 'p99')}" for r in results)))
-    rows.append(("next-item latency p50 / p99 (ms)", *(f"{lat(r, 'next', 'p50')} / {lat(r, 'next', 'p99')}" for r in results)))
-    rows.append(("admin summary p50 / p99 (ms)", *(f"{lat(r, 'admin_summary', 'p50')} / {lat(r, 'admin_summary', 'p99')}"
-                                                   for r in results)))
-    rows.append(("throughput (submissions/s, requests/s)", *(f"{r['submissions_per_s']}, {r['requests_per_s']}" for r in results)))
-    rows.append(("wall time of the load (s)", *(str(r["wall_s"]) for r in results)))
-    rows.append(("acks in export exactly once", *(f"{r['export']['found_exactly_once']} / {r['export']['acknowledged']}"
-                                                  for r in results)))
-    rows.append(("items ranked by more than N labelers", *(str(r["export"]["items_ranked_more_than_n"]) for r in results)))
-    crash = next((r for r in results if r["phase"] == "crash"), None)
-    if crash is not None:
-        k = crash["kill"]
-        down = k.get("export_while_down", {})
-        resend = k.get("resubmit_after_restart", {})
-        pad = ("",) * (len(results) - 1)
-        rows.append(("SIGKILL: requests in flight", *pad, str(k.get("in_flight_at_kill"))))
-        rows.append(("acked before kill, in export while down", *pad,
-                     f"{down.get('found_exactly_once')} / {k.get('acknowledged_before_kill')} (lost {down.get('missing')})"))
-        rows.append(("  stored but unacknowledged at the kill", *pad, str(down.get("stored_but_never_acknowledged"))))
-        rows.append(("  retries answered stored: false", *pad, str(crash["answered_stored_false"])))
-        rows.append(("down time incl. restart (s)", *pad, f"{k.get('downtime_s')} (restart {k.get('restart_s')})"))
-        rows.append(("resent after restart: idempotent", *pad,
-                     f"{resend.get('idempotent', 0)} / {resend.get('sent')} (records changed {k.get('export_records_changed_by_resubmit')})"))
+    for label, cell in [
+        ("concurrent labelers", lambda r: r["labelers"]),
+        ("submissions acknowledged / sent", lambda r: f"{r['acknowledged']} / {r['target']}"),
+        ("  of which skips, with a tie", lambda r: f"{r['skipped']}, {r['with_tie']}"),
+        ("HTTP requests (2xx / 4xx / 5xx)", lambda r: f"{r['requests']} ({r['http_2xx']} / {r['http_4xx']} / {r['http_5xx']})"),
+        ("network errors (retried)", lambda r: r["transport_errors"]),
+        ("submit latency p50 / p99 (ms)", lambda r: lat(r, "submit")),
+        ("next-item latency p50 / p99 (ms)", lambda r: lat(r, "next")),
+        ("admin summary p50 / p99 (ms)", lambda r: lat(r, "admin_summary")),
+        ("throughput (submissions/s, requests/s)", lambda r: f"{r['submissions_per_s']}, {r['requests_per_s']}"),
+        ("wall time of the load (s)", lambda r: r["wall_s"]),
+        ("acks in export exactly once", lambda r: f"{r['export']['found_exactly_once']} / {r['export']['acknowledged']}"),
+        ("items ranked by more than N labelers", lambda r: r["export"]["items_ranked_more_than_n"]),
+    ]:
+        rows.append((label, *(str(cell(r)) for r in results)))
+    for r in results:
+        if r["phase"] != "crash":
+            continue
+        k, pad = r["kill"], ("",) * (len(results) - 1)
+        down, resend = k.get("export_while_down", {}), k.get("resubmit_after_restart", {})
+        rows += [
+            ("SIGKILL: requests in flight", *pad, str(k.get("in_flight_at_kill"))),
+            ("acked before kill, in export while down", *pad,
+             f"{down.get('found_exactly_once')} / {k.get('acknowledged_before_kill')} (lost {down.get('missing')})"),
+            ("  stored but unacknowledged at the kill", *pad, str(down.get("stored_but_never_acknowledged"))),
+            ("  retries answered stored: false", *pad, str(r["answered_stored_false"])),
+            ("down time incl. restart (s)", *pad, f"{k.get('downtime_s')} (restart {k.get('restart_s')})"),
+            ("resent after restart: idempotent", *pad, f"{resend.get('idempotent', 0)} / {resend.get('sent')} "
+                                                       f"(records changed {k.get('export_records_changed_by_resubmit')})"),
+        ]
     rows.append(("result", *("PASS" if phase_ok(r) else "FAIL" for r in results)))
     return rows
 
@@ -647,8 +659,10 @@ def text_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def machine() -> dict[str, Any]:
+    # The load average says how busy the (shared) machine was while the figures were taken.
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "processor": platform.processor() or platform.machine()}
+            "sqlite": sqlite3.sqlite_version, "processor": platform.processor() or platform.machine(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def write_results(results: list[dict[str, Any]], cfg: LoadConfig, command: str, json_path: Path) -> Path:
@@ -659,7 +673,8 @@ def write_results(results: list[dict[str, Any]], cfg: LoadConfig, command: str, 
                                   "results": results, "pass": all(phase_ok(r) for r in results)})
     m = machine()
     md = (f"## Labeling app under load (`benchmarks/label_load.py`)\n\n"
-          f"{when}, {m['cpu_cores']} CPU cores ({m['processor']}, shared with other work), Python {m['python']}, "
+          f"{when}, {m['cpu_cores']} CPU cores ({m['processor']}, shared with other work: 1-minute load average "
+          f"{m['load_average_1min']} at the end), Python {m['python']}, "
           f"SQLite {m['sqlite']} (WAL, synchronous={cfg.synchronous}); server and load generator on the same machine.\n\n"
           f"```bash\n{command}\n```\n\n{markdown_table(table_rows(results))}\n\n"
           f"{cfg.items} items × {cfg.k} completions, {cfg.labels_per_item} labels per item; each labeler is one thread "
