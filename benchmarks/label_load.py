@@ -550,10 +550,11 @@ def run_crash_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
     rec = Recorder(ack_alarm=kill_after)
     crash: dict[str, Any] = {}
     before_kill: list[Ack] = []
+    aborted = threading.Event()  # the load failed before the kill point: the killer must not act
 
     def killer() -> None:
         # Waits for the alarm the recorder raises at kill_after acks, then kills mid-load.
-        if not rec.alarm.wait(timeout=cfg.max_seconds):
+        if not rec.alarm.wait(timeout=cfg.max_seconds) or aborted.is_set():
             crash["error"] = "the load never reached the kill point"
             return
         crash["in_flight_at_kill"] = rec.in_flight
@@ -583,6 +584,7 @@ def run_crash_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
         records = export_records(campaign.db, workdir / "export.jsonl")
         crash["export_records_changed_by_resubmit"] = len(records) - count_before
     finally:
+        aborted.set()
         rec.alarm.set()  # releases the killer if the load failed before the kill point
         killer_thread.join()
         server.stop()
