@@ -38,6 +38,10 @@ def test_length_and_repetition_drift_flags():
     assert w.update(point(0, 0, 0, 0, length=10)) is None
     assert w.update(point(1, 0.1, 1, 0.1, length=19)) is None
     assert "length drifted" in w.update(point(2, 0.2, 2, 0.2, length=21))
+    short = OveroptimisationWatch(max_length_ratio=2.0)
+    short.update(point(0, 0, 0, 0, length=10))
+    assert short.update(point(1, 0.1, 1, 0.1, length=5.5)) is None
+    assert "length collapsed" in short.update(point(2, 0.2, 2, 0.2, length=4.5))
     r = OveroptimisationWatch(max_repetition_increase=0.2)
     r.update(point(0, 0, 0, 0, repetition=0.1))
     assert "repetition rose" in r.update(point(1, 0.1, 1, 0.1, repetition=0.35))

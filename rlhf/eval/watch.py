@@ -8,8 +8,8 @@ to what it has seen and raises a flag when
 
 * the proxy rose while the gold judge fell for ``patience`` evaluations in a row (the signature of
   reward hacking), or
-* reply length or repetition drifted past a bound relative to the first evaluation (the usual
-  ways a policy games a reward model).
+* reply length grew or shrank past a factor of the first evaluation's, or repetition rose past a
+  bound (the usual ways a policy games a reward model).
 
 It keeps the step with the best gold score so the trainer can keep that checkpoint.
 """
@@ -80,6 +80,11 @@ class OveroptimisationWatch:
             elif point.length > max(first.length, self.min_length_tokens) * self.max_length_ratio:
                 flag = (f"step {point.step}: reply length drifted from {first.length:.1f} to {point.length:.1f} tokens "
                         f"(bound ×{self.max_length_ratio})")
+            elif first.length >= self.min_length_tokens and point.length < first.length / self.max_length_ratio:
+                # Collapse is as telling as growth: a near-empty reply is the classic way to please a
+                # classifier that only penalises bad content.
+                flag = (f"step {point.step}: reply length collapsed from {first.length:.1f} to {point.length:.1f} tokens "
+                        f"(bound ÷{self.max_length_ratio})")
             elif point.repetition > first.repetition + self.max_repetition_increase:
                 flag = (f"step {point.step}: repetition rose from {first.repetition:.2f} to {point.repetition:.2f} "
                         f"(bound +{self.max_repetition_increase})")

@@ -81,11 +81,50 @@ class RepetitionScorer:
         return torch.tensor(out)
 
 
+class WeightedScorer:
+    """A weighted sum of other scorers' "goodness": ``weighted:2*relevance+non-toxicity+0.5*sentiment``.
+
+    Each part is negated first when lower is better for it, so every weight reads "how much this
+    quality counts". Useful as a stand-in for what labelers weigh when several qualities matter.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, parts: list[tuple[float, Scorer]], spec: str):
+        self.parts, self.name = parts, spec
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        total = torch.zeros(len(completions))
+        for weight, scorer in self.parts:
+            s = score_checked(scorer, prompts, completions)
+            total += weight * (s if scorer.higher_is_better else -s)
+        return total
+
+
+def _weighted(arg: str, device: str) -> WeightedScorer:
+    parts = []
+    for term in (t.strip() for t in arg.split("+")):
+        weight, star, spec = term.partition("*")
+        if not star:
+            weight, spec = "1", term
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(f"weighted scorer: {term!r} should be WEIGHT*SPEC or SPEC (e.g. 2*relevance)") from None
+        if not spec or spec.startswith("weighted"):
+            raise ConfigError(f"weighted scorer: {term!r} names no scorer (or nests another weighted one)")
+        parts.append((w, load_scorer(spec, device)))
+    if not parts:
+        raise ConfigError("weighted scorer needs at least one part: weighted:2*relevance+non-toxicity")
+    return WeightedScorer(parts, f"weighted:{arg}")
+
+
 # kind -> factory(argument string after "kind:", device) -> Scorer.
 # Judge modules add their kinds here (learned reward models, classifiers, lexicons).
 SCORER_KINDS: dict[str, Callable[[str, str], Scorer]] = {
     "length": lambda arg, device: LengthScorer(),
     "repetition": lambda arg, device: RepetitionScorer(),
+    "weighted": _weighted,
 }
 
 
@@ -109,6 +148,6 @@ def _register_builtin_kinds() -> None:
     import importlib
     import importlib.util
 
-    for module in ("rlhf.judges.learned", "rlhf.judges.classifiers"):
+    for module in ("rlhf.judges.learned", "rlhf.judges.classifiers", "rlhf.judges.relevance"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
