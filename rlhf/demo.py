@@ -191,7 +191,8 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, out: Path) -> None:
     from rlhf.train.ppo_loop import run_ppo
 
     pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=f"rm:{reward_model}", prompts=prompts, max_steps=cfg.ppo_steps,
-                     batch_size=cfg.ppo_batch_size, lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
+                     batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
+                     micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                      kl_ceiling=cfg.kl_ceiling, score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer,
                      watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device)
     pcfg.validate()
@@ -229,11 +230,14 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
             j["improvement_pct"] = row["improvement_pct"]
             j["ci_separated"] = row["ci_separated_from_first"]
     kl = {m["name"]: m["kl"]["mean"] if m["kl"] else None for m in ev["models"]}
-    agreement = labeling["campaign"].get("agreement", labeling["campaign"])
+    camp = labeling["campaign"]["campaign"]  # campaign_summary: {"campaign": {...}, "labelers": [...]}
     return {
         "scripted_labelers": True,
         "labeling": {"labelers": cfg.labelers, "submitted": labeling["submitted"], "preference": labeling["preference"],
-                     "noise": labeling["noise"], "agreement": agreement},
+                     "noise": labeling["noise"], "kendalls_w": camp.get("kendalls_w"),
+                     "pairwise_agreement": camp.get("pairwise_agreement"),
+                     "agreement_with_consensus": {r["labeler"]: r.get("agreement_with_consensus")
+                                                  for r in labeling["campaign"]["labelers"]}},
         "reward_model": {"val_accuracy": reward.get("best_val_accuracy"), "train_pairs": reward["train_pairs"],
                          "val_pairs": reward["val_pairs"], "backbone": reward["backbone"]},
         "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "score_first": ppo["score_first"],
@@ -256,22 +260,24 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
     rows = [json.loads(ln) for ln in samples_path.read_text().splitlines() if ln.strip()]
     samples = rows[:: cfg.eval_samples][:16]
     flags = (summary["ppo"].get("watch") or {}).get("flags") or []
-    judges = summary["judges"]
-    headline = {name: {"before": j["before"]["mean"], "after": j["after"]["mean"], "change_pct": j.get("improvement_pct"),
-                       "CIs separate": j.get("ci_separated")} for name, j in judges.items()}
+    stage_text = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
     notes = ["Scripted labelers stood in for people in this run: each ranked every item by "
-             f"{summary['labeling']['preference']} plus noise. " + REAL_PEOPLE.split("\n")[0],
-             f"PPO stopped by {summary['ppo']['stop_reason']} after {summary['ppo']['steps']} steps; "
-             f"reward-model validation accuracy {summary['reward_model']['val_accuracy']}."]
+             f"{summary['labeling']['preference']} plus noise. To put real people in their place, import the "
+             "completions as a campaign (rlhf label import), send each person a link (rlhf label add-labeler), serve "
+             "the app (rlhf label serve), export the rankings (rlhf label export) and train the reward model on them; "
+             "docs/labeling.md walks through it."]
+    table = {"reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
+             "PPO steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
+             "final KL from reference (nats/reply)": summary["final_kl"],
+             "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
+             "wall time per stage": stage_text}
     lineage = {"base model": cfg.policy, "completions": summary["paths"]["completions"],
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
                "labeling": summary["labeling"], "config": summary["config"]}
     return write_report(out, ReportInput(title="rlhf demo: the whole loop", metrics=read_metrics(out / "ppo"), eval_json=ev,
                                          samples=samples, lineage=lineage, flags=flags,
-                                         summary={"judges (before → after)": headline, "final KL": summary["final_kl"],
-                                                  "stage seconds": summary["stage_seconds"]},
-                                         notes=notes))
+                                         summary=table, notes=notes))
 
 
 @config_command(DemoConfig, name="demo")

@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
 HH_DIR = REPO.parent / "shared" / "data" / "hh-harmless"
 
 TINY_TEXTS = [
@@ -50,3 +51,24 @@ def hh_dir() -> Path:
     if not (HH_DIR / "train.jsonl.gz").is_file():
         pytest.skip(f"real preference data not found at {HH_DIR} (see DEVELOPERS.md: ../shared/data/hh-harmless)")
     return HH_DIR
+
+
+def artifacts() -> Path:
+    """Where tests leave files for people to look at (screenshots): $RLHF_ARTIFACTS or artifacts/."""
+    out = Path(os.environ.get("RLHF_ARTIFACTS", REPO / "artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture()
+def browser():
+    """Debian's headless Chromium driven by Playwright (``playwright install`` cannot download here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium (make test does it when root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()

@@ -5,21 +5,19 @@ Screenshots of the instructions, ranking and admin pages go to $RLHF_ARTIFACTS (
 artifacts/ in the repository)."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from conftest import CHROMIUM, artifacts
 
 from rlhf.feedback.campaign import import_campaign
 from rlhf.feedback.export import label_records
 from rlhf.feedback.server import admin_link, labeler_link, start_in_thread
 from rlhf.feedback.store import open_store
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium")]
-REPO = Path(__file__).resolve().parent.parent
-
 XSS_SCRIPT = '<script>window.__pwned = 1; alert("script ran")</script> Sure, here is my answer.'
 XSS_IMG = '<img src=x onerror="window.__pwned = 2; alert(\'img ran\')"> A picture says it all.'
 ITEMS = [
@@ -42,12 +40,6 @@ Read the prompt, then every completion. The most **helpful** reply goes to the t
 """
 
 
-def artifacts() -> Path:
-    out = Path(os.environ.get("RLHF_ARTIFACTS", REPO / "artifacts"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 @pytest.fixture()
 def server(tmp_path):
     store = open_store(tmp_path / "labels.sqlite")
@@ -61,17 +53,6 @@ def server(tmp_path):
     _, ann = store.add_user("ann", "labeler", camp.id)
     with start_in_thread(store) as srv:
         yield store, camp, srv.url, admin, ann
-
-
-@pytest.fixture()
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
 
 
 def card_texts(page) -> list[str]:
