@@ -131,22 +131,25 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llama):
     assert torch.equal(fast(model, tok, PROMPTS, SamplingParams(12, temperature=0.7, top_p=1e-6)), greedy)
 
 
-def test_filter_logits_matches_transformers_warpers():
+@pytest.mark.parametrize("scale", [3.0, 0.05])  # peaked rows, and flat rows whose nucleus needs the full sort
+def test_candidates_keep_exactly_what_transformers_warpers_keep(scale):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
 
     torch.manual_seed(0)
-    logits = torch.randn(8, 300) * 3
-    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.3, 40, 0.5), (1.0, 0, 1.0)]:
+    logits = torch.randn(8, 300) * scale
+    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.3, 40, 0.5), (1.0, 0, 0.3), (1.0, 100, 0.95)]:
         expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
         if top_k:
             expected = TopKLogitsWarper(top_k)(None, expected)
         if top_p < 1:
             expected = TopPLogitsWarper(top_p)(None, expected)
-        ours = decode.filter_logits(logits, temperature, top_k, top_p)
-        assert torch.equal(torch.isinf(ours), torch.isinf(expected)), (temperature, top_k, top_p)
-        kept = ~torch.isinf(ours)
-        torch.testing.assert_close(ours[kept], expected[kept])
+        values, ids = decode.candidates(logits, temperature, top_k, top_p)
+        for row in range(logits.shape[0]):
+            ours = set(ids[row][torch.isfinite(values[row])].tolist())
+            assert ours == set(torch.isfinite(expected[row]).nonzero().flatten().tolist()), (temperature, top_k, top_p)
+            kept = torch.isfinite(values[row])
+            torch.testing.assert_close(values[row][kept], expected[row][ids[row][kept]])
 
 
 def test_sampling_draws_only_allowed_tokens_with_the_right_frequencies():

@@ -6,10 +6,13 @@ This loop does one model forward and a handful of tensor ops per token:
 
 * the KV cache is a transformers ``StaticCache`` sized once (prompt + new tokens, rounded up to a
   bucket so compiled shapes repeat) and reused between calls, so nothing is reallocated per step;
-* the attention mask is one preallocated [B, L] tensor: a step sets one column;
+* the attention mask is one preallocated tensor, already in the form the attention kernel takes:
+  a step sets one column;
 * position ids follow the left padding (cumsum of the prompt mask), exactly as ``generate`` does;
 * temperature, top-k and top-p are applied in a few tensor ops, in the same order and with the
-  same keep rules as the transformers logits warpers, then ``torch.multinomial``;
+  same keep rules as the transformers logits warpers, on a short candidate list rather than a
+  sorted vocabulary, and the draw is inverse-CDF (``torch.multinomial`` and ``torch.sort`` cost more
+  than the model step on a small CPU model);
 * "has every row finished?" is checked only every ``check_every`` steps (a host sync on GPUs);
 * decoding runs with ``torch.inference_mode`` and, by default, one intra-op thread: the per-step
   matmuls at rollout batch sizes are too small to split, and on a shared 2-core machine a second
@@ -165,33 +168,55 @@ def _step_fn(model, state: _ModelState, settings: DecodeSettings):
     return guarded
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (the transformers warper order); removed tokens get -inf.
+_CANDIDATES = 64  # top-p looks at the top 64 tokens first; a full sort only when they hold < top_p of the mass
 
-    Keep rules match transformers: top-k keeps every token tied with the k-th; top-p keeps a token
-    when the probability mass strictly above it is below ``top_p`` (so the top token always stays).
+
+def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """The tokens sampling may pick, as (logits [B, K], token ids [B, K]) with removed ones at -inf.
+
+    Same rules and order as the transformers warpers (temperature, then top-k, then top-p): top-k keeps
+    the k largest; top-p keeps a token when the probability mass strictly above it is below ``top_p``
+    (so the most likely token always stays). On CPU a full sort of the vocabulary costs more than the
+    whole model step at this size (measured ~0.9 ms for 16 x 1570), so top-p works on a ``topk``
+    candidate list, which is exact whenever the candidates already hold ``top_p`` of the mass (the
+    nucleus is then inside them) and falls back to sorting everything otherwise.
+    With neither filter every token is a candidate (ids None: the logits are the full vocabulary).
     """
     if temperature != 1.0:
         logits = logits / temperature
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_k = top_k if 0 < top_k < vocab else 0
+    if not top_k and top_p >= 1.0:
+        return logits, None
+    k = top_k or min(vocab, _CANDIDATES)
+    values, ids = torch.topk(logits, k, dim=-1)  # sorted, largest first
     if top_p < 1.0:
-        sorted_logits = torch.sort(logits, dim=-1, descending=True).values
-        probs = sorted_logits.softmax(dim=-1)
-        mass_above = probs.cumsum(dim=-1) - probs
-        # The smallest logit still kept is the threshold; comparing against it avoids a scatter.
-        cutoff = sorted_logits.masked_fill(mass_above >= top_p, float("inf")).amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    return logits
+        # Probabilities over what survived top-k: the candidates themselves when top-k is on,
+        # else the whole vocabulary (the candidates are then only its head).
+        log_total = torch.logsumexp(values if top_k else logits, dim=-1, keepdim=True)
+        probs = (values - log_total).exp()
+        if not top_k and k < vocab and bool((probs.sum(dim=-1) < top_p).any()):
+            values, ids = torch.sort(logits, dim=-1, descending=True)  # a nucleus wider than the candidates
+            probs = (values - log_total).exp()
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    return values, ids
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """One token per row: argmax when temperature is 0, else a draw from the filtered distribution.
+
+    Drawing is inverse-CDF with one uniform number per row (cumsum + searchsorted): the same
+    distribution as ``torch.multinomial`` at a small fraction of its CPU cost (measured 0.44 ms vs
+    ~0.03 ms for 16 x 1570). The CDF is float64 so that u < 1 can never land past the last token
+    with nonzero probability; zero-probability (removed) tokens can never be drawn.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    values, ids = candidates(logits, temperature, top_k, top_p)
+    cdf = values.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(values.shape[0], 1, dtype=torch.float64, device=values.device)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=values.shape[-1] - 1)
+    return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
 
 
 @contextlib.contextmanager
@@ -253,6 +278,14 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
     del out
     step = _step_fn(model, state, settings)
     next_pos = positions[:, -1:] + 1
+    # With SDPA attention a one-token step needs no causal structure, only "which slots are real":
+    # hand transformers the final boolean [B, 1, 1, L] mask (returned as-is by its mask builder)
+    # instead of having it rebuild one from the 2D mask every step. Other implementations get 2D.
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        step_mask = mask.bool()[:, None, None, :].contiguous()
+        real_slots = step_mask[:, 0, 0]
+    else:
+        step_mask = real_slots = mask
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
@@ -261,8 +294,8 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
         if t:
             if t % settings.check_every == 0 and bool(done.all()):
                 break
-            mask[:, prompt_len + t - 1] = 1  # the token fed now is written to this slot
-            logits = step(produced[-1].unsqueeze(1), mask, next_pos, cache)
+            real_slots[:, prompt_len + t - 1] = 1  # the token fed now is written to this slot
+            logits = step(produced[-1].unsqueeze(1), step_mask, next_pos, cache)
             next_pos += 1
         token = torch.where(done, pad, _pick(logits, temperature, top_k, top_p))
         done |= torch.isin(token, eos)
