@@ -47,10 +47,10 @@ class PPOConfig:
     lam: float = opt(0.95, help="λ of GAE.")
     whiten_advantages: bool = opt(True, help="Whiten advantages over each batch's response tokens.")
     # KL penalty
-    init_kl_coef: float = opt(0.05, help="Initial β of the per-token KL penalty.")
+    init_kl_coef: float = opt(0.2, help="Initial β of the per-token KL penalty.")
     adaptive_kl: bool = opt(True, help="Adapt β toward --target-kl (Ziegler et al. 2019); off = fixed β.")
     target_kl: float = opt(4.0, help="Target KL per reply (nats) for the adaptive controller.")
-    kl_horizon: int = opt(2000, help="Horizon (episodes) of the adaptive KL controller.")
+    kl_horizon: int = opt(512, help="Horizon (episodes) of the adaptive KL controller: β moves by at most 20%·batch/horizon a step.")
     kl_estimator: Literal["k1", "k3"] = opt("k1", help="Per-token KL estimator in the penalty: k1 = log π/π_ref, k3 = non-negative (Schulman).")
     # LoRA
     lora: bool = opt(False, help="Train a LoRA adapter (peft); the reference is the same weights with the adapter off.")
