@@ -43,6 +43,13 @@ def test_ties_and_skips_give_no_pair_but_are_kept():
     assert skipped.to_json()["skipped"] is True and tied.to_json()["ties"] == [[0, 1]]
 
 
+def test_gold_items_give_pairs_only_when_asked():
+    gold = RankingRecord.from_json({**RANK, "ranking": [2, 0, 1], "gold": True, "labeler": "ann"})
+    stats = PairStats()
+    assert ranking_to_pairs(gold, stats) == [] and stats.gold_items == 1 and stats.pairs == 0
+    assert len(ranking_to_pairs(gold, stats, include_gold=True)) == 3
+
+
 def test_identical_completions_make_no_pair():
     rec = RankingRecord.from_json({"prompt": "p", "completions": ["same", "same", "other"], "ranking": [0, 1, 2]})
     stats = PairStats()

@@ -24,15 +24,16 @@ class PairsConfig:
 
     rankings: str = opt(help="Rankings file (JSON Lines): prompt, completions, ranking best-first.")
     out: str = opt(help="Pairs file to write (JSON Lines); written atomically.")
+    include_gold: bool = opt(False, help="Also turn gold (attention-check) items into pairs; by default they are left out.")
 
 
 @config_command(PairsConfig, name="pairs")
 def pairs_cmd(cfg: PairsConfig) -> None:
     """A ranking of K completions gives K·(K−1)/2 pairs; ties and skipped items give none."""
     stats = PairStats()
-    pairs = rankings_to_pairs(read_records(cfg.rankings, RankingRecord), stats)
+    pairs = rankings_to_pairs(read_records(cfg.rankings, RankingRecord), stats, cfg.include_gold)
     write_records(cfg.out, pairs)
-    click.echo(json.dumps({"rankings": stats.rankings, "pairs": stats.pairs, "skipped_items": stats.skipped_items,
+    click.echo(json.dumps({"rankings": stats.rankings, "pairs": stats.pairs, "skipped_items": stats.skipped_items, "gold_items_dropped": stats.gold_items,
                            "tied_pairs_dropped": stats.tied_pairs, "identical_pairs_dropped": stats.identical_pairs,
                            "out": cfg.out}))
 

@@ -3,6 +3,8 @@
 A ranking of K completions, best first, yields every ordered pair (better, worse): K·(K−1)/2 of
 them. Pairs inside a tie group and all pairs of a skipped item are left out, as are pairs whose
 two texts are identical (sampling often repeats a completion; such a pair carries no preference).
+Gold items (``"gold": true``, the labeling app's attention checks) are left out unless asked for:
+every labeler ranks each of them, so a few prompts would weigh as much as the whole campaign.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ class PairStats:
     pairs: int = 0
     tied_pairs: int = 0
     identical_pairs: int = 0
+    gold_items: int = 0
     by_labeler: dict[str, int] = field(default_factory=dict)
 
 
-def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None) -> list[PairRecord]:
+def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None, include_gold: bool = False) -> list[PairRecord]:
     stats = stats if stats is not None else PairStats()
     stats.rankings += 1
+    if rec.extra.get("gold") is True and not include_gold:
+        stats.gold_items += 1
+        return []
     if rec.skipped:
         stats.skipped_items += 1
         return []
@@ -49,8 +55,9 @@ def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None) -> list
     return pairs
 
 
-def rankings_to_pairs(rankings: list[RankingRecord], stats: PairStats | None = None) -> list[PairRecord]:
-    return [p for rec in rankings for p in ranking_to_pairs(rec, stats)]
+def rankings_to_pairs(rankings: list[RankingRecord], stats: PairStats | None = None,
+                      include_gold: bool = False) -> list[PairRecord]:
+    return [p for rec in rankings for p in ranking_to_pairs(rec, stats, include_gold)]
 
 
 def load_pairs(path: str | Path, *, on_error: str = "raise", skipped: list[str] | None = None) -> list[PairRecord]:
