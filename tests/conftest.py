@@ -53,6 +53,16 @@ def hh_dir() -> Path:
     return HH_DIR
 
 
+def safetensors_weights(folder: Path) -> dict:
+    """Every tensor in a folder's safetensors files, keyed "file/name", for exact weight comparisons."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
 def artifacts() -> Path:
     """Where tests leave files for people to look at (screenshots): $RLHF_ARTIFACTS or artifacts/."""
     out = Path(os.environ.get("RLHF_ARTIFACTS", REPO / "artifacts"))

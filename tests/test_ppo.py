@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import safetensors_weights as weights
 from rlhf.cli import app
 from rlhf.errors import TrainingError
 from rlhf.judges.base import SCORER_KINDS
@@ -59,15 +60,6 @@ def cfg(model_dir, prompts_file, out, **kw) -> PPOConfig:
     c = PPOConfig(**base)
     c.validate()
     return c
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
-    return out
 
 
 def comparable(rows: list[dict]) -> list[dict]:
