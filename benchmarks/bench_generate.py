@@ -13,7 +13,7 @@ after round, and the table shows medians: the machine is shared, so single runs 
 ms/step = wall time of one call / new tokens (prefill included); cpu ms/step uses process CPU time,
 which is steadier when other jobs compete for the cores. The floor is the time to read every
 weight once per step at the bandwidth a large tensor copy reaches here.
-Writes benchmarks/results/bench_generate.json.
+Writes benchmarks/results/bench_generate.json (one entry per model; a rerun replaces its entry).
 """
 
 from __future__ import annotations
@@ -217,9 +217,12 @@ def main() -> int:
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
         "results": results,
     }
+    # One file for every model benchmarked: this run replaces the previous run of the same model.
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    runs = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+    runs[label] = out
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     print(f"wrote {path}")
     if tmp:
         tmp.cleanup()

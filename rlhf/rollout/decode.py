@@ -188,7 +188,8 @@ def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     top_k = top_k if 0 < top_k < vocab else 0
     if not top_k and top_p >= 1.0:
         return logits, None
-    k = top_k or min(vocab, _CANDIDATES)
+    # Accelerators sort fast and would pay a host sync for the coverage check: sort everything there.
+    k = top_k or (min(vocab, _CANDIDATES) if logits.device.type == "cpu" else vocab)
     values, ids = torch.topk(logits, k, dim=-1)  # sorted, largest first
     if top_p < 1.0:
         # Probabilities over what survived top-k: the candidates themselves when top-k is on,
