@@ -57,7 +57,7 @@ class DemoConfig:
     ppo_steps: int = opt(60, help="Maximum PPO steps.")
     ppo_batch_size: int = opt(32, help="Episodes per PPO step.")
     ppo_lr: float = opt(5e-5, help="PPO learning rate.")
-    init_kl_coef: float = opt(0.2, help="Initial β of the per-token KL penalty.")
+    init_kl_coef: float = opt(0.05, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")
     target_kl: float = opt(4.0, help="Target KL (nats per reply) of the adaptive controller.")
     kl_ceiling: float = opt(12.0, help="Stop PPO if a step's KL from the reference exceeds this.")
     score_threshold: float | None = opt(None, help="Stop PPO once the reward model's mean score reaches this (unset = never).")
@@ -108,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     reward_dir = out / "reward"
     stage("reward", reward_dir / "summary.json", lambda: _reward(cfg, pairs, reward_dir))
     ppo_dir = out / "ppo"
-    stage("ppo", ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", ppo_dir))
+    stage("ppo", ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir))
     eval_dir = out / "eval"
     stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, ppo_dir / "model", reward_dir / "model", eval_dir))
 
@@ -186,11 +186,36 @@ def _reward(cfg: DemoConfig, pairs: Path, out: Path) -> None:
     train_reward_model(rcfg)
 
 
-def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, out: Path) -> None:
+def reward_scale(reward_model: Path, completions: Path) -> float:
+    """1 / std of the reward model's scores on the labeled completions.
+
+    The pairwise loss fixes only differences of rewards, so their scale is whatever training left
+    (it differed by 40% between two seeds here). Scaling to unit spread makes β mean the same
+    thing in every run: a β of 0.05 trades 0.05 nats of KL per token against 1 std of reward.
+    """
+    import torch
+
+    from rlhf.data.io import read_records
+    from rlhf.data.records import CompletionsRecord
+    from rlhf.judges import load_scorer, score_checked
+
+    recs = read_records(completions, CompletionsRecord)
+    prompts = [r.prompt for r in recs for _ in r.completions]
+    texts = [c for r in recs for c in r.completions]
+    std = float(torch.std(score_checked(load_scorer(f"rm:{reward_model}"), prompts, texts)))
+    if not std > 1e-6:
+        raise ConfigError(f"the reward model in {reward_model} gives every labeled completion the same score; it learned nothing")
+    return 1.0 / std
+
+
+def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, out: Path) -> None:
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
 
-    pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=f"rm:{reward_model}", prompts=prompts, max_steps=cfg.ppo_steps,
+    scale = reward_scale(reward_model, completions)
+    _say(f"  reward = {scale:.4f} × reward model (unit spread on the labeled completions)")
+    pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=f"weighted:{scale:.6g}*rm:{reward_model}", prompts=prompts,
+                     max_steps=cfg.ppo_steps,
                      batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
                      micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                      kl_ceiling=cfg.kl_ceiling, score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer,
@@ -218,6 +243,7 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
 def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
     reward = json.loads((out / "reward" / "summary.json").read_text())
     ppo = json.loads((out / "ppo" / "summary.json").read_text())
+    ppo_cfg = ppo["config"]
     ev = json.loads((out / "eval" / "eval.json").read_text())
     labeling = json.loads((out / "labeling.json").read_text())
     before, after = ev["table"][0]["model"], ev["table"][1]["model"]
@@ -240,7 +266,7 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
                                                   for r in labeling["campaign"]["labelers"]}},
         "reward_model": {"val_accuracy": reward.get("best_val_accuracy"), "train_pairs": reward["train_pairs"],
                          "val_pairs": reward["val_pairs"], "backbone": reward["backbone"]},
-        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "score_first": ppo["score_first"],
+        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg["reward"], "score_first": ppo["score_first"],
                 "score_last": ppo["score_last"], "kl_last": ppo["kl_last"], "episodes_per_second": ppo["episodes_per_second"],
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
         "final_kl": kl.get(after), "judges": judges,
