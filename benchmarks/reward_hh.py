@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -32,10 +33,19 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA), help="hh-harmless folder (train.jsonl.gz, validation.jsonl.gz)")
     ap.add_argument("--base", default="minilm", help="reward backbone (default: the packaged MiniLM encoder)")
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = each epoch)")
+    ap.add_argument("--head-lr", type=float, default=3e-3, help="reward head learning rate (0 = --lr)")
+    ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--freeze-layers", type=int, default=2, help="freeze the embeddings and the lowest N layers")
+    ap.add_argument("--freeze-embeddings", action="store_true")
+    ap.add_argument("--no-dropout", action="store_true")
+    ap.add_argument("--pooling", default="auto")
+    ap.add_argument("--margin", type=float, default=0.0)
+    ap.add_argument("--center-coef", type=float, default=0.0)
+    ap.add_argument("--patience", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=25, help="validate every N steps (0 = each epoch)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run folder (default: a temporary folder, removed afterwards)")
@@ -59,6 +69,9 @@ def main() -> int:
     cfg = RewardTrainConfig(pairs=str(data / "train.jsonl.gz"), val_pairs=str(data / "validation.jsonl.gz"),
                             out=str(out), base=args.base, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_length=args.max_length, eval_every=args.eval_every, skip_bad_pairs=True,
+                            head_lr=args.head_lr, warmup_ratio=args.warmup_ratio, freeze_layers=args.freeze_layers,
+                            freeze_embeddings=args.freeze_embeddings, dropout=not args.no_dropout, pooling=args.pooling,
+                            margin=args.margin, center_coef=args.center_coef, patience=args.patience,
                             threads=args.threads, seed=args.seed, device="cpu", resume=False)
     cfg.validate()
     t0 = time.perf_counter()
@@ -66,10 +79,16 @@ def main() -> int:
     wall = time.perf_counter() - t0
     val_pairs, _ = read_pairs(cfg.val_pairs, True)
     final = evaluate_scorer(summary["model"], val_pairs, "cpu")
+    from rlhf.utils.metrics import read_metrics
+
+    # The kept model is the best of several validations on these same pairs, which flatters it a
+    # little; the whole curve (and its last point, no selection) is recorded to show by how much.
+    curve = {m["step"]: m["val_accuracy"] for m in read_metrics(out) if "val_accuracy" in m}
     baseline = evaluate_scorer("length", val_pairs, "cpu")  # longer = worse: the flip is the shorter-reply rule
     result = {
         "val_accuracy": final["accuracy"], "val_pairs": final["pairs"], "val_mean_margin": final["mean_margin"],
-        "val_accuracy_by_length": final["accuracy_by_length"],
+        "val_accuracy_by_length": final["accuracy_by_length"], "val_curve": curve,
+        "val_accuracy_last": curve[max(curve)] if curve else None,
         "shorter_reply_baseline": final["shorter_reply_baseline"], "length_scorer_accuracy": baseline["accuracy"],
         "wall_seconds_total": round(wall, 1), "train_seconds": summary["seconds"],
         "pairs_per_second": summary["pairs_per_second"], "peak_rss_mb": round(peak_rss_mb()),
@@ -78,10 +97,18 @@ def main() -> int:
         "machine": platform.machine(), "python": platform.python_version(),
         "config": config_to_dict(cfg),
     }
+    # CPU seconds of this process: on a shared machine wall time grows with other people's load,
+    # CPU time much less so (wall ≈ CPU / threads when the cores are free).
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 1)
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M")
     atomic_write_json(args.results, result)
-    rows = [("validation accuracy", f"{result['val_accuracy']:.3f} on {result['val_pairs']} pairs"),
+    rows = [("validation accuracy", f"{result['val_accuracy']:.3f} on {result['val_pairs']} pairs (best of "
+                                    f"{len(curve) - 1} validations; last {result['val_accuracy_last']:.3f})"),
             ("shorter-reply baseline", f"{result['shorter_reply_baseline']:.3f}"),
             ("wall time (load+train+eval)", f"{wall / 60:.1f} min"),
+            ("CPU time (all threads)", f"{result['cpu_seconds'] / 60:.1f} min; load average {result['load_avg_1m_at_end']}"),
             ("training throughput", f"{result['pairs_per_second']} pairs/s"),
             ("peak memory", f"{result['peak_rss_mb']} MiB"),
             ("prompts cut / replies cut", f"{result['truncation']['prompts_cut']} / {result['truncation']['replies_cut']}"

@@ -222,6 +222,30 @@ def test_exact_resume(tiny_model_dir, tmp_path, lora):
     assert model.head.weight.abs().sum() > 0
 
 
+def test_freeze_lower_layers_and_head_learning_rate(tiny_model_dir, tmp_path):
+    from rlhf.train.reward import freeze_lower
+
+    model, _, _ = new_reward_model("minilm", max_length=32)
+    n = freeze_lower(model.backbone, embeddings=False, layers=2)
+    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert all(name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1.")) for name in frozen)
+    assert any(name.startswith("embeddings.") for name in frozen) and any(".layer.1." in name for name in frozen)
+    assert n == sum(p.numel() for p in model.backbone.parameters() if not p.requires_grad)
+    assert all(p.requires_grad for name, p in model.backbone.named_parameters() if name.startswith("encoder.layer.2."))
+    with pytest.raises(ConfigError, match="exceeds the backbone's 6 layers"):
+        freeze_lower(new_reward_model("minilm", max_length=32)[0].backbone, embeddings=False, layers=7)
+
+    # A causal backbone: the frozen layer ends training exactly as it started, the others move.
+    out = tmp_path / "frozen"
+    summary = train_reward_model(_cfg(tiny_model_dir, tmp_path, out, freeze_layers=1, head_lr=1e-2, max_steps=2))
+    assert summary["frozen_weights"] > 0
+    before, after = _weights(Path(tiny_model_dir)), _weights(out / "checkpoints" / "step-00000002" / "model")
+    assert torch.equal(before["model.safetensors/model.layers.0.mlp.up_proj.weight"],
+                       after["model.safetensors/layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.safetensors/model.layers.1.mlp.up_proj.weight"],
+                           after["model.safetensors/layers.1.mlp.up_proj.weight"])
+
+
 def test_non_finite_loss_stops_with_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
     import rlhf.train.reward as rt
 
