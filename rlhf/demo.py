@@ -86,7 +86,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prompts = cfg.prompts or str(shipped_prompts("train"))
     eval_prompts = cfg.eval_prompts or str(shipped_prompts("eval"))
-    stages: dict[str, float] = {}
+    # Seconds per stage, kept across runs: a rerun that skips finished stages still reports them all.
+    stages_file = out / "stages.json"
+    stages: dict[str, float] = json.loads(stages_file.read_text()) if cfg.resume and stages_file.is_file() else {}
     t_all = time.perf_counter()
 
     def stage(name: str, done: Path, fn) -> None:
@@ -97,6 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t = time.perf_counter()
         fn()
         stages[name] = round(time.perf_counter() - t, 1)
+        atomic_write_json(stages_file, stages)
         _say(f"[{name}] done in {stages[name]} s")
 
     completions = out / "completions.jsonl"
@@ -117,7 +120,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["stage_seconds"] = stages
     report = _report(cfg, out, summary)
     stages["report"] = round(time.perf_counter() - t, 1)
-    summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    atomic_write_json(stages_file, stages)
+    summary["total_seconds"] = round(sum(stages.values()), 1)  # all stages, whichever run did them
+    summary["this_run_seconds"] = round(time.perf_counter() - t_all, 1)
     summary["peak_rss_mb"] = round(peak_rss_mb())
     summary["report"] = str(report)
     atomic_write_json(out / "summary.json", summary)
