@@ -57,7 +57,7 @@ class DemoConfig:
     ppo_steps: int = opt(60, help="Maximum PPO steps.")
     ppo_batch_size: int = opt(32, help="Episodes per PPO step.")
     ppo_lr: float = opt(5e-5, help="PPO learning rate.")
-    init_kl_coef: float = opt(0.05, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")
+    init_kl_coef: float = opt(0.1, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")
     target_kl: float = opt(4.0, help="Target KL (nats per reply) of the adaptive controller.")
     kl_ceiling: float = opt(12.0, help="Stop PPO if a step's KL from the reference exceeds this.")
     score_threshold: float | None = opt(None, help="Stop PPO once the reward model's mean score reaches this (unset = never).")
@@ -196,7 +196,7 @@ def reward_scale(reward_model: Path, completions: Path) -> float:
 
     The pairwise loss fixes only differences of rewards, so their scale is whatever training left
     (it differed by 40% between two seeds here). Scaling to unit spread makes β mean the same
-    thing in every run: a β of 0.05 trades 0.05 nats of KL per token against 1 std of reward.
+    thing in every run: a β of 0.1 trades 0.1 nats of KL per token against 1 std of reward.
     """
     import torch
 
