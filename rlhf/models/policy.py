@@ -82,3 +82,10 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     if value_head is not None:
         values = value_head(out.hidden_states[-1][:, -(r + 1):-1]) * response_mask
     return PolicyOutput(logprobs, values, logits)
+
+
+def length_order(query_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by real length (prompt + reply tokens), stable: chunks of consecutive rows
+    then pad to similar widths. A function of the masks alone, so a resumed run chunks identically."""
+    lengths = query_mask.sum(dim=1) + response_mask.sum(dim=1)
+    return torch.sort(lengths, stable=True).indices

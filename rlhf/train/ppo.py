@@ -31,7 +31,7 @@ import torch
 from rlhf.algos import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
                         kl_shaped_rewards, masked_mean, masked_whiten, policy_loss, value_loss)
 from rlhf.errors import TrainingError
-from rlhf.models.policy import ValueHead, policy_forward, trim_padding
+from rlhf.models.policy import ValueHead, length_order, policy_forward, trim_padding
 from rlhf.train.ppo_config import PPOConfig
 
 
@@ -129,16 +129,19 @@ class PPOTrainer:
         """Old logprobs and values, reference logprobs, KL-shaped rewards, GAE — all without gradients."""
         cfg = self.cfg
         q, qm, r, rm = rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask
-        old, ref, values = [], [], []
+        width = r.shape[1]
+        # Rows are independent here (no gradients, masks decide what each row sees), so chunking
+        # them by length is exact and each chunk pads only to its own longest prompt + reply.
+        order = length_order(qm, rm)
+        logprobs, ref_logprobs, values = (torch.zeros(r.shape, device=r.device) for _ in range(3))
         for s in range(0, q.shape[0], cfg.micro_batch_size):
-            sl = slice(s, s + cfg.micro_batch_size)
-            tq, tqm, tr, trm = trim_padding(q[sl], qm[sl], r[sl], rm[sl])
+            rows = order[s:s + cfg.micro_batch_size]
+            tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
             out = policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature, self.value_head)
-            old.append(_pad_to(out.logprobs, r.shape[1]))
-            values.append(_pad_to(out.values, r.shape[1]))
+            logprobs[rows] = _pad_to(out.logprobs, width)
+            values[rows] = _pad_to(out.values, width)
             with self._reference() as ref_model:
-                ref.append(_pad_to(policy_forward(ref_model, tq, tqm, tr, trm, cfg.temperature).logprobs, r.shape[1]))
-        logprobs, ref_logprobs, values = torch.cat(old), torch.cat(ref), torch.cat(values)
+                ref_logprobs[rows] = _pad_to(policy_forward(ref_model, tq, tqm, tr, trm, cfg.temperature).logprobs, width)
         kl = self.kl_estimator(logprobs, ref_logprobs) * rm
         rewards = kl_shaped_rewards(scores, kl, rm, self.kl_ctl.beta)
         advantages, returns = gae(rewards, values, rm, cfg.gamma, cfg.lam)
@@ -148,33 +151,50 @@ class PPOTrainer:
 
     def update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; micro-batches accumulate gradients so that a
-        minibatch's loss is one token mean however it is split."""
+        minibatch's loss is one token mean however it is split.
+
+        Statistics stay tensors until the end of the step (one host sync per minibatch, for the
+        finiteness check, instead of a dozen ``.item()`` calls per micro-batch)."""
         cfg = self.cfg
         n = exp.query_ids.shape[0]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)  # a function of (seed, step): exact resume
-        sums: dict[str, float] = {}
+        lengths = exp.query_mask.sum(dim=1) + exp.response_mask.sum(dim=1)
+        sums: dict[str, torch.Tensor] = {}
         count = 0
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         self.policy.train()
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
                 mb_idx = perm[start:start + cfg.mini_batch_size]
+                # Length-bucketed micro-batches: the minibatch (and so its gradient) is the shuffle's;
+                # only how it is split changes, so each micro-batch pads to similar lengths.
+                mb_idx = mb_idx[torch.sort(lengths[mb_idx], stable=True).indices]
                 mb_tokens = exp.response_mask[mb_idx].sum()
                 self.optimizer.zero_grad(set_to_none=True)
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
+                losses = []
                 for ms in range(0, mb_idx.numel(), cfg.micro_batch_size):
                     mb = exp.select(mb_idx[ms:ms + cfg.micro_batch_size])
-                    for k, v in self._micro_step(mb, mb_tokens).items():
-                        sums[k] = sums.get(k, 0.0) + v
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                if not torch.isfinite(grad_norm):
+                    loss, stats = self._micro_step(mb, mb_tokens)
+                    finite &= torch.isfinite(loss)
+                    losses.append((stats["policy_loss"], stats["value_loss"]))
+                    for k, v in stats.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                if not bool(finite & torch.isfinite(grad_norm)):  # the one sync of a minibatch
+                    if not bool(finite):
+                        pg, vl = next((p, v) for p, v in losses if not torch.isfinite(p + v))
+                        raise TrainingError(f"non-finite PPO loss at step {self.step + 1} (policy {pg.item()}, value {vl.item()})")
                     raise TrainingError(f"non-finite gradient norm at PPO step {self.step + 1}")
                 self.optimizer.step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                sums["grad_norm"] = sums["grad_norm"] + grad_norm if "grad_norm" in sums else grad_norm
                 count += 1
         self.policy.eval()
-        return {k: v / count for k, v in sums.items()}
+        return {k: float(v) / count for k, v in sums.items()}
 
-    def _micro_step(self, mb: Experience, mb_tokens: torch.Tensor) -> dict[str, float]:
+    def _micro_step(self, mb: Experience, mb_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; returns its loss and statistics as tensors."""
         cfg = self.cfg
         tq, tqm, tr, trm = trim_padding(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
         width = tr.shape[1]
@@ -190,15 +210,15 @@ class PPOTrainer:
         else:
             with torch.no_grad():
                 entropy = entropy_from_logits(out.logits)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite PPO loss at step {self.step + 1} (policy {pg.item()}, value {vl.item()})")
-        loss.backward()
+        loss.backward()  # a non-finite loss is reported by update(), before any optimizer step
         # Losses are already this micro-batch's share of the minibatch token mean; per-token
         # statistics are weighted by token share, so the sums over micro-batches are minibatch means.
-        share = float(trm.sum()) / max(1.0, float(mb_tokens))
-        return {"policy_loss": pg.item(), "value_loss": vl.item(), "clipfrac": share * float(pg_stats["clipfrac"]),
-                "approx_kl": share * float(pg_stats["approx_kl"]), "vf_clipfrac": share * float(v_stats["vf_clipfrac"]),
-                "entropy": share * float(masked_mean(entropy.detach(), trm))}
+        with torch.no_grad():
+            share = trm.sum() / mb_tokens.clamp(min=1)
+            stats = {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clipfrac": share * pg_stats["clipfrac"],
+                     "approx_kl": share * pg_stats["approx_kl"], "vf_clipfrac": share * v_stats["vf_clipfrac"],
+                     "entropy": share * masked_mean(entropy.detach(), trm)}
+        return loss.detach(), stats
 
     @contextlib.contextmanager
     def _reference(self):
