@@ -52,6 +52,7 @@ class SFTConfig:
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed (data order, initialisation of LoRA weights).")
     device: str = opt("auto", help="cpu, cuda, or auto.")
+    threads: int = opt(0, help="CPU threads for torch (0 = torch's default; 1 is faster on a busy machine).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); for tests and budgets.")
 
@@ -200,6 +201,8 @@ def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[
 def run_sft(cfg: SFTConfig) -> dict:
     from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer, pick_device
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model, padding_side="right")
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device), train=True)
