@@ -166,29 +166,48 @@ def test_config_errors():
         PPOConfig(out="x", temperature=0).validate()
 
 
-def test_micro_batch_split_does_not_change_the_update(tiny_model_dir, prompts_file, tmp_path):
-    """Length-bucketed micro-batches only change how a minibatch is split: the experience, the
-    statistics and the updated weights match an unsplit minibatch (up to float summation order)."""
+def test_micro_batch_split_does_not_change_the_update(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """Length-bucketed forward chunks only change how a minibatch is split: the experience, the
+    statistics and the updated weights match whole micro-batches (up to float summation order)."""
+    import rlhf.train.ppo as ppo_mod
     from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
-    from rlhf.train.ppo import PPOTrainer
 
     results = []
-    for micro in (4, 1):
-        c = cfg(tiny_model_dir, prompts_file, tmp_path / f"m{micro}", micro_batch_size=micro)
+    for overhead in (10**9, 0):  # as few forwards as possible; every split that saves a padded position
+        monkeypatch.setattr(ppo_mod, "CPU_CHUNK_OVERHEAD_POSITIONS", overhead)
+        c = cfg(tiny_model_dir, prompts_file, tmp_path / f"o{overhead}", micro_batch_size=4)
         torch.manual_seed(0)
         tok, policy, ref = load_tokenizer(c.policy), load_causal_lm(c.policy), load_causal_lm(c.policy)
         disable_dropout(policy)
-        trainer = PPOTrainer(c, policy, tok, LetterScorer(), ref)
+        trainer = ppo_mod.PPOTrainer(c, policy, tok, LetterScorer(), ref)
         rollout = trainer.generate(PROMPTS * 2)
         exp = trainer.make_experience(rollout, trainer.score(rollout))
-        stats = trainer.update(exp)
-        results.append((exp, stats, {k: v.detach().clone() for k, v in policy.state_dict().items()}))
-    (e4, s4, w4), (e1, s1, w1) = results
-    assert torch.equal(e4.response_ids, e1.response_ids)  # same seed, same rollouts
+        results.append((exp, trainer.update(exp), {k: v.detach().clone() for k, v in policy.state_dict().items()},
+                        len(trainer._chunks(exp.query_mask, exp.response_mask))))
+    (e1, s1, w1, n1), (e2, s2, w2, n2) = results
+    assert n1 == 2 and n2 > n1  # the second run really split differently
+    assert torch.equal(e1.response_ids, e2.response_ids)  # same seed, same rollouts
     for name in ("logprobs", "ref_logprobs", "values", "advantages"):
-        assert torch.allclose(getattr(e4, name), getattr(e1, name), atol=1e-5), name
-    for k in s4:
-        assert abs(s4[k] - s1[k]) < 1e-4, k
+        assert torch.allclose(getattr(e1, name), getattr(e2, name), atol=1e-5), name
+    for k in s1:
+        assert abs(s1[k] - s2[k]) < 1e-4, k
     # Adam divides by √v, so rounding differences in near-zero gradients show up at ~1e-6 after
     # four steps of lr 3e-3; a real difference in the minibatch gradient would be of order lr.
-    assert max(float((w4[k] - w1[k]).abs().max()) for k in w4) < 1e-5
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+
+
+def test_length_chunks_partition_rows_and_save_padding():
+    from rlhf.models.policy import length_chunks
+
+    q_len = torch.tensor([3, 9, 4, 8, 5, 9, 3, 7])
+    r_len = torch.tensor([2, 30, 3, 28, 2, 31, 4, 25])
+    qm = (torch.arange(10)[None, :] >= 10 - q_len[:, None]).long()  # left-padded prompts
+    rm = (torch.arange(32)[None, :] < r_len[:, None]).long()          # right-padded replies
+    few = length_chunks(qm, rm, max_rows=4)
+    assert [len(c) for c in few] == [4, 4]
+    split = length_chunks(qm, rm, max_rows=8, overhead_positions=16)
+    for chunks in (few, split):
+        assert sorted(torch.cat(chunks).tolist()) == list(range(8)) and all(len(c) <= 8 for c in chunks)
+    cost = lambda chunks: sum(len(c) * (int(q_len[c].max()) + int(r_len[c].max())) for c in chunks)
+    assert len(split) == 2 and cost(split) < 8 * (9 + 31)  # short and long replies no longer share a width
+    assert {frozenset(c.tolist()) for c in split} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}

@@ -84,8 +84,38 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     return PolicyOutput(logprobs, values, logits)
 
 
-def length_order(query_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Row indices sorted by real length (prompt + reply tokens), stable: chunks of consecutive rows
-    then pad to similar widths. A function of the masks alone, so a resumed run chunks identically."""
-    lengths = query_mask.sum(dim=1) + response_mask.sum(dim=1)
-    return torch.sort(lengths, stable=True).indices
+
+# A forward + backward has a fixed cost (Python, module calls, kernel launches) on top of its work
+# per position; in positions, about this many on CPU for the bundled model (measured: ~5 ms against
+# ~0.12 ms a position). Larger models make it relatively smaller, so this errs toward fewer splits.
+CPU_CHUNK_OVERHEAD_POSITIONS = 32
+
+
+def length_chunks(query_mask: torch.Tensor, response_mask: torch.Tensor, max_rows: int,
+                  overhead_positions: float | None = None) -> list[torch.Tensor]:
+    """Split rows into forward chunks of at most ``max_rows``, consecutive in length order, so as to
+    minimise the padded positions computed (a chunk costs rows × (longest prompt + longest reply))
+    plus ``overhead_positions`` per chunk. A dynamic programme over the sorted rows (n × max_rows).
+
+    ``overhead_positions=None`` means "as few chunks as possible" (accelerators, where a smaller
+    forward saves little); the result is a function of the masks alone, so resume stays exact.
+    Returns index tensors into the rows (on the masks' device).
+    """
+    q_len, r_len = query_mask.sum(dim=1), response_mask.sum(dim=1).clamp(min=1)
+    order = torch.sort(q_len + r_len, stable=True).indices
+    ql, rl = q_len[order].tolist(), r_len[order].tolist()  # one host transfer
+    n = len(ql)
+    overhead = float(n * (max(ql, default=0) + max(rl, default=0)) + 1) if overhead_positions is None else overhead_positions
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        mq = mr = 0
+        for start in range(end - 1, max(-1, end - 1 - max_rows), -1):
+            mq, mr = max(mq, ql[start]), max(mr, rl[start])
+            cost = best[start] + (end - start) * (mq + mr) + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], n
+    while end > 0:
+        chunks.append(order[cut[end]:end])
+        end = cut[end]
+    return chunks[::-1]

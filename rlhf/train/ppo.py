@@ -31,7 +31,7 @@ import torch
 from rlhf.algos import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
                         kl_shaped_rewards, masked_mean, masked_whiten, policy_loss, value_loss)
 from rlhf.errors import TrainingError
-from rlhf.models.policy import ValueHead, length_order, policy_forward, trim_padding
+from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, ValueHead, length_chunks, policy_forward, trim_padding
 from rlhf.train.ppo_config import PPOConfig
 
 
@@ -132,10 +132,8 @@ class PPOTrainer:
         width = r.shape[1]
         # Rows are independent here (no gradients, masks decide what each row sees), so chunking
         # them by length is exact and each chunk pads only to its own longest prompt + reply.
-        order = length_order(qm, rm)
         logprobs, ref_logprobs, values = (torch.zeros(r.shape, device=r.device) for _ in range(3))
-        for s in range(0, q.shape[0], cfg.micro_batch_size):
-            rows = order[s:s + cfg.micro_batch_size]
+        for rows in self._chunks(qm, rm):
             tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
             out = policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature, self.value_head)
             logprobs[rows] = _pad_to(out.logprobs, width)
@@ -158,7 +156,6 @@ class PPOTrainer:
         cfg = self.cfg
         n = exp.query_ids.shape[0]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)  # a function of (seed, step): exact resume
-        lengths = exp.query_mask.sum(dim=1) + exp.response_mask.sum(dim=1)
         sums: dict[str, torch.Tensor] = {}
         count = 0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -167,15 +164,14 @@ class PPOTrainer:
             perm = torch.randperm(n, generator=g).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
                 mb_idx = perm[start:start + cfg.mini_batch_size]
-                # Length-bucketed micro-batches: the minibatch (and so its gradient) is the shuffle's;
-                # only how it is split changes, so each micro-batch pads to similar lengths.
-                mb_idx = mb_idx[torch.sort(lengths[mb_idx], stable=True).indices]
                 mb_tokens = exp.response_mask[mb_idx].sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
                 losses = []
-                for ms in range(0, mb_idx.numel(), cfg.micro_batch_size):
-                    mb = exp.select(mb_idx[ms:ms + cfg.micro_batch_size])
+                # Length-bucketed micro-batches: the minibatch (and so its gradient, a token mean
+                # over it) is the shuffle's; only how it is split into forwards changes.
+                for rows in self._chunks(exp.query_mask[mb_idx], exp.response_mask[mb_idx]):
+                    mb = exp.select(mb_idx[rows])
                     loss, stats = self._micro_step(mb, mb_tokens)
                     finite &= torch.isfinite(loss)
                     losses.append((stats["policy_loss"], stats["value_loss"]))
@@ -219,6 +215,13 @@ class PPOTrainer:
                      "approx_kl": share * pg_stats["approx_kl"], "vf_clipfrac": share * v_stats["vf_clipfrac"],
                      "entropy": share * masked_mean(entropy.detach(), trm)}
         return loss.detach(), stats
+
+    def _chunks(self, query_mask: torch.Tensor, response_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Forward chunks of at most ``micro_batch_size`` rows, grouped by length. On CPU a chunk may
+        be smaller when that saves more padded positions than a forward's fixed cost: a micro-batch of
+        short and long replies then runs as two forwards instead of padding every row to the longest."""
+        overhead = CPU_CHUNK_OVERHEAD_POSITIONS if self.device.type == "cpu" else None
+        return length_chunks(query_mask, response_mask, self.cfg.micro_batch_size, overhead)
 
     @contextlib.contextmanager
     def _reference(self):
