@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import safetensors_weights as _weights
 from rlhf.cli import app
 from rlhf.errors import ConfigError, DataError, TrainingError
 from rlhf.models.reward_model import RewardEncoder, load_reward_model, new_reward_model, pool_hidden
@@ -190,15 +191,6 @@ def _cfg(tiny_model_dir, tmp_path, out: Path, **kw) -> RewardTrainConfig:
     cfg = RewardTrainConfig(**base)
     cfg.validate()
     return cfg
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
-    return out
 
 
 @pytest.mark.parametrize("lora", [False, True])
