@@ -70,7 +70,7 @@ SETTINGS = {
     "bundled": dict(batch_size=32, mini_batches=2, micro_batch_size=16, ppo_epochs=4, response_length=32, lr=3e-4,
                     kl_coef=0.05, steps=8),
     "30m": dict(batch_size=32, mini_batches=2, micro_batch_size=16, ppo_epochs=4, response_length=32, lr=3e-5,
-                kl_coef=0.05, steps=6),
+                kl_coef=0.05, steps=4),
 }
 COMMON = dict(temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
               missing_eos_penalty=1.0, seed=0, adam_eps=1e-6)
@@ -275,16 +275,18 @@ def run_trl(a) -> dict:
 
     def timed(fn, pick):
         def wrapper(*args, **kw):
-            t = time.perf_counter()
+            stage, t = pick(args), time.perf_counter()
             try:
                 return fn(*args, **kw)
             finally:
-                stages[pick(args)] += time.perf_counter() - t
+                if stage:
+                    stages[stage] += time.perf_counter() - t
         return wrapper
 
     ppo_mod.batch_generation = timed(ppo_mod.batch_generation, lambda args: "generate")
     ppo_mod.get_reward = timed(ppo_mod.get_reward, lambda args: "score" if args[0] is reward else "forward")
-    ppo_mod.forward = timed(ppo_mod.forward, lambda args: "forward")
+    # ``forward`` also runs inside the PPO epochs (with gradients): that time belongs to the update.
+    ppo_mod.forward = timed(ppo_mod.forward, lambda args: None if torch.is_grad_enabled() else "forward")
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
     t0 = time.perf_counter()
