@@ -5,7 +5,8 @@ Identical settings on both sides: the same starting policy weights, the same pro
 as token ids), the same reward model, batch size, mini-batches, PPO epochs, reply length, sampling
 temperature (1.0), learning rate (constant), fixed KL coefficient (k1), clip ranges, value-loss
 weight, γ/λ, missing-EOS penalty and number of episodes; fp32, no bf16, no gradient checkpointing,
-the same torch thread count. Each run is its own subprocess (peak RSS is that run's own) and runs
+the same torch thread count (default 1: on this shared 2-core machine 2 threads
+made a step up to 8x slower under load). Each run is its own subprocess (peak RSS is that run's own) and runs
 alternate ours/TRL, swapping who goes first each round, so load from other users of this shared
 machine hits both alike. The table shows medians.
 
@@ -161,8 +162,6 @@ def check_reward_twins(rm_dir: Path, seqcls_dir: Path) -> None:
     from transformers import LlamaForSequenceClassification
 
     from rlhf.judges import load_scorer
-    from rlhf.models.reward_model import pad_id_of
-
     ours = load_scorer(f"rm:{rm_dir}", "cpu")
     twin = LlamaForSequenceClassification.from_pretrained(str(seqcls_dir)).eval()
     texts = [("my house is too hot", "Good question! Open the windows at night. I hope this helps!"),
@@ -177,7 +176,6 @@ def check_reward_twins(rm_dir: Path, seqcls_dir: Path) -> None:
             got.append(float(twin.score(h)[0, -1]))
     if not torch.allclose(expect, torch.tensor(got), atol=1e-4):
         raise SystemExit(f"reward twins disagree: ours {expect.tolist()} vs seq-cls {got}")
-    del pad_id_of
 
 
 def build_30m(out: Path) -> None:
