@@ -21,7 +21,7 @@ submission before the kill is resent: each must be answered 2xx with ``stored: f
 (idempotent), and the final export must still hold every acknowledged submission exactly once.
 
 All traffic goes to 127.0.0.1; the run is bounded by --max-seconds per phase. Writes
-benchmarks/results/label_load.json and label_load.md (the table, date, machine and command).
+benchmarks/results/label_load.json and label_load.md (the table, date, machine and command; merged into benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
