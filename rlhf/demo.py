@@ -132,16 +132,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 # --- stages ----------------------------------------------------------------------------------
 
 def _generate(cfg: DemoConfig, prompts: str, path: Path) -> None:
-    from rlhf.data.io import read_records, write_records
-    from rlhf.data.records import CompletionsRecord, PromptRecord
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
-    from rlhf.rollout.generate import SamplingParams, generate_completions
+    from rlhf.rollout.commands import GenerateConfig, generate_file
 
-    recs = read_records(prompts, PromptRecord)
-    tok, model = load_tokenizer(cfg.policy), load_causal_lm(cfg.policy, device=pick_device(cfg.device))
-    outs = generate_completions(model, tok, [r.prompt for r in recs], cfg.num_completions, SamplingParams(max_new_tokens=48),
-                                batch_size=64, seed=cfg.seed)
-    write_records(path, [CompletionsRecord(r.id, r.prompt, c) for r, c in zip(recs, outs)])
+    generate_file(GenerateConfig(prompts=prompts, out=str(path), model=cfg.policy, num_completions=cfg.num_completions,
+                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device))
 
 
 def _label(cfg: DemoConfig, completions: Path, db: Path, rankings: Path, labeling: Path) -> None:
@@ -171,12 +165,9 @@ def _label(cfg: DemoConfig, completions: Path, db: Path, rankings: Path, labelin
 
 
 def _pairs(rankings: Path, path: Path) -> None:
-    from rlhf.data.io import read_records, write_records
-    from rlhf.data.pairs import PairStats, rankings_to_pairs
-    from rlhf.data.records import RankingRecord
+    from rlhf.data.pairs import rankings_file_to_pairs
 
-    stats = PairStats()
-    write_records(path, rankings_to_pairs(read_records(rankings, RankingRecord), stats))
+    stats = rankings_file_to_pairs(rankings, path)
     _say(f"  {stats.rankings} rankings → {stats.pairs} pairs ({stats.tied_pairs} tied and "
          f"{stats.identical_pairs} identical pairs left out)")
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import click
 
 from rlhf.config import config_command, opt
-from rlhf.data.io import read_records, write_records
-from rlhf.data.pairs import PairStats, rankings_to_pairs
-from rlhf.data.records import RECORD_TYPES, RankingRecord
+from rlhf.data.io import read_records
+from rlhf.data.pairs import rankings_file_to_pairs
+from rlhf.data.records import RECORD_TYPES
 
 
 @click.group()
@@ -30,9 +30,7 @@ class PairsConfig:
 @config_command(PairsConfig, name="pairs")
 def pairs_cmd(cfg: PairsConfig) -> None:
     """A ranking of K completions gives K·(K−1)/2 pairs; ties and skipped items give none."""
-    stats = PairStats()
-    pairs = rankings_to_pairs(read_records(cfg.rankings, RankingRecord), stats, cfg.include_gold)
-    write_records(cfg.out, pairs)
+    stats = rankings_file_to_pairs(cfg.rankings, cfg.out, cfg.include_gold)
     click.echo(json.dumps({"rankings": stats.rankings, "pairs": stats.pairs, "skipped_items": stats.skipped_items, "gold_items_dropped": stats.gold_items,
                            "tied_pairs_dropped": stats.tied_pairs, "identical_pairs_dropped": stats.identical_pairs,
                            "out": cfg.out}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.data.io import read_records
+from rlhf.data.io import read_records, write_records
 from rlhf.data.records import PairRecord, RankingRecord
 
 
@@ -58,6 +58,13 @@ def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None, include
 def rankings_to_pairs(rankings: list[RankingRecord], stats: PairStats | None = None,
                       include_gold: bool = False) -> list[PairRecord]:
     return [p for rec in rankings for p in ranking_to_pairs(rec, stats, include_gold)]
+
+
+def rankings_file_to_pairs(rankings: str | Path, out: str | Path, include_gold: bool = False) -> PairStats:
+    """Read a rankings file, write its pairs atomically to ``out``; returns what was kept and dropped."""
+    stats = PairStats()
+    write_records(out, rankings_to_pairs(read_records(rankings, RankingRecord), stats, include_gold))
+    return stats
 
 
 def load_pairs(path: str | Path, *, on_error: str = "raise", skipped: list[str] | None = None) -> list[PairRecord]:

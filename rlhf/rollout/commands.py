@@ -42,22 +42,29 @@ class GenerateConfig:
             raise ConfigError("--temperature must be 0 (greedy) or positive")
 
 
-@config_command(GenerateConfig, name="generate")
-def generate(cfg: GenerateConfig) -> None:
-    """K completions per prompt, batched with the KV cache, left padding, stopping at EOS."""
+def generate_file(cfg: GenerateConfig) -> int:
+    """Sample ``cfg.num_completions`` replies for every prompt in ``cfg.prompts`` and write the
+    completions file atomically. Returns the number of prompts."""
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
     from rlhf.rollout.generate import SamplingParams, generate_completions
-    from rlhf.utils.metrics import peak_rss_mb
 
     prompts = read_records(cfg.prompts, PromptRecord)
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    t0 = time.perf_counter()
     outs = generate_completions(model, tok, [p.prompt for p in prompts], cfg.num_completions, params,
                                 batch_size=cfg.batch_size, seed=cfg.seed)
-    records = [CompletionsRecord(p.id, p.prompt, c) for p, c in zip(prompts, outs)]
-    write_records(cfg.out, records)
-    click.echo(json.dumps({"prompts": len(records), "completions": len(records) * cfg.num_completions,
+    write_records(cfg.out, [CompletionsRecord(p.id, p.prompt, c) for p, c in zip(prompts, outs)])
+    return len(prompts)
+
+
+@config_command(GenerateConfig, name="generate")
+def generate(cfg: GenerateConfig) -> None:
+    """K completions per prompt, batched with the KV cache, left padding, stopping at EOS."""
+    from rlhf.utils.metrics import peak_rss_mb
+
+    t0 = time.perf_counter()
+    n = generate_file(cfg)
+    click.echo(json.dumps({"prompts": n, "completions": n * cfg.num_completions,
                            "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb()),
                            "out": cfg.out}))

@@ -28,7 +28,7 @@ from rlhf.train.ppo_config import PPOConfig
 from rlhf.utils.checkpoint import CheckpointManager
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
-from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
+from rlhf.utils.seed import epoch_order, rng_state, seed_everything, set_rng_state
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 # Options that must match for a checkpoint to be resumed: anything that changes what a step does.
@@ -40,11 +40,13 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     """The prompts of step ``step`` (0-based): consecutive slices of per-epoch shuffles, a function of
     (seed, step) alone, so a resumed run picks up exactly where it stopped."""
     n = len(prompts)
+    orders: dict[int, list[int]] = {}  # a step spans at most a few epochs; shuffle each once
     out = []
     for i in range(step * batch_size, (step + 1) * batch_size):
         epoch, within = divmod(i, n)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        out.append(prompts[int(torch.randperm(n, generator=g)[within])])
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        out.append(prompts[orders[epoch][within]])
     return out
 
 

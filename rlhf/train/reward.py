@@ -263,15 +263,9 @@ def freeze_lower(backbone, embeddings: bool, layers: int) -> int:
     return count
 
 
-def _disable_dropout(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
 def train_reward_model(cfg: RewardTrainConfig) -> dict:
     """Run a whole training stage; returns the summary also written to ``out/summary.json``."""
-    from rlhf.models.loading import pick_device
+    from rlhf.models.loading import disable_dropout, pick_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -293,7 +287,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     model, tok, spec = new_reward_model(cfg.base, kind=cfg.backbone_kind, pooling=cfg.pooling,
                                         max_length=cfg.max_length, seed=cfg.seed, device=device)
     if not cfg.dropout:
-        _disable_dropout(model)
+        disable_dropout(model)
     if cfg.lora:
         _apply_lora(model, cfg)
     frozen = freeze_lower(model.backbone, cfg.freeze_embeddings, cfg.freeze_layers)

@@ -26,7 +26,7 @@ from rlhf.models.loading import load_model_weights
 from rlhf.utils.checkpoint import CheckpointManager
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
-from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
+from rlhf.utils.seed import epoch_order, rng_state, seed_everything, set_rng_state
 
 
 @dataclass
@@ -94,12 +94,6 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         labels[i, : len(labs)] = torch.tensor(labs)
         mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) alone, which makes resume exact."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def _lr_lambda(warmup: int, total: int):
