@@ -29,6 +29,21 @@ def gpt2(tiny_tokenizer):
     return GPT2LMHeadModel(config).eval(), tok
 
 
+@pytest.fixture(scope="module")
+def lora_llama(tiny_model_dir):
+    """The tiny Llama behind a peft LoRA wrapper (PPO's --lora policy), with a non-zero adapter so the
+    wrapper's output differs from the base model's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval(), load_tokenizer(tiny_model_dir)
+
+
 def encode(tok, prompts):
     from rlhf.models.loading import format_prompt
 
@@ -58,13 +73,16 @@ def same_tokens(a, b):
     return torch.equal(a[:, :r], b[:, :r]) and not a[:, r:].any() and not b[:, r:].any()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "lora_llama"])
 def test_greedy_matches_hf_generate(family, request):
     model, tok = request.getfixturevalue(family)
     assert decode.unsupported_reason(model) is None
     ours, theirs = fast(model, tok, PROMPTS, GREEDY), reference(model, tok, PROMPTS, GREEDY)
     assert ours.shape == (len(PROMPTS), 12)
     assert same_tokens(ours, theirs)
+    if family == "lora_llama":  # the adapter is live in the fast path: switched off, the output changes
+        with model.disable_adapter():
+            assert not same_tokens(fast(model, tok, PROMPTS, GREEDY), ours)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -73,6 +73,7 @@ class _ModelState:
         self.compiled = None
         self.compile_failed = False
         self.unsupported: str | None = None
+        self.cache_arg = "past_key_values"  # forward()'s name for the KV cache ("cache" from transformers 5.24)
 
 
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -104,9 +105,15 @@ def _check_support(model) -> str | None:
     supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
     if supports_cache is not None and not supports_cache():
         return f"{type(model).__name__} keeps a non-standard cache"
-    params = inspect.signature(model.forward).parameters
-    if not {"input_ids", "attention_mask", "position_ids", "past_key_values"} <= set(params):
-        return "forward() lacks input_ids/attention_mask/position_ids/past_key_values"
+    # A peft wrapper's forward() hands its keyword arguments through to the model it wraps.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    # transformers 5.24 renamed forward()'s `past_key_values` to `cache` (the old name still works, with
+    # a deprecation warning on every call); pass whichever name this model's forward declares.
+    cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
+    if cache_arg is None or not {"input_ids", "attention_mask", "position_ids"} <= set(params):
+        return "forward() lacks input_ids/attention_mask/position_ids/cache (or past_key_values)"
+    _state(model).cache_arg = cache_arg
     try:
         cache = StaticCache(config=config, max_cache_len=8)
     except Exception as err:  # noqa: BLE001 - any failure here just means "use generate"
@@ -133,9 +140,9 @@ def _get_cache(model, state: _ModelState, batch: int, length: int, dtype: torch.
     return cache
 
 
-def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache):
+def _forward_last_logits(model, cache_arg, input_ids, attention_mask, position_ids, cache):
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **{cache_arg: cache})
     return out.logits[:, -1].float()
 
 
@@ -143,7 +150,7 @@ def _step_fn(model, state: _ModelState, settings: DecodeSettings):
     """The one-token forward: compiled when asked for and possible, else plain eager."""
 
     def eager(ids, mask, pos, cache):
-        return _forward_last_logits(model, ids, mask, pos, cache)
+        return _forward_last_logits(model, state.cache_arg, ids, mask, pos, cache)
 
     if not settings.compile or state.compile_failed or not getattr(model, "_can_compile_fullgraph", False):
         return eager
@@ -272,9 +279,10 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
     temperature, top_k, top_p = float(params.temperature), int(params.top_k or 0), float(params.top_p)
 
-    prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, **prefill_kwargs)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{state.cache_arg: cache}, **prefill_kwargs)
     logits = out.logits[:, -1].float()
     del out
     step = _step_fn(model, state, settings)
