@@ -32,6 +32,7 @@ from rlhf.algos import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, 
                         kl_shaped_rewards, masked_mean, masked_whiten, policy_loss, value_loss)
 from rlhf.errors import TrainingError
 from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, ValueHead, length_chunks, policy_forward, trim_padding
+from rlhf.train.optim import adamw
 from rlhf.train.ppo_config import PPOConfig
 
 
@@ -93,7 +94,7 @@ class PPOTrainer:
         self.value_head = ValueHead(policy.config.hidden_size).to(self.device)
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
+        self.optimizer = adamw(params, self.device, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6)
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.init_kl_coef))
         self.kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]

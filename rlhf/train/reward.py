@@ -29,6 +29,7 @@ from rlhf.config import config_to_dict, opt
 from rlhf.errors import ConfigError, DataError, TrainingError
 from rlhf.models.reward_model import (Encoded, RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model, score_encoded)
+from rlhf.train.optim import adamw
 from rlhf.utils.checkpoint import CheckpointManager
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
@@ -304,10 +305,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     head = {id(p) for p in model.head.parameters()}
     groups = [{"params": [p for p in params if id(p) not in head], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
-    # The fused kernel updates all weights in one pass instead of a loop over tensors: on 2 CPU
-    # threads the plain AdamW step over MiniLM's 22.7M weights took 1.8 s, the fused one 0.4 s.
-    optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              fused=True if device.type in ("cpu", "cuda") else None)
+    optim = adamw(groups, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(cfg.warmup_ratio * total_steps), total_steps))
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
     best_dir = out / "best"

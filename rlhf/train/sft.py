@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import load_model_weights
+from rlhf.train.optim import adamw
 from rlhf.utils.checkpoint import CheckpointManager
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
@@ -116,7 +117,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = adamw(params, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.warmup_steps, total_steps))
     ckpts = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
 
