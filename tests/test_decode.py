@@ -58,7 +58,7 @@ def fast(model, tok, prompts, params, eos=None, **settings):
     out = decode.sample_response_ids(model, ids, mask, params, eos, tok.pad_token_id,
                                      decode.DecodeSettings(**settings))
     assert out is not None, "fast path refused a model it should handle"
-    return out
+    return out.tokens
 
 
 def reference(model, tok, prompts, params, eos=None):

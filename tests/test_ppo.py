@@ -196,6 +196,31 @@ def test_micro_batch_split_does_not_change_the_update(tiny_model_dir, prompts_fi
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
 
 
+def test_sampler_logprobs_and_values_match_a_full_forward(tiny_model_dir, prompts_file, tmp_path):
+    """The old logprobs and values recorded while sampling are what a forward over the finished
+    replies computes, at a temperature ≠ 1 and with top-k on (scored before the filter either way)."""
+    import rlhf.train.ppo as ppo_mod
+    from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+
+    c = cfg(tiny_model_dir, prompts_file, tmp_path / "rec", temperature=0.7, top_k=20, max_new_tokens=12)
+    tok, policy, ref = load_tokenizer(c.policy), load_causal_lm(c.policy), load_causal_lm(c.policy)
+    disable_dropout(policy)
+    trainer = ppo_mod.PPOTrainer(c, policy, tok, LetterScorer(), ref)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(trainer.value_head.linear.weight)  # zero-initialised values would match trivially
+    rollout = trainer.generate(PROMPTS * 2)
+    assert rollout.logprobs is not None and rollout.hidden is not None
+    assert rollout.hidden.shape == (*rollout.response_ids.shape, policy.config.hidden_size)
+    scores = trainer.score(rollout)
+    recorded = trainer.make_experience(rollout, scores)
+    rollout.logprobs = rollout.hidden = None  # what --no-sampler-logprobs (or the generate fallback) gives
+    full = trainer.make_experience(rollout, scores)
+    rm = recorded.response_mask.bool()
+    assert (recorded.logprobs[rm] < 0).all() and (recorded.values[rm] != 0).all()
+    for name in ("logprobs", "values", "ref_logprobs", "advantages", "returns"):
+        assert torch.allclose(getattr(recorded, name), getattr(full, name), atol=1e-4), name
+
+
 def test_length_chunks_partition_rows_and_save_padding():
     from rlhf.models.policy import length_chunks
 

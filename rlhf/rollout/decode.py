@@ -70,7 +70,7 @@ class _ModelState:
 
     def __init__(self):
         self.caches: dict[tuple, object] = {}
-        self.compiled = None
+        self.compiled: dict[bool, object] = {}  # the compiled step, with and without recording
         self.compile_failed = False
         self.unsupported: str | None = None
         self.cache_arg = "past_key_values"  # forward()'s name for the KV cache ("cache" from transformers 5.24)
@@ -140,27 +140,28 @@ def _get_cache(model, state: _ModelState, batch: int, length: int, dtype: torch.
     return cache
 
 
-def _forward_last_logits(model, cache_arg, input_ids, attention_mask, position_ids, cache):
+def _forward_last(model, cache_arg, record, input_ids, attention_mask, position_ids, cache):
+    """Logits [B, V] at the last position, and with ``record`` the final hidden state there [B, H]."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **{cache_arg: cache})
-    return out.logits[:, -1].float()
+                use_cache=True, output_hidden_states=record, **{cache_arg: cache})
+    return out.logits[:, -1].float(), (out.hidden_states[-1][:, -1] if record else None)
 
 
-def _step_fn(model, state: _ModelState, settings: DecodeSettings):
+def _step_fn(model, state: _ModelState, settings: DecodeSettings, record: bool):
     """The one-token forward: compiled when asked for and possible, else plain eager."""
 
     def eager(ids, mask, pos, cache):
-        return _forward_last_logits(model, state.cache_arg, ids, mask, pos, cache)
+        return _forward_last(model, state.cache_arg, record, ids, mask, pos, cache)
 
     if not settings.compile or state.compile_failed or not getattr(model, "_can_compile_fullgraph", False):
         return eager
-    if state.compiled is None:
+    if record not in state.compiled:
         # dynamic=False: shapes are fixed per (batch, cache length) bucket; fullgraph so that a graph
         # break shows up as a failure (→ eager) instead of a silently slow half-compiled step.
         # cpp_wrapper removes the Python wrapper around inductor's kernels (measured ~15% faster).
-        state.compiled = torch.compile(eager, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        state.compiled[record] = torch.compile(eager, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
-    compiled = state.compiled
+    compiled = state.compiled[record]
 
     def guarded(ids, mask, pos, cache):
         if state.compile_failed:
@@ -239,11 +240,27 @@ def _threads(n: int):
             torch.set_num_threads(before)
 
 
+@dataclass
+class Decoded:
+    """What the loop produced. B = batch, R = reply length."""
+
+    tokens: torch.Tensor                 # [B, R] sampled ids; ``pad_token_id`` after a row's EOS
+    logprobs: torch.Tensor | None = None  # [B, R] log π(y_t) under the temperature-scaled full distribution
+    hidden: torch.Tensor | None = None   # [B, R, H] final hidden state at the position that predicted y_t
+
+
 def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor, params,
                         eos_token_id: int | list[int], pad_token_id: int,
-                        settings: DecodeSettings | None = None) -> torch.Tensor | None:
+                        settings: DecodeSettings | None = None, record: bool = False) -> Decoded | None:
     """Sampled reply tokens [B, R] for left-padded prompts (R ≤ max_new_tokens: the loop stops early
     once every row has produced an EOS, as ``generate`` does); after a row's EOS it holds ``pad_token_id``.
+
+    With ``record``, also the log-probability of each sampled token and the final hidden state that
+    predicted it — what PPO's first forward over the finished replies would compute (its "old"
+    logprobs and, through the value head, its values), had while sampling at the cost of a
+    log-softmax per step. The logprobs are of the temperature-scaled distribution before top-k/top-p,
+    as ``rlhf.models.policy.policy_forward`` scores them. Values past a row's EOS are junk for the
+    caller's mask to hide.
 
     Returns None when this model needs ``model.generate`` instead (see ``unsupported_reason``).
     ``params`` is a ``SamplingParams`` (max_new_tokens, temperature, top_p, top_k).
@@ -256,13 +273,13 @@ def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor
         log.info("fast decoding unavailable for %s: %s; using model.generate", type(model).__name__, reason)
         return None
     with _threads(settings.threads), torch.inference_mode():
-        tokens = _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings)
+        out = _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings, record)
     # Clone outside inference mode: inference tensors cannot be saved for backward, and PPO feeds
     # these ids through the policy with gradients on.
-    return tokens.clone()
+    return Decoded(*(None if t is None else t.clone() for t in out))
 
 
-def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings):
+def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings, record: bool):
     state = _state(model)
     batch, prompt_len = query_ids.shape
     device = query_ids.device
@@ -282,10 +299,11 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{state.cache_arg: cache}, **prefill_kwargs)
+                output_hidden_states=record, **{state.cache_arg: cache}, **prefill_kwargs)
     logits = out.logits[:, -1].float()
+    hidden = out.hidden_states[-1][:, -1] if record else None
     del out
-    step = _step_fn(model, state, settings)
+    step = _step_fn(model, state, settings, record)
     next_pos = positions[:, -1:] + 1
     # With SDPA attention a one-token step needs no causal structure, only "which slots are real":
     # hand transformers the final boolean [B, 1, 1, L] mask (returned as-is by its mask builder)
@@ -298,15 +316,23 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-    produced = []
+    scale = temperature if temperature > 0 else 1.0
+    produced, logprobs, hiddens = [], [], []
     for t in range(new):
         if t:
             if t % settings.check_every == 0 and bool(done.all()):
                 break
             real_slots[:, prompt_len + t - 1] = 1  # the token fed now is written to this slot
-            logits = step(produced[-1].unsqueeze(1), step_mask, next_pos, cache)
+            logits, hidden = step(produced[-1].unsqueeze(1), step_mask, next_pos, cache)
             next_pos += 1
         token = torch.where(done, pad, _pick(logits, temperature, top_k, top_p))
+        if record:
+            scaled = logits / scale if scale != 1.0 else logits
+            logprobs.append(scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
+            hiddens.append(hidden)
         done |= torch.isin(token, eos)
         produced.append(token)
-    return torch.stack(produced, dim=1)
+    tokens = torch.stack(produced, dim=1)
+    if not record:
+        return tokens, None, None
+    return tokens, torch.stack(logprobs, dim=1), torch.stack(hiddens, dim=1)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.models.loading import format_prompt
-from rlhf.rollout.decode import sample_response_ids
+from rlhf.rollout.decode import Decoded, sample_response_ids
 
 
 @dataclass
@@ -32,6 +32,10 @@ class SampledBatch:
     response_ids: torch.Tensor    # [B, R] sampled tokens; pad after the first EOS
     response_mask: torch.Tensor   # [B, R] 1 up to and including the first EOS
     ended_with_eos: torch.Tensor  # [B] bool: False when the reply hit max_new_tokens unfinished
+    # Recorded while sampling when asked for (``record=True``) and the fast loop served the batch;
+    # else None. 0 / junk where response_mask is 0 (see rlhf.rollout.decode.sample_response_ids).
+    logprobs: torch.Tensor | None = None  # [B, R] log π(y_t) at the sampling temperature, before top-k/top-p
+    hidden: torch.Tensor | None = None    # [B, R, H] final hidden state that predicted y_t
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +49,12 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[
     return (positions[None, :] <= first[:, None]).long(), ended
 
 
-def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams) -> SampledBatch:
+def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, record: bool = False) -> SampledBatch:
     """Sample one reply per prompt (prompts are raw user texts; the chat template is applied here).
 
     Decoding uses our static-cache loop (rlhf/rollout/decode.py) and falls back to ``model.generate``
-    for models that loop cannot handle; both give the same SampledBatch contract.
+    for models that loop cannot handle; both give the same SampledBatch contract. ``record`` asks for
+    each token's log-probability and final hidden state as well (only the fast loop records them).
     """
     texts = [format_prompt(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
@@ -59,16 +64,19 @@ def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams) 
     was_training = model.training
     model.eval()
     try:
-        response_ids = sample_response_ids(model, query_ids, query_mask, params, eos, pad)
-        if response_ids is None:
-            response_ids = _generate_with_hf(model, query_ids, query_mask, params, eos, pad)
+        decoded = sample_response_ids(model, query_ids, query_mask, params, eos, pad, record=record)
+        if decoded is None:
+            decoded = Decoded(_generate_with_hf(model, query_ids, query_mask, params, eos, pad))
     finally:
         model.train(was_training)
+    response_ids = decoded.tokens
     if response_ids.shape[1] == 0:  # max_new_tokens=0 or immediate stop: keep one pad column for shapes
         response_ids = torch.full((query_ids.shape[0], 1), pad, device=device)
+        decoded = Decoded(response_ids)
     mask, ended = response_mask_from_ids(response_ids, eos)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad))
-    return SampledBatch(query_ids, query_mask, response_ids, mask, ended)
+    logprobs = None if decoded.logprobs is None else decoded.logprobs * mask
+    return SampledBatch(query_ids, query_mask, response_ids, mask, ended, logprobs, decoded.hidden)
 
 
 @torch.no_grad()

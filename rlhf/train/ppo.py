@@ -68,6 +68,8 @@ class Rollout:
     response_mask: torch.Tensor
     ended_with_eos: torch.Tensor  # [B] bool
     raw_scores: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None  # [B, R] recorded by the sampler (None: compute them in make_experience)
+    hidden: torch.Tensor | None = None    # [B, R, H] final hidden states recorded by the sampler (for the values)
 
 
 @contextlib.contextmanager
@@ -108,10 +110,10 @@ class PPOTrainer:
 
         params = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, self.cfg.top_k)
         self.policy.eval()  # dropout is off anyway; eval() also tells HF layers they are not training
-        batch = sample_tokens(self.policy, self.tok, prompts, params)
+        batch = sample_tokens(self.policy, self.tok, prompts, params, record=self.cfg.sampler_logprobs)
         texts = decode_responses(self.tok, batch)
         return Rollout(prompts, texts, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
-                       batch.ended_with_eos)
+                       batch.ended_with_eos, logprobs=batch.logprobs, hidden=batch.hidden)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
@@ -127,18 +129,30 @@ class PPOTrainer:
 
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
-        """Old logprobs and values, reference logprobs, KL-shaped rewards, GAE — all without gradients."""
+        """Old logprobs and values, reference logprobs, KL-shaped rewards, GAE — all without gradients.
+
+        When the sampler recorded each token's logprob and final hidden state (``--sampler-logprobs``),
+        those are the old logprobs and, through the value head, the values: the same numbers a forward
+        over the finished replies gives (up to float rounding between a cached step and a full pass),
+        so that forward is skipped and only the reference runs here."""
         cfg = self.cfg
         q, qm, r, rm = rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask
         width = r.shape[1]
+        recorded = rollout.logprobs is not None and rollout.hidden is not None
+        if recorded:
+            logprobs = rollout.logprobs * rm
+            values = self.value_head(rollout.hidden) * rm
+        else:
+            logprobs, values = torch.zeros(r.shape, device=r.device), torch.zeros(r.shape, device=r.device)
+        ref_logprobs = torch.zeros(r.shape, device=r.device)
         # Rows are independent here (no gradients, masks decide what each row sees), so chunking
         # them by length is exact and each chunk pads only to its own longest prompt + reply.
-        logprobs, ref_logprobs, values = (torch.zeros(r.shape, device=r.device) for _ in range(3))
         for rows in self._chunks(qm, rm):
             tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
-            out = policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature, self.value_head)
-            logprobs[rows] = _pad_to(out.logprobs, width)
-            values[rows] = _pad_to(out.values, width)
+            if not recorded:
+                out = policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature, self.value_head)
+                logprobs[rows] = _pad_to(out.logprobs, width)
+                values[rows] = _pad_to(out.values, width)
             with self._reference() as ref_model:
                 ref_logprobs[rows] = _pad_to(policy_forward(ref_model, tq, tqm, tr, trm, cfg.temperature).logprobs, width)
         kl = self.kl_estimator(logprobs, ref_logprobs) * rm

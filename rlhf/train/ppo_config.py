@@ -32,6 +32,10 @@ class PPOConfig:
     top_k: int = opt(0, help="Top-k sampling (0 = off).")
     missing_eos_penalty: float = opt(1.0, help="Subtracted from the score of a reply that hit --max-new-tokens without EOS.")
     score_clip: float | None = opt(None, help="Clip scores to ±this before shaping (unset = no clipping).")
+    sampler_logprobs: bool = opt(True, help="Take the old logprobs and values from the sampling loop (recorded per "
+                                            "token while decoding) instead of a second forward pass over the replies. "
+                                            "Off = recompute them with a full forward (for decoders whose cached steps "
+                                            "differ numerically from a full pass, e.g. low precision on accelerators).")
     # optimisation
     ppo_epochs: int = opt(4, help="Passes over each batch of experience.")
     mini_batch_size: int = opt(16, help="Episodes per optimizer step.")
