@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import ConfigError
+from rlhf.models.cpu_gemm import use_fast_cpu_linears
 
 BUNDLED_NAMES = ("bundled", "default")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
@@ -58,6 +59,7 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     model = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(path)), dtype=dtype)
     model.to(device)
     model.train(train)
+    use_fast_cpu_linears(model)  # oneDNN fp32 products where the default BLAS is slow (rlhf/models/cpu_gemm.py)
     return model
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import ConfigError
+from rlhf.models.cpu_gemm import use_fast_cpu_linears
 
 SPEC_FILE = "rlhf_reward.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -337,7 +338,9 @@ def new_reward_model(base: str | Path, *, kind: str = "auto", pooling: str = "au
     tok = load_backbone_tokenizer(path)
     model = RewardModel(backbone, spec, config.hidden_size)
     model.init_head(seed)
-    return model.to(device), tok, spec
+    model.to(device)
+    use_fast_cpu_linears(model)  # oneDNN fp32 products where the default BLAS is slow (rlhf/models/cpu_gemm.py)
+    return model, tok, spec
 
 
 def save_reward_model(model: RewardModel, tok, folder: str | Path) -> None:
@@ -396,4 +399,5 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu"):
     model = RewardModel(backbone, spec, config.hidden_size)
     model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     model.to(device).eval()
+    use_fast_cpu_linears(model)
     return model, tok, spec
