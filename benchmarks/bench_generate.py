@@ -12,7 +12,8 @@ vocabulary) so every variant decodes exactly --new-tokens steps. Variants run al
 after round, and the table shows medians: the machine is shared, so single runs are noise.
 ms/step = wall time of one call / new tokens (prefill included); cpu ms/step uses process CPU time,
 which is steadier when other jobs compete for the cores. The floor is the time to read every
-weight once per step at the bandwidth a large tensor copy reaches here.
+weight once per step at the bandwidth a large read (a sum over 256 MiB) reaches here; the copy
+bandwidth (read + write bytes counted) is printed beside it.
 Writes benchmarks/results/bench_generate.json (one entry per model; a rerun replaces its entry).
 """
 
@@ -68,6 +69,19 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> float:
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
+def measure_read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """GB/s of reading a large fp32 tensor once (a sum: one add per 4 bytes, so memory-bound), at
+    torch's thread count, median of several. Reading is what a decode step does with its weights."""
+    src = torch.randn(mib * 2**20 // 4)
+    src.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t)
+    return src.numel() * 4 / statistics.median(times) / 1e9
+
+
 def measure_matmul_gflops(batch: int, width: int, threads: int = 1, repeats: int = 200) -> float:
     """fp32 GFLOP/s of one [batch, width] x [width, 4*width] product: the shape of a decode step's MLP."""
     before = torch.get_num_threads()
@@ -112,7 +126,8 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--compile", action="store_true", help="also time our loop with the compiled step")
     ap.add_argument("--decode-threads", type=int, default=1, help="threads our loop uses (0 = torch's default)")
-    ap.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the floor (0 = measure it)")
+    ap.add_argument("--bandwidth", type=float, default=0.0,
+                    help="GB/s for the weight-reading floor (0 = measure the read bandwidth at torch's thread count)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "bench_generate.json"))
     args = ap.parse_args()
 
@@ -129,7 +144,8 @@ def main() -> int:
     params = SamplingParams(args.new_tokens, args.temperature, args.top_p, args.top_k)
     default_threads = torch.get_num_threads()
     load_before = os.getloadavg()
-    bandwidth = args.bandwidth or measure_bandwidth()
+    copy_bandwidth = measure_bandwidth()
+    bandwidth = args.bandwidth or measure_read_bandwidth()
     width = model.config.hidden_size
 
     def run_hf(prompts, threads):
@@ -196,7 +212,7 @@ def main() -> int:
     header = f"{'variant':<40} {'batch':>5} {'ms/step':>8} {'cpu ms':>7} {'tok/s':>8} {'vs hf':>6} {'x floor':>7} {'1st call s':>10}"
     label = "llama-30m (built from a config, random weights)" if tmp else model_name
     print(f"\nmodel {label}: {n_params / 1e6:.2f}M params, {param_bytes / 2**20:.1f} MiB fp32; "
-          f"copy bandwidth {bandwidth:.1f} GB/s; {args.new_tokens} new tokens, medians of {args.repeats} alternating rounds; "
+          f"read bandwidth {bandwidth:.1f} GB/s (copy {copy_bandwidth:.1f}, read + write counted); {args.new_tokens} new tokens, medians of {args.repeats} alternating rounds; "
           f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(header)
     for r in results:
@@ -214,6 +230,8 @@ def main() -> int:
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "model": label,
         "parameters": n_params, "param_bytes": param_bytes, "bandwidth_gb_s": round(bandwidth, 2),
+        "bandwidth_measure": "given" if args.bandwidth else "read (sum of 256 MiB)",
+        "copy_bandwidth_gb_s": round(copy_bandwidth, 2),
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
         "results": results,
     }
