@@ -51,15 +51,20 @@ def test_function_matches_linear_in_values_and_gradients(bias):
 
 
 @needs_onednn
-def test_a_switched_model_trains_like_the_original(gemm_mode):
+def test_a_switched_model_trains_like_the_original(gemm_mode, monkeypatch):
     gemm_mode("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)  # the tiny model's products all go through oneDNN
     plain, fast = tiny_llama(), tiny_llama()
     n = cpu_gemm.use_fast_cpu_linears(fast)
     assert n == sum(type(m) is nn.Linear for m in fast.modules()) > 0
     assert cpu_gemm.use_fast_cpu_linears(fast) == 0  # already switched: nothing to do twice
+    calls = []
+    real = cpu_gemm._OneDNNLinear.apply
+    monkeypatch.setattr(cpu_gemm._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, 64, (2, 9))
     for model in (plain, fast):
         model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == n  # every linear of the forward with gradients ran the oneDNN function
     assert torch.allclose(plain(input_ids=ids).logits, fast(input_ids=ids).logits, atol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-4), name
