@@ -34,8 +34,8 @@ model scores them (raw score, no penalty).
 TRL lives in its own virtual environment so the project's stays untouched (this script installs nothing):
 
     python3 -m venv .venv-trl112
-    .venv-trl112/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # first: a bare
-    .venv-trl112/bin/pip install trl==1.12.0                  # torch requirement pulls a multi-GB CUDA build
+    .venv-trl112/bin/pip install torch==2.13.0   # first, the same CPU build as .venv: a bare torch
+    .venv-trl112/bin/pip install trl==1.12.0     # requirement pulls a multi-GB CUDA build
 
 Then (the first run also builds the reward model and the 30M model under out/bench_ppo/):
 

@@ -12,7 +12,7 @@ TRL lives in its own virtual environment so the project's stays untouched:
 
     python3 -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.13.0            # first: a bare torch requirement pulls CUDA
-    .venv-trl/bin/pip install trl==1.16.0 -e . transformers==5.23.0   # same transformers as .venv
+    .venv-trl/bin/pip install trl==1.16.0 -e . "transformers==$(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
 
 Then:
 

@@ -31,6 +31,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# oneDNN and ideep (its C++ wrapper in torch) cache a primitive, with packed weight copies, per
+# product shape, up to 1024 of each. PPO's row counts change with every length-grouped chunk, and
+# with the default caches the bundled model's RSS grew by ~130 MB a PPO step (449 → 981 MB in 4
+# steps); with 16 entries it stays flat (573 MB, MKL: 564) at no measured cost in speed. Both are
+# read when the first oneDNN primitive is made, so set them here, before any model runs.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
+
 
 def _matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a [M, K] · b_tᵀ where b_t is [N, K] (any strides): oneDNN's fp32 matmul."""
