@@ -340,6 +340,13 @@ def med(rows: list[dict], *path) -> float:
     return statistics.median(vals)
 
 
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=["ours", "trl", "eval"])
@@ -361,8 +368,9 @@ def main() -> None:
     policies = setup(work)
     ours_py = str(REPO / ".venv" / "bin" / "python")
     common = dict(rm=work / "rm" / "model", prompts=work / "prompt_ids.json", threads=a.threads)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores (shared)", "threads": a.threads, "rounds": a.rounds, "settings": COMMON, "models": {}}
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+               "load_average_at_start": os.getloadavg(), "threads": a.threads, "rounds": a.rounds, "settings": COMMON,
+               "models": {}}
     for size in a.models.split(","):
         runs = {"ours": [], "trl": []}
         base = sub(ours_py, "eval", size=size, policy=policies[size], **common)

@@ -74,6 +74,7 @@ class _ModelState:
         self.compile_failed = False
         self.unsupported: str | None = None
         self.cache_arg = "past_key_values"  # forward()'s name for the KV cache ("cache" from transformers 5.24)
+        self.prefill_kwargs: dict = {}      # {"logits_to_keep": 1} where forward() takes it
 
 
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -113,7 +114,9 @@ def _check_support(model) -> str | None:
     cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
     if cache_arg is None or not {"input_ids", "attention_mask", "position_ids"} <= set(params):
         return "forward() lacks input_ids/attention_mask/position_ids/cache (or past_key_values)"
-    _state(model).cache_arg = cache_arg
+    state = _state(model)
+    state.cache_arg = cache_arg
+    state.prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     try:
         cache = StaticCache(config=config, max_cache_len=8)
     except Exception as err:  # noqa: BLE001 - any failure here just means "use generate"
@@ -296,10 +299,8 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
     temperature, top_k, top_p = float(params.temperature), int(params.top_k or 0), float(params.top_p)
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                output_hidden_states=record, **{state.cache_arg: cache}, **prefill_kwargs)
+                output_hidden_states=record, **{state.cache_arg: cache}, **state.prefill_kwargs)
     logits = out.logits[:, -1].float()
     hidden = out.hidden_states[-1][:, -1] if record else None
     del out
