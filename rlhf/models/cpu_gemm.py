@@ -40,9 +40,10 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
 
 
-def _matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a [M, K] · b_tᵀ where b_t is [N, K] (any strides): oneDNN's fp32 matmul."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] · weightᵀ (+ bias) → [..., N], weight [N, K] of any strides: oneDNN's fp32 matmul."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -50,22 +51,19 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         gy = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(gy, weight.t()).reshape(ctx.x_shape)  # [M, N] · [N, K]
+            grad_x = _linear(grad_y, weight.t())                            # [..., N] · [N, K]
         if ctx.needs_input_grad[1]:
-            grad_w = _matmul(gy.t(), x2.t())                         # [N, M] · [M, K]
+            grad_w = _linear(gy.t(), x.reshape(-1, x.shape[-1]).t())       # [N, M] · [M, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum(dim=0)
         return grad_x, grad_w, grad_b
@@ -87,8 +85,7 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
         # Nothing to differentiate (sampling, scoring, reference passes): the op alone, without an
         # autograd node, whose Python overhead would cost more than the product at decode sizes.
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+        return _linear(x, self.weight, self.bias)
     return _OneDNNLinear.apply(x, self.weight, self.bias)
 
 
