@@ -63,6 +63,12 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     return model
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (whose forward passes its keyword arguments on
+    to it), or ``model`` itself: where to look up which arguments ``forward()`` takes."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """RL and exact resume need deterministic forward passes: zero every dropout probability."""
     for module in model.modules():

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from rlhf.models.reward_model import Encoded, RewardModel
+from rlhf.models.loading import unwrap_peft
+from rlhf.models.reward_model import Encoded, RewardModel, collate
 
 
 @dataclass
@@ -42,7 +41,7 @@ class PackedBatch:
         return PackedBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def pack(items: list["Encoded"], pad_id: int, causal: bool) -> PackedBatch:
+def pack(items: list[Encoded], pad_id: int, causal: bool) -> PackedBatch:
     """Pack ``items`` (in any order; the index tensors keep their order) into rows as long as the
     longest item, first-fit decreasing."""
     capacity = max(len(e.ids) for e in items)
@@ -104,7 +103,7 @@ def pool_packed(hidden: torch.Tensor, packed: PackedBatch, pooling: str) -> torc
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def packed_rewards(model: "RewardModel", packed: PackedBatch) -> torch.Tensor:
+def packed_rewards(model: RewardModel, packed: PackedBatch) -> torch.Tensor:
     """Rewards [N] (float32, in item order) of a packed batch: ``RewardModel.forward`` without padding."""
     kwargs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "position_ids": packed.position_ids}
     if packed.token_type_ids is not None:
@@ -115,7 +114,7 @@ def packed_rewards(model: "RewardModel", packed: PackedBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def packing_problem(model: "RewardModel", items: list["Encoded"], pad_id: int) -> str | None:
+def packing_problem(model: RewardModel, items: list[Encoded], pad_id: int) -> str | None:
     """Why packed batches would not reproduce padded ones for this model (None when they do).
 
     Beyond the signature (position ids, an attention implementation that honours a 4D mask), the
@@ -123,10 +122,7 @@ def packing_problem(model: "RewardModel", items: list["Encoded"], pad_id: int) -
     from 0 (RoBERTa starts after its pad id) or that rebuilds masks its own way shows up here
     instead of silently training on different numbers.
     """
-    from rlhf.models.reward_model import collate
-
-    backbone = model.backbone
-    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    base = unwrap_peft(model.backbone)
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward() takes no position_ids"
     impl = getattr(base.config, "_attn_implementation", None)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf.models.loading import unwrap_peft
+
 
 @dataclass
 class PolicyOutput:
@@ -41,8 +43,7 @@ class ValueHead(nn.Module):
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
 
 def trim_padding(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

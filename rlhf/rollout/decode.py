@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.models.loading import unwrap_peft
+
 log = logging.getLogger(__name__)
 
 
@@ -106,9 +108,7 @@ def _check_support(model) -> str | None:
     supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
     if supports_cache is not None and not supports_cache():
         return f"{type(model).__name__} keeps a non-standard cache"
-    # A peft wrapper's forward() hands its keyword arguments through to the model it wraps.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
+    params = inspect.signature(unwrap_peft(model).forward).parameters
     # transformers 5.24 renamed forward()'s `past_key_values` to `cache` (the old name still works, with
     # a deprecation warning on every call); pass whichever name this model's forward declares.
     cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
