@@ -1,9 +1,11 @@
 """Padding-free batches for reward models: several sequences share one row, and a block-diagonal
 attention mask keeps each one to itself.
 
-A right-padded batch computes every row to the batch's longest sequence. On reward pairs that is
-12% wasted work even after length-sorting (hh-harmless at 128 tokens: 318k padded positions for
-283k real tokens an epoch) and 42% with random batches. Packing lays the sequences end to end in
+A right-padded batch computes every row to the batch's longest sequence: on hh-harmless at 128
+tokens, 318k positions an epoch for 283k real tokens with length-sorted batches, 401k with random
+ones. Packed rows no longer than the longest sequence cut the sorted case to 298k slots (sequences
+of similar length rarely share a row; measured 3% faster, benchmarks/RESULTS.md) and help more the
+more a batch's lengths vary. Packing lays the sequences end to end in
 rows no longer than the longest one (first-fit decreasing), restarts position ids at every
 sequence, and gives the backbone a 4D boolean mask in which a token sees only tokens of its own
 sequence (and only earlier ones for a causal backbone). Every real token then computes exactly
@@ -109,8 +111,7 @@ def packed_rewards(model: RewardModel, packed: PackedBatch) -> torch.Tensor:
     if packed.token_type_ids is not None:
         kwargs["token_type_ids"] = packed.token_type_ids
     hidden = model.backbone(**kwargs).last_hidden_state
-    pooled = pool_packed(hidden, packed, model.spec.pooling)
-    return model.head(pooled.to(model.head.weight.dtype)).squeeze(-1).float()
+    return model.reward_from(pool_packed(hidden, packed, model.spec.pooling))
 
 
 @torch.no_grad()

@@ -167,7 +167,10 @@ class RewardModel(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**kwargs).last_hidden_state
-        pooled = pool_hidden(hidden, attention_mask, self.spec.pooling)
+        return self.reward_from(pool_hidden(hidden, attention_mask, self.spec.pooling))
+
+    def reward_from(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled states [B, H] → rewards [B] (float32): the head, for padded and packed batches alike."""
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
