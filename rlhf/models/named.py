@@ -270,3 +270,33 @@ def status(model: NamedModel) -> dict:
         except ConfigError:
             state = f"not installed: {model.install}"
     return {"name": model.name, "path": str(folder), "state": state, "description": model.description}
+
+
+# ---------------------------------------------------------------------------------------------
+# What `rlhf demo` runs with on each model (options the user left unset)
+# ---------------------------------------------------------------------------------------------
+
+# The bundled model trains all its weights; any other model gets a LoRA policy (the reference is
+# the same weights with the adapter off, so no second copy) and a budget sized for 2 CPU cores:
+# see benchmarks/RESULTS.md ("SmolLM2") for the measured time of each stage.
+DEMO_DEFAULTS: dict[str, dict] = {
+    "bundled": {"lora": False, "ppo_steps": 60, "ppo_batch_size": 32, "ppo_lr": 5e-5, "ppo_epochs": 4, "reply_tokens": 32,
+                "eval_samples": 8},
+    "other": {"lora": True, "ppo_steps": 24, "ppo_batch_size": 16, "ppo_lr": 3e-4, "ppo_epochs": 2, "reply_tokens": 32,
+              "eval_samples": 4},
+}
+
+
+def with_model_defaults(cfg):
+    """A copy of a demo config whose unset (None) options take the values that suit its model."""
+    import dataclasses
+
+    named = lookup(cfg.policy)
+    defaults = DEMO_DEFAULTS["bundled" if named is not None and named.name == "bundled" else "other"]
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def model_label(name: str) -> str:
+    """How reports name a model: a named model with its description, else the name or path given."""
+    named = lookup(name)
+    return f"{named.name} ({named.description})" if named is not None else str(name)

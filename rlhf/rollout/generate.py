@@ -61,7 +61,7 @@ def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, 
     device = next(model.parameters()).device
     query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     # Stop at the chat template's end of turn as well as EOS (they differ in some tokenizers).
-    eos, pad = stop_token_ids(tokenizer, getattr(model, "generation_config", None)), tokenizer.pad_token_id
+    eos, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     try:
