@@ -208,3 +208,52 @@ def test_model_list_and_import_bundled(tmp_path, monkeypatch):
     assert copy.num_parameters() == load_causal_lm("bundled").num_parameters()
     res = runner.invoke(app, ["model", "import", "nosuch"])
     assert res.exit_code != 0
+
+
+# --- the loop on the real model ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ppo_with_lora_on_smollm2(smollm2_dir, tmp_path):
+    """A few tiny PPO steps with a LoRA policy on SmolLM2: the adapter trains, the reference is the
+    adapter switched off (no second copy), replies stop at <|im_end|>, and the published policy is a
+    plain merged model folder."""
+    from safetensors.torch import load_file
+
+    from rlhf.train.ppo_config import PPOConfig
+    from rlhf.train.ppo_loop import run_ppo
+    from rlhf.utils.metrics import read_metrics
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in
+                               enumerate(["Say hi.", "Name a colour.", "Say yes or no.", "Name a fruit."])))
+    cfg = PPOConfig(out=str(tmp_path / "ppo"), policy="smollm2", reward="length", prompts=str(prompts), lora=True,
+                    lora_r=4, lora_alpha=8, max_steps=2, batch_size=4, mini_batch_size=4, micro_batch_size=4, ppo_epochs=1,
+                    max_new_tokens=6, lr=1e-3, threads=1, device="cpu", progress=False, resume=False)
+    cfg.validate()
+    summary = run_ppo(cfg)
+    assert summary["steps"] == 2 and summary["stop_reason"] == "max_steps"
+    rows = read_metrics(tmp_path / "ppo")
+    assert len(rows) == 2 and all(0 < r["response_length"] <= 6 for r in rows)
+    adapter = load_file(str(tmp_path / "ppo" / "model" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
+    merged = load_causal_lm(tmp_path / "ppo" / "model")
+    base = load_causal_lm(smollm2_dir)
+    assert merged.num_parameters() == base.num_parameters()
+    diff = max((a - b).abs().max().item() for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+    assert diff > 0
+
+
+def test_demo_options_follow_the_model(tiny_model_dir):
+    """`rlhf demo` keeps the bundled model's settings; any other model gets a LoRA policy and the
+    smaller budget, and an option the user set always wins."""
+    from rlhf.demo import DemoConfig
+    from rlhf.models.named import DEMO_DEFAULTS, model_label, with_model_defaults
+
+    bundled = with_model_defaults(DemoConfig(out="x"))
+    assert bundled.lora is False and bundled.ppo_steps == 60 and bundled.ppo_batch_size == 32 and bundled.eval_samples == 8
+    other = with_model_defaults(DemoConfig(out="x", policy=str(tiny_model_dir)))
+    assert other.lora is True and other.ppo_steps == DEMO_DEFAULTS["other"]["ppo_steps"]
+    mine = with_model_defaults(DemoConfig(out="x", policy="smollm2", ppo_steps=5, lora=False))
+    assert mine.ppo_steps == 5 and mine.lora is False and mine.ppo_epochs == DEMO_DEFAULTS["other"]["ppo_epochs"]
+    assert model_label("smollm2").startswith("smollm2 (SmolLM2-135M-Instruct") and model_label("/a/b") == "/a/b"
