@@ -257,3 +257,20 @@ def test_demo_options_follow_the_model(tiny_model_dir):
     mine = with_model_defaults(DemoConfig(out="x", policy="smollm2", ppo_steps=5, lora=False))
     assert mine.ppo_steps == 5 and mine.lora is False and mine.ppo_epochs == DEMO_DEFAULTS["other"]["ppo_epochs"]
     assert model_label("smollm2").startswith("smollm2 (SmolLM2-135M-Instruct") and model_label("/a/b") == "/a/b"
+
+
+def test_cached_hub_id_loads_offline(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id in the local Hugging Face cache resolves to itself and loads with the hub offline,
+    as transformers users expect (HF_HUB_OFFLINE=1 in tests)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-chat" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("someone/tiny-chat") == "someone/tiny-chat"
+    with pytest.raises(ConfigError, match="not in the local cache"):
+        resolve_model_path("someone/other-model")
