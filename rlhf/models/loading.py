@@ -137,9 +137,10 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every token that ends a reply: the tokenizer's EOS, the model's generation-config EOS ids and
-    the chat template's end of turn (which some tokenizers do not call EOS). Sampling stops at any
-    of them and the reply's text is what comes before."""
+    """Every token that ends a reply: the tokenizer's EOS, the chat template's end of turn (which
+    some tokenizers do not call EOS) and, when given, a generation config's EOS ids (what a
+    converted model records for ``generate``). Sampling stops at any of them and the reply's text
+    is what comes before."""
     ids: list[int] = []
     cfg_eos = getattr(generation_config, "eos_token_id", None)
     for i in [tokenizer.eos_token_id, *(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]),
