@@ -49,6 +49,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--poolings", nargs="+", default=["mean", "pooler"], choices=["mean", "pooler", "cls"])
+    ap.add_argument("--epochs", type=float, default=2.0, help="2 = benchmarks/reward_hh.py's recipe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "harmless_judge.json"))
@@ -68,7 +69,7 @@ def main() -> int:
     for pooling in args.poolings:
         # benchmarks/reward_hh.py's recipe (the one RESULTS.md reports), only the pooling varies.
         cfg = RewardTrainConfig(pairs=str(data / "train.jsonl.gz"), val_pairs=str(data / "validation.jsonl.gz"),
-                                out=str(work / pooling), base="minilm", epochs=2.0, lr=1e-4, batch_size=16, max_length=128,
+                                out=str(work / pooling), base="minilm", epochs=args.epochs, lr=1e-4, batch_size=16, max_length=128,
                                 eval_every=25, skip_bad_pairs=True, head_lr=3e-3, freeze_layers=2, pooling=pooling,
                                 threads=args.threads, seed=args.seed, device="cpu", resume=False)
         cfg.validate()
