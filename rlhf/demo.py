@@ -67,6 +67,8 @@ class DemoConfig:
     ppo_lr: float | None = opt(None, help="PPO learning rate (unset: 5e-5 for bundled, higher for a LoRA policy).")
     ppo_epochs: int | None = opt(None, help="PPO passes over each batch (unset: 4 for bundled).")
     reply_tokens: int | None = opt(None, help="Longest reply in tokens when sampling for PPO (unset: 32 for bundled).")
+    temperature: float | None = opt(None, help="Sampling temperature of every stage: labeling, PPO (its logprobs at the "
+                                               "same temperature), evaluation (unset: 1.0 for bundled, 0.7 for others).")
     init_kl_coef: float = opt(0.1, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")
     target_kl: float = opt(4.0, help="Target KL (nats per reply) of the adaptive controller.")
     kl_ceiling: float = opt(12.0, help="Stop PPO if a step's KL from the reference exceeds this.")
@@ -146,7 +148,8 @@ def _generate(cfg: DemoConfig, prompts: str, path: Path) -> None:
     from rlhf.rollout.commands import GenerateConfig, generate_file
 
     generate_file(GenerateConfig(prompts=prompts, out=str(path), model=cfg.policy, num_completions=cfg.num_completions,
-                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device))
+                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device,
+                                 temperature=cfg.temperature))
 
 
 def _label(cfg: DemoConfig, completions: Path, db: Path, rankings: Path, labeling: Path) -> None:
@@ -227,7 +230,7 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
                      micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                      kl_ceiling=cfg.kl_ceiling, score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer,
                      watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device,
-                     lora=cfg.lora, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.reply_tokens)
+                     lora=cfg.lora, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.reply_tokens, temperature=cfg.temperature)
     pcfg.validate()
     run_ppo(pcfg)
 
@@ -240,7 +243,7 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
 
     ecfg = EvalConfig(out=str(out), model=[cfg.policy, str(tuned)], prompts=prompts,
                       judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
-                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device)
+                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device, temperature=cfg.temperature)
     ecfg.validate()
     _, text = run_eval(ecfg)
     _say(text)
