@@ -112,3 +112,20 @@ def test_causal_pad_token_never_ends_a_sequence(tiny_model_dir, tmp_path):
     saved_tok = AutoTokenizer.from_pretrained(str(tmp_path / "rm"))
     assert config["pad_token_id"] != tok.eos_token_id and saved_tok.pad_token_id == config["pad_token_id"]
     assert saved_tok.padding_side == "right"
+
+
+def test_pooler_pooling_packs_like_padding(tiny_bert_dir):
+    """Padding-free batches give the pooler-pooled rewards of padded ones (packing reads the first
+    token of every sequence; the head applies the pooler layer)."""
+    from rlhf.models.packing import pack, packed_rewards, packing_problem
+    from rlhf.models.reward_model import pad_id_of
+
+    model, tok, spec = new_reward_model(tiny_bert_dir, pooling="pooler", max_length=128)
+    _randomise_head(model, 3)
+    enc = RewardEncoder(tok, spec)
+    items = [enc.encode(p, r) for p, r in zip(PROMPTS, REPLIES)]
+    assert packing_problem(model, items, pad_id_of(tok)) is None
+    with torch.no_grad():
+        padded = model.eval()(**collate(items, pad_id_of(tok)))
+        packed = packed_rewards(model, pack(items, pad_id_of(tok), causal=False))
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
