@@ -39,7 +39,7 @@ class AgentConfig:
     stop: list[str] = opt(factory=lambda: ["Observation:"], help="Stop sequences: a turn is cut where one starts.")
     observation_chars: int = opt(400, help="Longest observation in characters (longer tool results are cut).")
     max_context: int = opt(0, help="Longest episode in tokens (0 = the model's maximum positions).")
-    batch_size: int = opt(32, help="Episodes decoded together.")
+    decode_batch_size: int = opt(32, help="Episodes decoded together.")
 
 
 @dataclass
@@ -111,8 +111,8 @@ class EpisodeRunner:
         bar = tqdm(total=len(live), desc="episodes", unit="episode", disable=not progress)
         for turn in range(turns):
             active = [s for s in live if not s.done]
-            for start in range(0, len(active), self.cfg.batch_size):
-                chunk = active[start:start + self.cfg.batch_size]
+            for start in range(0, len(active), self.cfg.decode_batch_size):
+                chunk = active[start:start + self.cfg.decode_batch_size]
                 for state, ids in zip(chunk, self._sample(chunk)):
                     self._step(state, ids, last_turn=turn == turns - 1)
                     bar.update(int(state.done))
