@@ -203,8 +203,8 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
 
     tasks = [Task(q, f"colour of {q}?", a) for q, a in answers.items()] * 4
     policy = load_causal_lm(tmp_path / "warm")
-    runner = EpisodeRunner(policy, tok, tools, AgentConfig(max_turns=2, max_new_tokens=12, temperature=1.0))
-    greedy = EpisodeRunner(policy, tok, tools, AgentConfig(max_turns=2, max_new_tokens=12, temperature=0.0))
+    runner = EpisodeRunner(policy, tok, tools, AgentConfig(max_turns=2, max_new_tokens=20, temperature=1.0))
+    greedy = EpisodeRunner(policy, tok, tools, AgentConfig(max_turns=2, max_new_tokens=20, temperature=0.0))
     cfg = EpisodePPOConfig(steps=25, batch_size=16, mini_batch_size=8, micro_batch_size=8, ppo_epochs=2, lr=3e-3,
                            init_kl_coef=0.01)
     trainer = EpisodeTrainer(cfg, policy, load_causal_lm(tmp_path / "warm"), tok, runner,
