@@ -133,7 +133,7 @@ def run_agent_eval(cfg: AgentEvalConfig) -> tuple[dict, str]:
         name = m if m in ("bundled", "default") else Path(m).parent.name if Path(m).name == "model" else Path(m).name
         names[name if name not in names else m] = _load(m, cfg.device)
     result = evaluate_models(names, tasks, tools, index, agent_config(cfg), cfg.modes, cfg.out, rag_k=cfg.rag_k,
-                             seed=cfg.seed, progress=True, transcripts=cfg.transcripts)
+                             rag_mode=cfg.search_mode, seed=cfg.seed, progress=True, transcripts=cfg.transcripts)
     result["retrieval"] = retrieval_recall(index, tasks, cfg.recall_k)
     save_result(result, cfg.out)
     return result, format_table(result)

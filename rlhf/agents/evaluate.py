@@ -125,8 +125,8 @@ def transcript(ep: Episode) -> str:
 
 
 def evaluate_models(models: dict[str, tuple], tasks: list[Task], tools: ToolRegistry, index, cfg: AgentConfig,
-                    modes: list[str], out_dir: str | Path, rag_k: int = 3, seed: int = 0, progress: bool = False,
-                    transcripts: int = 5) -> dict:
+                    modes: list[str], out_dir: str | Path, rag_k: int = 3, rag_mode: str = "hybrid", seed: int = 0,
+                    progress: bool = False, transcripts: int = 5) -> dict:
     """``models``: name → (model, tokenizer). Writes episodes-<name>-<mode>.jsonl and returns the table."""
     out_dir = Path(out_dir)
     greedy = replace(cfg, temperature=0.0)
@@ -134,7 +134,7 @@ def evaluate_models(models: dict[str, tuple], tasks: list[Task], tools: ToolRegi
     for name, (model, tok) in models.items():
         per_mode = {}
         for mode in modes:
-            eps = run_mode(mode, model, tok, tasks, tools, index, greedy, rag_k=rag_k, seed=seed, progress=progress)
+            eps = run_mode(mode, model, tok, tasks, tools, index, greedy, rag_k=rag_k, rag_mode=rag_mode, seed=seed, progress=progress)
             for ep in eps:
                 ep.reward = exact_match(ep.final_answer, gold_answers(ep))
             write_episodes(out_dir / f"episodes-{name}-{mode}.jsonl", eps)
