@@ -213,9 +213,8 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
     assert before["answered"] == 1.0  # SFT taught the format
     em = []
     for _ in range(cfg.steps):
-        stats, episodes = trainer.step(tasks)
+        stats, _ = trainer.step(tasks)
         em.append(stats["exact_match"])
-        assert all(e.tool_calls >= 1 for e in episodes if e.final_answer is not None)  # answers come after the tool call
     after = episode_stats(greedy.run(tasks[:4]))
     assert sum(em[-5:]) / 5 > sum(em[:3]) / 3 + 0.2, em
     assert after["exact_match"] > before["exact_match"], (before, after)
