@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "label": ("rlhf.feedback.commands", "label", "The labeling web app: campaigns, labelers, export, simulate."),
     "eval": ("rlhf.eval.commands", "eval_command", "Judge models with independent scorers; before/after tables."),
     "demo": ("rlhf.demo", "demo", "The whole loop on the bundled defaults, in one command."),
+    "index": ("rlhf.retrieval.commands", "index", "Document indexes: build, add, search (BM25 + dense MiniLM, hybrid)."),
+    "agent": ("rlhf.agents.commands", "agent", "ReAct agents with tools: run episodes, train them with RL, evaluate."),
 }
 
 

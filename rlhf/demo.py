@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -79,6 +80,7 @@ class DemoConfig:
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     device: str = opt("auto", help="cpu, cuda, or auto.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
+    recipe: Literal["rlhf", "agent"] = opt("rlhf", help="rlhf (the loop above) or agent (index → SFT on ReAct traces → RL over episodes → eval; rlhf/agents/demo.py).")
 
 
 def _say(msg: str) -> None:
@@ -321,6 +323,13 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
 @config_command(DemoConfig, name="demo")
 def demo(cfg: DemoConfig) -> None:
     """The whole loop on the bundled defaults; prints where the report is."""
+    if cfg.recipe == "agent":
+        from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
+
+        out = cfg.out if cfg.out != "runs/demo" else "runs/agent"
+        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, threads=cfg.threads, device=cfg.device, resume=cfg.resume))
+        click.echo(summary_markdown(summary))
+        return
     if cfg.labelers < 1 or cfg.num_completions < 2:
         raise ConfigError("the demo needs at least one labeler and two completions per prompt")
     summary = run_demo(cfg)
