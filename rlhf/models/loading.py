@@ -13,6 +13,7 @@ import torch
 
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
+from rlhf.utils.model_files import check_model_folder
 
 BUNDLED_NAMES = ("bundled", "default")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
@@ -31,6 +32,7 @@ def resolve_model_path(name: str | Path) -> Path:
                           f"use 'bundled' for the packaged default)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
+    check_model_folder(path)  # a damaged file is a message naming it, not a traceback from transformers
     return path
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
+from rlhf.utils.model_files import check_model_folder
 
 SPEC_FILE = "rlhf_reward.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -386,6 +387,7 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu"):
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"reward model folder {folder} not found")
+    check_model_folder(folder, need_config=False)  # before any file is read: a damaged one is named
     spec = RewardSpec.read(folder)
     if (folder / "adapter_config.json").is_file():  # a LoRA checkpoint: base weights + adapter
         from peft import PeftModel

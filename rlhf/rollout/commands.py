@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import click
 
 from rlhf.config import config_command, opt
+from rlhf.data.context import LONG_PROMPT_HELP, LongPromptPolicy, fit_prompts, prompt_budget
 from rlhf.data.io import read_records, write_records
 from rlhf.data.records import CompletionsRecord, PromptRecord
 
@@ -28,6 +29,7 @@ class GenerateConfig:
     batch_size: int = opt(32, help="Sequences decoded together.")
     seed: int = opt(0, help="Random seed for sampling.")
     device: str = opt("auto", help="cpu, cuda, or auto.")
+    long_prompts: LongPromptPolicy = opt("truncate", help=LONG_PROMPT_HELP)
 
     def validate(self) -> None:
         from rlhf.errors import ConfigError
@@ -52,9 +54,13 @@ def generate_file(cfg: GenerateConfig) -> int:
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    outs = generate_completions(model, tok, [p.prompt for p in prompts], cfg.num_completions, params,
+    # Prompts as the model reads them (rlhf/data/context.py): within its context, or refused.
+    texts, cuts = fit_prompts(tok, [p.prompt for p in prompts], prompt_budget(model, tok, cfg.max_new_tokens),
+                              cfg.long_prompts, [f"prompt {p.id!r}" for p in prompts], cfg.prompts)
+    cuts.report("generate")
+    outs = generate_completions(model, tok, texts, cfg.num_completions, params,
                                 batch_size=cfg.batch_size, seed=cfg.seed)
-    write_records(cfg.out, [CompletionsRecord(p.id, p.prompt, c) for p, c in zip(prompts, outs)])
+    write_records(cfg.out, [CompletionsRecord(p.id, t, c) for p, t, c in zip(prompts, texts, outs)])
     return len(prompts)
 
 

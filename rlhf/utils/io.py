@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -54,3 +54,24 @@ def publish_dir(staged: str | Path, final: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def utf8_error_at(data: bytes, exc: UnicodeDecodeError) -> tuple[int, int]:
+    """(line, byte column), both 1-based, of the first byte that is not UTF-8 in ``data``."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    return line, exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+
+
+def read_utf8(path: str | Path, error: Callable[[str], Exception], max_bytes: int | None = None) -> str:
+    """A text file's contents, or ``error(message)`` naming the line and byte column of the first
+    byte that is not UTF-8 (a leading byte-order mark is dropped). ``max_bytes`` bounds what is read."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise error(f"{path}: larger than {max_bytes:,} bytes; refusing to read it")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line, col = utf8_error_at(data, exc)
+        raise error(f"{path}:{line}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte column {col} ({exc.reason})") from None
