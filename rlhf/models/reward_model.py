@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rlhf.data.context import clip_chars
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
 from rlhf.utils.model_files import check_model_folder
@@ -206,6 +207,8 @@ class RewardEncoder:
         from rlhf.models.loading import format_prompt
 
         tok, limit = self.tok, self.spec.max_length
+        # Bounded work whatever the input: only characters that could reach the limit are tokenized.
+        prompt, reply = clip_chars(tok, prompt, limit), clip_chars(tok, reply, limit, keep="start")
         if self.spec.prompt_format == "sentence_pair":
             p = tok(prompt, add_special_tokens=False)["input_ids"]
             r = tok(reply, add_special_tokens=False)["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -37,7 +38,43 @@ def staging_dir(final: str | Path) -> Path:
     """A fresh sibling folder to build ``final`` in before :func:`publish_dir` moves it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+
+
+_STAGING = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp$|^\..+\.old-(\d+)$|^\..+\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that :func:`atomic_write_bytes`, :func:`staging_dir`
+    and :func:`publish_dir` create, when the process that made them is gone (a killed run leaves
+    them behind). Names carry the maker's process id; older names without one count as stale."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _STAGING.match(entry.name)
+        if m is None:
+            continue
+        pid = m.group(1) or m.group(2)
+        if pid is not None and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def publish_dir(staged: str | Path, final: str | Path) -> Path:
