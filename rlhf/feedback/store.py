@@ -591,6 +591,10 @@ class Store:
                                 gold_ties=None if r[13] is None else json.loads(r[13]), submission_id=r[14]))
         return out
 
+    def count_labels(self) -> int:
+        """Labels stored in the whole database (all campaigns)."""
+        return self._q(self._read(), "SELECT count(*) FROM labels").fetchone()[0]
+
     def counts(self, campaign_id: int) -> dict[str, int]:
         conn = self._read()
         items, gold = self._q(conn, "SELECT count(*), count(gold_ranking) FROM items WHERE campaign_id = ?",
