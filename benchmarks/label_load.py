@@ -136,7 +136,7 @@ class ServerProcess:
         self.url = f"http://{HOST}:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 30.0) -> float:
+    def start(self, timeout_s: float = 120.0) -> float:
         """Start and wait until /healthz answers; returns the seconds that took."""
         t0 = time.monotonic()
         with open(self.log, "a", encoding="utf-8") as log:
@@ -514,6 +514,17 @@ def start_phase(workdir: Path, cfg: LoadConfig, db: str | None = None) -> tuple[
     return campaign, server
 
 
+def counter_drift(db: str) -> list[str]:
+    """The store's kept counters against a recount of its rows (empty when they agree)."""
+    from rlhf.feedback.store import open_store
+
+    store = open_store(db)
+    try:
+        return store.counter_drift()[:5]
+    finally:
+        store.close()
+
+
 def backend_of(db: str) -> str:
     return "postgresql" if db.startswith(("postgresql://", "postgres://")) else "sqlite"
 
@@ -526,7 +537,9 @@ def run_steady_phase(cfg: LoadConfig, workdir: Path, db: str | None = None) -> d
         records = export_records(campaign.db, workdir / "export.jsonl")
     finally:
         server.stop()
-    return {"phase": "steady", "backend": backend_of(campaign.db), "labelers": cfg.labelers, "target": cfg.submissions,
+    drift = counter_drift(campaign.db)
+    return {"phase": "steady", "counter_drift": drift, "backend": backend_of(campaign.db), "labelers": cfg.labelers,
+            "target": cfg.submissions,
             **figures(rec, wall),
             "export": check_export(rec.acks_so_far(), records, cfg.labels_per_item)}
 
@@ -599,7 +612,8 @@ def run_crash_phase(cfg: LoadConfig, workdir: Path, db: str | None = None) -> di
         rec.alarm.set()  # releases the killer if the load failed before the kill point
         killer_thread.join()
         server.stop()
-    return {"phase": "crash", "backend": backend_of(campaign.db), "labelers": cfg.labelers,
+    return {"phase": "crash", "counter_drift": counter_drift(campaign.db), "backend": backend_of(campaign.db),
+            "labelers": cfg.labelers,
             "target": cfg.crash_submissions, **figures(rec, wall),
             "export": check_export(rec.acks_so_far(), records, cfg.labels_per_item), "kill": crash}
 
@@ -609,7 +623,7 @@ def phase_ok(result: dict[str, Any]) -> bool:
     at the kill and every resend idempotent."""
     ex = result["export"]
     ok = result["http_5xx"] == 0 and ex["found_exactly_once"] == ex["acknowledged"] > 0
-    ok = ok and ex["items_ranked_more_than_n"] == 0
+    ok = ok and ex["items_ranked_more_than_n"] == 0 and not result.get("counter_drift")
     if result["phase"] == "crash":
         kill = result["kill"]
         down = kill.get("export_while_down", {})

@@ -201,6 +201,7 @@ def test_revoke_and_rotate_take_effect_at_once(camp, client):
     r = client.post("/api/admin/labelers/bob/rotate", headers=h(admin)).json()
     assert client.get("/api/me", headers=h(old_bob)).status_code == 401
     assert client.get("/api/me", headers=h(r["token"])).status_code == 200
+    assert store.counter_drift() == []
     assert client.post("/api/admin/labelers/nobody/revoke", headers=h(admin)).status_code == 404
     assert client.post("/api/admin/labelers/bob/revoke", headers=h(r["token"])).status_code == 403
 
@@ -263,5 +264,5 @@ def test_a_version_1_database_is_upgraded_with_its_labels_and_counts(tmp_path):
     assert store.progress(ann) == {"done": 1, "skipped": 0, "total": 3}
     assert store.next_assignment(ann).item_id == 2  # her open item, still hers
     assert store.next_assignment(bob).item_id == 3  # N=1: items 1 (ranked) and 2 (claimed) are taken
-    assert len(store.label_rows(1)) == 1
+    assert len(store.label_rows(1)) == 1 and store.counter_drift() == []
     store.close()

@@ -13,10 +13,14 @@ are durable when they return (``synchronous_commit`` on, its default).
 
 Picking the next item and counting progress never scan the campaign. Each item keeps ``taken``
 (non-skipped labels plus open claims younger than the claim timeout) and ``is_full`` (a regular
-item with ``taken >= N``); each campaign keeps ``open_items`` (items not full). An index on
-(campaign, is_full, position) then leads straight to the first item a labeler may get, and a
-labeler's progress reads only their own assignments. Claims past the timeout are released lazily,
-when a labeler next asks for an item (a partial index keeps that lookup to the open claims).
+item with ``taken >= N``); each campaign keeps ``open_items`` (items not full); each labeler keeps
+``n_done``, ``n_skipped``, ``n_open`` and ``n_on_open_items`` (their assignments on items not
+full). An index on (campaign, is_full, position) leads straight to the first item a labeler may
+get, and progress is two rows: what is left to a labeler is ``open_items − n_on_open_items``. All
+of them change in the write transaction that changes what they count; when an item fills up or
+frees a slot, the counters of its (at most N) labelers move with it. Claims past the timeout are
+released lazily, when a labeler next asks for an item (a partial index keeps that lookup to the
+open claims).
 
 Rankings are stored in the ORIGINAL completion index space: the server maps the labeler's shown
 (shuffled) positions back before storing, using the shown order kept on the assignment.
@@ -101,6 +105,10 @@ ALTER TABLE items ADD COLUMN is_full INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE assignments ADD COLUMN done INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE assignments ADD COLUMN counted INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE users ADD COLUMN revoked_at {real};
+ALTER TABLE users ADD COLUMN n_done INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN n_skipped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN n_open INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN n_on_open_items INTEGER NOT NULL DEFAULT 0;
 UPDATE assignments SET done = CASE WHEN EXISTS (SELECT 1 FROM labels l WHERE l.assignment_id = assignments.id)
     THEN 1 ELSE 0 END;
 UPDATE assignments SET counted = CASE
@@ -110,6 +118,13 @@ UPDATE items SET taken = (SELECT count(*) FROM assignments a WHERE a.item_id = i
 UPDATE items SET is_full = CASE WHEN gold_ranking IS NULL AND taken >= (SELECT c.labels_per_item FROM campaigns c
     WHERE c.id = items.campaign_id) THEN 1 ELSE 0 END;
 UPDATE campaigns SET open_items = (SELECT count(*) FROM items i WHERE i.campaign_id = campaigns.id AND i.is_full = 0);
+UPDATE users SET
+    n_done = (SELECT count(*) FROM assignments a WHERE a.user_id = users.id AND a.done = 1),
+    n_skipped = (SELECT count(*) FROM assignments a JOIN labels l ON l.assignment_id = a.id
+                 WHERE a.user_id = users.id AND l.skipped = 1),
+    n_open = (SELECT count(*) FROM assignments a WHERE a.user_id = users.id AND a.done = 0),
+    n_on_open_items = (SELECT count(*) FROM assignments a JOIN items i ON i.id = a.item_id
+                       WHERE a.user_id = users.id AND i.is_full = 0);
 CREATE INDEX IF NOT EXISTS items_open ON items (campaign_id, is_full, position, id);
 CREATE INDEX IF NOT EXISTS assignments_user ON assignments (user_id, done);
 CREATE INDEX IF NOT EXISTS assignments_open_claims ON assignments (served_at) WHERE done = 0 AND counted = 1
@@ -457,10 +472,12 @@ class Store:
         labels they gave are kept). Returns how many open items were released."""
         with self._write(user.campaign_id) as conn:
             self._q(conn, "UPDATE users SET revoked_at = ? WHERE id = ?", (time.time(), user.id))
-            open_ = self._q(conn, "SELECT id, item_id, counted FROM assignments WHERE user_id = ? AND done = 0",
-                            (user.id,)).fetchall()
-            for aid, item_id, counted in open_:
+            open_ = self._q(conn, "SELECT a.id, a.item_id, a.counted, i.is_full FROM assignments a JOIN items i "
+                                  "ON i.id = a.item_id WHERE a.user_id = ? AND a.done = 0", (user.id,)).fetchall()
+            for aid, item_id, counted, full in open_:
                 self._q(conn, "DELETE FROM assignments WHERE id = ?", (aid,))
+                self._q(conn, "UPDATE users SET n_open = n_open - 1, n_on_open_items = n_on_open_items - ? WHERE id = ?",
+                        (1 - full, user.id))
                 if counted:
                     self._count(conn, item_id, -1)
         return len(open_)
@@ -477,15 +494,21 @@ class Store:
             (item_id,)).fetchone()
         now_full = int(bool(regular) and taken >= n)
         if now_full != full:
+            step = -1 if now_full else 1
             self._q(conn, "UPDATE items SET is_full = ? WHERE id = ?", (now_full, item_id))
-            self._q(conn, "UPDATE campaigns SET open_items = open_items + ? WHERE id = ?", (-1 if now_full else 1, cid))
+            self._q(conn, "UPDATE campaigns SET open_items = open_items + ? WHERE id = ?", (step, cid))
+            self._q(conn, "UPDATE users SET n_on_open_items = n_on_open_items + ? WHERE id IN "
+                          "(SELECT user_id FROM assignments WHERE item_id = ?)", (step, item_id))
 
     def _release_expired_claims(self, conn: Any, campaign_id: int) -> None:
-        """Claims older than the timeout stop counting toward their item's N (others may take it)."""
-        rows = self._q(conn, "SELECT a.id, a.item_id FROM assignments a JOIN items i ON i.id = a.item_id "
-                             "WHERE a.done = 0 AND a.counted = 1 AND a.served_at < ? AND i.campaign_id = ?",
-                       (time.time() - self.claim_timeout_s, campaign_id)).fetchall()
+        """Claims older than the timeout stop counting toward their item's N (others may take it).
+        The lookup reads the partial index of open claims only (a join on items would let the
+        planner walk the campaign's items instead); other campaigns' claims wait for their own lock."""
+        rows = self._q(conn, "SELECT id, item_id FROM assignments WHERE done = 0 AND counted = 1 AND served_at < ?",
+                       (time.time() - self.claim_timeout_s,)).fetchall()
         for aid, item_id in rows:
+            if self._q(conn, "SELECT campaign_id FROM items WHERE id = ?", (item_id,)).fetchone()[0] != campaign_id:
+                continue
             self._q(conn, "UPDATE assignments SET counted = 0 WHERE id = ?", (aid,))
             self._count(conn, item_id, -1)
 
@@ -515,6 +538,8 @@ class Store:
             aid = self._q(conn, "INSERT INTO assignments (item_id, user_id, shown_order, served_at, done, counted) "
                                 "VALUES (?, ?, ?, ?, 0, 1) RETURNING id",
                           (row[0], user.id, json.dumps(order), time.time())).fetchone()[0]
+            self._q(conn, "UPDATE users SET n_open = n_open + 1, n_on_open_items = n_on_open_items + 1 WHERE id = ?",
+                    (user.id,))
             self._count(conn, row[0], +1)
             return self._assignment(conn, aid)
 
@@ -524,17 +549,13 @@ class Store:
         The total can shrink while others label (an item reaches N rankings) — it is an honest
         snapshot, not a quota. Reads the labeler's own assignments and one campaign counter.
         """
-        conn = self._read()
-        done, skipped, open_, mine_open = self._q(
-            conn, "SELECT coalesce(sum(a.done), 0), coalesce(sum(CASE WHEN l.skipped = 1 THEN 1 ELSE 0 END), 0), "
-                  "coalesce(sum(1 - a.done), 0), coalesce(sum(1 - i.is_full), 0) FROM assignments a "
-                  "JOIN items i ON i.id = a.item_id LEFT JOIN labels l ON l.assignment_id = a.id WHERE a.user_id = ?",
-            (user.id,)).fetchone()
-        row = self._q(conn, "SELECT open_items FROM campaigns WHERE id = ?", (user.campaign_id,)).fetchone()
+        row = self._q(self._read(), "SELECT u.n_done, u.n_skipped, u.n_open, c.open_items - u.n_on_open_items "
+                                    "FROM users u JOIN campaigns c ON c.id = u.campaign_id WHERE u.id = ?",
+                      (user.id,)).fetchone()
         if row is None:
-            raise NotFound(f"no campaign with id {user.campaign_id}")
-        available = max(0, row[0] - mine_open)
-        return {"done": int(done), "skipped": int(skipped), "total": int(done) + int(open_) + available}
+            raise NotFound(f"no labeler with id {user.id}")
+        done, skipped, open_, available = (int(x) for x in row)
+        return {"done": done, "skipped": skipped, "total": done + open_ + max(0, available)}
 
     # -- labels ----------------------------------------------------------------------------------
 
@@ -564,6 +585,8 @@ class Store:
                           "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (assignment_id, submission_id, *new, time.time()))
             counts = 0 if skipped else 1  # a skip frees the item's slot; a late label on an expired claim takes one
             self._q(conn, "UPDATE assignments SET done = 1, counted = ? WHERE id = ?", (counts, assignment_id))
+            self._q(conn, "UPDATE users SET n_open = n_open - 1, n_done = n_done + 1, n_skipped = n_skipped + ? "
+                          "WHERE id = ?", (int(skipped), user.id))
             if counts != row[2]:
                 self._count(conn, row[1], counts - row[2])
         return True
@@ -589,6 +612,38 @@ class Store:
                                 skipped=bool(r[9]), skip_reason=r[10], seconds=float(r[11]),
                                 gold_ranking=None if r[12] is None else json.loads(r[12]),
                                 gold_ties=None if r[13] is None else json.loads(r[13]), submission_id=r[14]))
+        return out
+
+    _RECOUNT = {
+        "items.taken": "SELECT i.id, i.taken, (SELECT count(*) FROM assignments a WHERE a.item_id = i.id AND a.counted = 1) "
+                       "FROM items i",
+        "items.is_full": "SELECT i.id, i.is_full, CASE WHEN i.gold_ranking IS NULL AND i.taken >= c.labels_per_item "
+                         "THEN 1 ELSE 0 END FROM items i JOIN campaigns c ON c.id = i.campaign_id",
+        "campaigns.open_items": "SELECT c.id, c.open_items, (SELECT count(*) FROM items i WHERE i.campaign_id = c.id "
+                                "AND i.is_full = 0) FROM campaigns c",
+        "users.n_done": "SELECT u.id, u.n_done, (SELECT count(*) FROM assignments a WHERE a.user_id = u.id AND a.done = 1) "
+                        "FROM users u",
+        "users.n_skipped": "SELECT u.id, u.n_skipped, (SELECT count(*) FROM assignments a JOIN labels l ON "
+                           "l.assignment_id = a.id WHERE a.user_id = u.id AND l.skipped = 1) FROM users u",
+        "users.n_open": "SELECT u.id, u.n_open, (SELECT count(*) FROM assignments a WHERE a.user_id = u.id AND a.done = 0) "
+                        "FROM users u",
+        "users.n_on_open_items": "SELECT u.id, u.n_on_open_items, (SELECT count(*) FROM assignments a JOIN items i ON "
+                                 "i.id = a.item_id WHERE a.user_id = u.id AND i.is_full = 0) FROM users u",
+        "assignments.done": "SELECT a.id, a.done, CASE WHEN l.assignment_id IS NULL THEN 0 ELSE 1 END FROM assignments a "
+                            "LEFT JOIN labels l ON l.assignment_id = a.id",
+        "assignments.counted (labelled)": "SELECT a.id, a.counted, 1 - l.skipped FROM assignments a JOIN labels l "
+                                          "ON l.assignment_id = a.id",
+    }
+
+    def counter_drift(self) -> list[str]:
+        """Where a kept counter differs from a recount of the rows it counts (empty when all agree).
+        A full scan: for tests and for checking a database by hand, never on a request."""
+        out = []
+        conn = self._read()
+        for name, sql in self._RECOUNT.items():
+            for key, kept, counted in self._q(conn, sql).fetchall():
+                if int(kept) != int(counted):
+                    out.append(f"{name} of {key}: kept {kept}, counted {counted}")
         return out
 
     def count_labels(self) -> int:

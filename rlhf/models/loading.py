@@ -13,7 +13,7 @@ import torch
 
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
-from rlhf.utils.model_files import check_model_folder
+from rlhf.utils.model_files import check_model_folder, library_errors
 
 BUNDLED_NAMES = ("bundled", "default")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
@@ -45,7 +45,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_tokenizer(path: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(path)))
+    folder = resolve_model_path(path)
+    with library_errors(folder):
+        tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.pad_token is None:
         # Causal LMs often ship without a pad token; EOS is safe because masks hide padding.
         tok.pad_token = tok.eos_token
@@ -58,7 +60,9 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     """A causal LM in float32 by default (bf16/fp16 are far slower than fp32 on most CPUs)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(path)), dtype=dtype)
+    folder = resolve_model_path(path)
+    with library_errors(folder):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model.to(device)
     model.train(train)
     use_fast_cpu_linears(model)  # oneDNN fp32 products where the default BLAS is slow (rlhf/models/cpu_gemm.py)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from rlhf.errors import ConfigError, brief
+from rlhf.errors import ConfigError, RLHFError, brief
 from rlhf.utils.io import read_utf8
 
 MAX_JSON_BYTES = 256 * 1024 * 1024  # tokenizer.json of large vocabularies runs to tens of MB
@@ -86,3 +88,15 @@ def check_model_folder(folder: str | Path, need_config: bool = True) -> None:
                     raise ConfigError(f"{path}: names weight files that are missing: {', '.join(missing[:3])}")
     for path in sorted(folder.glob("*.safetensors")):
         check_safetensors(path)
+
+
+@contextmanager
+def library_errors(folder: str | Path) -> Iterator[None]:
+    """Turn what a library raises while reading a model folder that passed the checks above (a
+    config.json with impossible values, weights of other shapes) into a ConfigError naming the folder."""
+    try:
+        yield
+    except RLHFError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise ConfigError(f"{folder}: cannot load this model folder ({type(exc).__name__}: {brief(str(exc), 300)})") from exc
