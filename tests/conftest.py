@@ -92,6 +92,8 @@ def postgres_server():
 
     reason = unavailable_reason()
     if reason:
+        if os.environ.get("RLHF_REQUIRE_POSTGRES"):  # set by .ci/run: CI must run these, not skip them
+            pytest.fail(f"RLHF_REQUIRE_POSTGRES is set but {reason}")
         pytest.skip(f"{reason} (make test installs it when root)")
     server = start_local_postgres(durable=False)
     yield server
