@@ -164,6 +164,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (from its default or factory), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _click_option(f: dataclasses.Field, tp: Any) -> click.Option:
     inner, _ = _unwrap_optional(tp)
     origin = get_origin(inner)
@@ -171,12 +180,7 @@ def _click_option(f: dataclasses.Field, tp: Any) -> click.Option:
     decls = [f"--{flag}"]
     if f.metadata.get("short"):
         decls.append(f.metadata["short"])
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = None
+    default = field_default(f)
     # The real default is shown in --help; the callback asks click where each value came from, so
     # that an untouched flag never beats the YAML file.
     kwargs: dict[str, Any] = dict(help=f.metadata.get("help", ""), show_default=True, default=default)

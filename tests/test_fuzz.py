@@ -171,6 +171,23 @@ def test_config_readers_on_real_option_names_with_any_values(tmp_path_factory, d
 DAMAGE_KINDS = ["truncate", "overwrite", "delete", "replace"]
 
 
+def damage(target: Path, data) -> None:
+    """Cut, overwrite a few bytes of, delete, or replace one file, as hypothesis chooses."""
+    raw = bytearray(target.read_bytes())
+    kind = data.draw(st.sampled_from(DAMAGE_KINDS))
+    if kind == "truncate":
+        target.write_bytes(bytes(raw[: data.draw(st.integers(0, max(0, len(raw) - 1)))]))
+    elif kind == "overwrite":
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        patch = data.draw(st.binary(min_size=1, max_size=16))
+        raw[at:at + len(patch)] = patch
+        target.write_bytes(bytes(raw))
+    elif kind == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(data.draw(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())))
+
+
 @pytest.fixture(scope="module")
 def model_template(tiny_model_dir):
     return tiny_model_dir
@@ -183,22 +200,7 @@ def test_damaged_model_folders_load_or_say_why(tmp_path_factory, model_template,
 
     folder = Path(shutil.copytree(model_template, tmp_path_factory.mktemp("m") / "model"))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    name = data.draw(st.sampled_from(files))
-    target = folder / name
-    size = target.stat().st_size
-    kind = data.draw(st.sampled_from(DAMAGE_KINDS))
-    if kind == "truncate":
-        target.write_bytes(target.read_bytes()[: data.draw(st.integers(0, max(0, size - 1)))])
-    elif kind == "overwrite":
-        raw = bytearray(target.read_bytes())
-        at = data.draw(st.integers(0, max(0, size - 1)))
-        patch = data.draw(st.binary(min_size=1, max_size=16))
-        raw[at:at + len(patch)] = patch
-        target.write_bytes(bytes(raw))
-    elif kind == "delete":
-        target.unlink()
-    else:
-        target.write_bytes(data.draw(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())))
+    damage(folder / data.draw(st.sampled_from(files)), data)
     for load in (load_tokenizer, load_causal_lm):
         try:
             load(folder)
@@ -238,19 +240,7 @@ def test_damaged_checkpoints_are_detected_and_skipped(tmp_path_factory, checkpoi
     files = sorted(p for p in newest.rglob("*") if p.is_file())
     target = data.draw(st.sampled_from(files))
     before = {p: p.read_bytes() for p in files}
-    raw = bytearray(target.read_bytes())
-    kind = data.draw(st.sampled_from(DAMAGE_KINDS))
-    if kind == "truncate":
-        target.write_bytes(bytes(raw[: data.draw(st.integers(0, max(0, len(raw) - 1)))]))
-    elif kind == "overwrite":
-        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
-        patch = data.draw(st.binary(min_size=1, max_size=8))
-        raw[at:at + len(patch)] = patch
-        target.write_bytes(bytes(raw))
-    elif kind == "delete":
-        target.unlink()
-    else:
-        target.write_bytes(data.draw(st.binary(max_size=100)))
+    damage(target, data)
     changed = [p for p in files if not p.exists() or p.read_bytes() != before[p]]
     data_changed = any(p.name != "manifest.json" for p in changed)
     chosen = CheckpointManager(out).latest()

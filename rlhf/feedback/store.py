@@ -258,6 +258,7 @@ class Store:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._released_at: dict[int, float] = {}  # campaign -> when expired claims were last looked for
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._init_schema()
@@ -329,10 +330,19 @@ class Store:
             finally:
                 self.store._write_lock.release()
 
-    def _write(self, campaign_id: int | None = None) -> Any:
-        """A write transaction. ``campaign_id`` names the campaign whose items it changes: engines
-        with row locks serialise on it (SQLite has one writer at a time anyway)."""
+    def _write(self) -> Any:
+        """A write transaction (a context manager yielding the connection)."""
         return Store._Tx(self)
+
+    # First statement of a write that changes a campaign's items: its N, and on engines with row
+    # locks the campaign's lock, which serialises such writes (SQLite has one writer anyway).
+    _LOCK_CAMPAIGN = "SELECT labels_per_item FROM campaigns WHERE id = ?"
+
+    def _lock_campaign(self, conn: Any, campaign_id: int) -> int:
+        row = self._q(conn, self._LOCK_CAMPAIGN, (campaign_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no campaign with id {campaign_id}")
+        return row[0]
 
     def _q(self, conn: Any, sql: str, params: Any = ()) -> Any:
         """Run one statement (``?`` placeholders) and return its cursor."""
@@ -386,7 +396,7 @@ class Store:
                 raise Conflict(f"campaign {name!r} already exists in {self.path}; pick another --name")
             cid = self._q(conn, "INSERT INTO campaigns (name, criterion, instructions, labels_per_item, created_at, "
                                 "open_items) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                          (name, criterion, instructions, labels_per_item, time.time(), len(rows))).fetchone()[0]
+                          (name, criterion, instructions, labels_per_item, time.time(), len(rows))).fetchall()[0][0]
             self._q_many(conn, "INSERT INTO items (campaign_id, position, prompt_id, prompt, completions, gold_ranking, "
                                "gold_ties) VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [(cid, pos, it["prompt_id"], it["prompt"], json.dumps(it["completions"], ensure_ascii=False),
@@ -435,7 +445,7 @@ class Store:
                 uid = self._q(conn, "INSERT INTO users (campaign_id, name, role, token_hash, created_at) "
                                     "VALUES (?, ?, ?, ?, ?) RETURNING id",
                               (campaign_id if role == "labeler" else None, name, role, hash_token(token),
-                               time.time())).fetchone()[0]
+                               time.time())).fetchall()[0][0]
         except Exception as exc:
             if self._is_integrity_error(exc):
                 raise Conflict(f"a{'n' if role == 'admin' else ''} {role} named {name!r} already exists") from None
@@ -470,7 +480,8 @@ class Store:
     def revoke(self, user: User) -> int:
         """The user's link stops working at once; their unanswered items go back to the pool (the
         labels they gave are kept). Returns how many open items were released."""
-        with self._write(user.campaign_id) as conn:
+        with self._write() as conn:
+            n = self._lock_campaign(conn, user.campaign_id)
             self._q(conn, "UPDATE users SET revoked_at = ? WHERE id = ?", (time.time(), user.id))
             open_ = self._q(conn, "SELECT a.id, a.item_id, a.counted, i.is_full FROM assignments a JOIN items i "
                                   "ON i.id = a.item_id WHERE a.user_id = ? AND a.done = 0", (user.id,)).fetchall()
@@ -479,19 +490,18 @@ class Store:
                 self._q(conn, "UPDATE users SET n_open = n_open - 1, n_on_open_items = n_on_open_items - ? WHERE id = ?",
                         (1 - full, user.id))
                 if counted:
-                    self._count(conn, item_id, -1)
+                    self._count(conn, item_id, -1, n)
         return len(open_)
 
     # -- assignments -----------------------------------------------------------------------------
 
-    def _count(self, conn: Any, item_id: int, delta: int) -> None:
-        """Move an item's ``taken`` by ``delta``, then its ``is_full`` flag and its campaign's
-        ``open_items`` with it (called inside the campaign's write transaction)."""
-        self._q(conn, "UPDATE items SET taken = taken + ? WHERE id = ?", (delta, item_id))
-        cid, taken, regular, full, n = self._q(
-            conn, "SELECT i.campaign_id, i.taken, CASE WHEN i.gold_ranking IS NULL THEN 1 ELSE 0 END, i.is_full, "
-                  "c.labels_per_item FROM items i JOIN campaigns c ON c.id = i.campaign_id WHERE i.id = ?",
-            (item_id,)).fetchone()
+    def _count(self, conn: Any, item_id: int, delta: int, n: int) -> None:
+        """Move an item's ``taken`` by ``delta``, then its ``is_full`` flag, its campaign's
+        ``open_items`` and its labelers' ``n_on_open_items`` with it (inside the campaign's write
+        transaction; ``n`` is the campaign's labels per item)."""
+        ((cid, taken, regular, full),) = self._q(
+            conn, "UPDATE items SET taken = taken + ? WHERE id = ? RETURNING campaign_id, taken, "
+                  "CASE WHEN gold_ranking IS NULL THEN 1 ELSE 0 END, is_full", (delta, item_id)).fetchall()
         now_full = int(bool(regular) and taken >= n)
         if now_full != full:
             step = -1 if now_full else 1
@@ -500,17 +510,22 @@ class Store:
             self._q(conn, "UPDATE users SET n_on_open_items = n_on_open_items + ? WHERE id IN "
                           "(SELECT user_id FROM assignments WHERE item_id = ?)", (step, item_id))
 
-    def _release_expired_claims(self, conn: Any, campaign_id: int) -> None:
+    def _release_expired_claims(self, conn: Any, campaign_id: int, n: int) -> None:
         """Claims older than the timeout stop counting toward their item's N (others may take it).
         The lookup reads the partial index of open claims only (a join on items would let the
-        planner walk the campaign's items instead); other campaigns' claims wait for their own lock."""
+        planner walk the campaign's items instead); other campaigns' claims wait for their own lock.
+        Looked up at most once a second per campaign: claims expire after minutes."""
+        now = time.time()
+        if now - self._released_at.get(campaign_id, 0.0) < min(1.0, self.claim_timeout_s / 10):
+            return
+        self._released_at[campaign_id] = now
         rows = self._q(conn, "SELECT id, item_id FROM assignments WHERE done = 0 AND counted = 1 AND served_at < ?",
-                       (time.time() - self.claim_timeout_s,)).fetchall()
+                       (now - self.claim_timeout_s,)).fetchall()
         for aid, item_id in rows:
             if self._q(conn, "SELECT campaign_id FROM items WHERE id = ?", (item_id,)).fetchone()[0] != campaign_id:
                 continue
             self._q(conn, "UPDATE assignments SET counted = 0 WHERE id = ?", (aid,))
-            self._count(conn, item_id, -1)
+            self._count(conn, item_id, -1, n)
 
     def _assignment(self, conn: Any, assignment_id: int) -> Assignment:
         row = self._q(conn, "SELECT a.id, a.item_id, i.prompt, i.completions, a.shown_order FROM assignments a "
@@ -523,25 +538,28 @@ class Store:
         Items a labeler may get: not yet served to them, and not full (gold items never are: every
         labeler sees each once). The first such item by position comes from the items_open index.
         """
-        with self._write(user.campaign_id) as conn:
+        with self._write() as conn:
+            n = self._lock_campaign(conn, user.campaign_id)
             row = self._q(conn, "SELECT id FROM assignments WHERE user_id = ? AND done = 0 ORDER BY id LIMIT 1",
                           (user.id,)).fetchone()
             if row is not None:
                 return self._assignment(conn, row[0])
-            self._release_expired_claims(conn, user.campaign_id)
-            row = self._q(conn, "SELECT i.id, i.completions FROM items i WHERE i.campaign_id = ? AND i.is_full = 0 "
-                                "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = ?) "
-                                "ORDER BY i.position, i.id LIMIT 1", (user.campaign_id, user.id)).fetchone()
+            self._release_expired_claims(conn, user.campaign_id, n)
+            row = self._q(conn, "SELECT i.id, i.prompt, i.completions FROM items i WHERE i.campaign_id = ? "
+                                "AND i.is_full = 0 AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
+                                "AND a.user_id = ?) ORDER BY i.position, i.id LIMIT 1",
+                          (user.campaign_id, user.id)).fetchone()
             if row is None:
                 return None
-            order = shuffled_order(len(json.loads(row[1])), user.id, row[0])
+            item_id, prompt, completions = row[0], row[1], json.loads(row[2])
+            order = shuffled_order(len(completions), user.id, item_id)
             aid = self._q(conn, "INSERT INTO assignments (item_id, user_id, shown_order, served_at, done, counted) "
                                 "VALUES (?, ?, ?, ?, 0, 1) RETURNING id",
-                          (row[0], user.id, json.dumps(order), time.time())).fetchone()[0]
+                          (item_id, user.id, json.dumps(order), time.time())).fetchall()[0][0]
             self._q(conn, "UPDATE users SET n_open = n_open + 1, n_on_open_items = n_on_open_items + 1 WHERE id = ?",
                     (user.id,))
-            self._count(conn, row[0], +1)
-            return self._assignment(conn, aid)
+            self._count(conn, item_id, +1, n)
+            return Assignment(aid, item_id, prompt, completions, order)
 
     def progress(self, user: User) -> dict[str, int]:
         """done / total for the labeler, where total counts what is still open to them right now.
@@ -568,7 +586,8 @@ class Store:
         comes with the submission id of the stored one (a client bug, never a retry).
         The commit happens before this returns, so an acknowledged label survives a crash.
         """
-        with self._write(user.campaign_id) as conn:
+        with self._write() as conn:
+            n = self._lock_campaign(conn, user.campaign_id)
             row = self._q(conn, "SELECT user_id, item_id, counted FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
             if row is None or row[0] != user.id:
                 raise NotFound(f"no item {assignment_id} is assigned to you")
@@ -588,7 +607,7 @@ class Store:
             self._q(conn, "UPDATE users SET n_open = n_open - 1, n_done = n_done + 1, n_skipped = n_skipped + ? "
                           "WHERE id = ?", (int(skipped), user.id))
             if counts != row[2]:
-                self._count(conn, row[1], counts - row[2])
+                self._count(conn, row[1], counts - row[2], n)
         return True
 
     def assignment_for(self, user: User, assignment_id: int) -> Assignment:

@@ -66,6 +66,7 @@ class PostgresStore(Store):
         self.connect_timeout_s = connect_timeout_s
         self._local = threading.local()
         self._sql_cache: dict[str, str] = {}
+        self._released_at: dict[int, float] = {}
         self._ready = False
         self._init_schema()
         self._ready = True
@@ -105,12 +106,12 @@ class PostgresStore(Store):
             conn.execute("DELETE FROM rlhf_schema")
             conn.execute("INSERT INTO rlhf_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 
+    _LOCK_CAMPAIGN = Store._LOCK_CAMPAIGN + " FOR UPDATE"
+
     @contextmanager
-    def _write(self, campaign_id: int | None = None) -> Iterator[Any]:
+    def _write(self) -> Iterator[Any]:
         conn = self._conn()
         with conn.transaction():
-            if campaign_id is not None:
-                conn.execute("SELECT 1 FROM campaigns WHERE id = %s FOR UPDATE", (campaign_id,))
             yield conn
 
     def _q(self, conn: Any, sql: str, params: Any = ()) -> Any:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf.config import field_default
 from rlhf.errors import ConfigError, RLHFError, brief
 from rlhf.utils.io import atomic_write_json, publish_dir, remove_stale_staging, staging_dir
 from rlhf.utils.model_files import check_safetensors
@@ -191,14 +192,7 @@ def check_resume_options(ckpt: Path, cfg: Any, saved: dict[str, Any] | None) -> 
     for f in dataclasses.fields(cfg):
         if f.name in free:
             continue
-        if f.name in saved:
-            old = saved[f.name]
-        elif f.default is not dataclasses.MISSING:
-            old = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            old = f.default_factory()
-        else:
-            old = None
+        old = saved[f.name] if f.name in saved else field_default(f)
         new = getattr(cfg, f.name)
         if _normal(old) != _normal(new):
             changed.append(f"--{f.name.replace('_', '-')} {brief(old, 60)} → {brief(new, 60)}")
