@@ -301,13 +301,16 @@ class Store:
         return [s.strip().format(**self._TYPES) for s in script.split(";") if s.strip()]
 
     class _Tx:
-        def __init__(self, store: "Store"):
+        def __init__(self, store: "Store", durable: bool = True):
             self.store = store
+            self.relaxed = not durable and store.synchronous != "NORMAL"
 
         def __enter__(self) -> sqlite3.Connection:
             self.store._write_lock.acquire()
             self.conn = self.store._conn()
             try:
+                if self.relaxed:
+                    self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.execute("BEGIN IMMEDIATE")
             except BaseException:
                 self.store._write_lock.release()
@@ -328,11 +331,17 @@ class Store:
                 elif self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
             finally:
-                self.store._write_lock.release()
+                try:
+                    if self.relaxed:
+                        self.conn.execute(f"PRAGMA synchronous={self.store.synchronous}")
+                finally:
+                    self.store._write_lock.release()
 
-    def _write(self) -> Any:
-        """A write transaction (a context manager yielding the connection)."""
-        return Store._Tx(self)
+    def _write(self, durable: bool = True) -> Any:
+        """A write transaction (a context manager yielding the connection). ``durable=False`` commits
+        without waiting for the disk: for claims only, which a crash may lose harmlessly (the
+        labeler asks again); the next durable commit (a label) flushes them too, in order."""
+        return Store._Tx(self, durable)
 
     # First statement of a write that changes a campaign's items: its N, and on engines with row
     # locks the campaign's lock, which serialises such writes (SQLite has one writer anyway).
@@ -538,7 +547,7 @@ class Store:
         Items a labeler may get: not yet served to them, and not full (gold items never are: every
         labeler sees each once). The first such item by position comes from the items_open index.
         """
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             n = self._lock_campaign(conn, user.campaign_id)
             row = self._q(conn, "SELECT id FROM assignments WHERE user_id = ? AND done = 0 ORDER BY id LIMIT 1",
                           (user.id,)).fetchone()
