@@ -228,3 +228,30 @@ def test_cli_prints_a_message_for_a_nested_line(tmp_path, capsys):
     path = lines(tmp_path / "r.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     code, err = run_cli(["data", "validate", str(path), "--kind", "rankings"], capsys)
     assert code == 2 and err.startswith("error: ") and "r.jsonl:1: JSON nested" in err
+
+
+def test_sft_counts_and_reports_what_it_cut_and_refuses_a_length_past_the_context(tmp_path, tiny_model_dir, capsys):
+    from rlhf.train.sft import SFTConfig, load_sft_data, run_sft
+
+    rows = [{"prompt": "word " * 5000 + "how do I cook rice", "completion": "Rinse it."},
+            {"prompt": "my house is too hot", "completion": "reply " * 3000}] + [
+           {"prompt": "hi", "completion": "hello"}] * 6
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = SFTConfig(data=str(data), out=str(tmp_path / "out"), model=str(tiny_model_dir), batch_size=4, max_length=64)
+    encoded = load_sft_data(str(data), tok, cfg)
+    assert len(encoded) == 8 and all(len(ids) <= 64 for ids, _ in encoded)
+    err = capsys.readouterr().err
+    assert "sft: to fit --max-length 64, 1 of 8 examples lost the start of their prompt and 1 the end of their reply" in err
+    with pytest.raises(ConfigError, match="--max-length 512 exceeds the 256 positions"):
+        run_sft(SFTConfig(data=str(data), out=str(tmp_path / "out"), model=str(tiny_model_dir), batch_size=4,
+                          max_length=512, device="cpu"))
+
+
+def test_reward_encoder_bounds_the_work_of_a_megabyte_pair():
+    from rlhf.models.reward_model import RewardEncoder, new_reward_model
+
+    _, tok, spec = new_reward_model("minilm", max_length=32)
+    e = RewardEncoder(tok, spec).encode("my house is too hot " * 50_000, "Open the windows at night. " * 40_000)
+    assert len(e.ids) <= 32 and e.prompt_cut and e.reply_cut

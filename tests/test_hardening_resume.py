@@ -221,14 +221,15 @@ def test_reward_training_skips_a_damaged_newest_checkpoint(tiny_model_dir, tmp_p
     assert read_metrics(full) == read_metrics(resumed)
 
 
-def test_ppo_refuses_any_changed_option_not_only_a_fixed_list(tiny_model_dir, tmp_path):
+def test_ppo_refuses_any_changed_option_not_only_a_fixed_list(tiny_model_dir, tmp_path, capsys):
     """PPO's check now covers every option (main's list missed e.g. --cliprange and --vf-coef)."""
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
 
     prompts = tmp_path / "p.jsonl"
+    long = "word " * 3000 + "how do I cook rice"  # longer than the context: cut and reported
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
-                               for i, p in enumerate(["my house is too hot", "how do I cook rice"] * 4)))
+                               for i, p in enumerate(["my house is too hot", long] * 4)))
 
     def cfg(**kw):
         base = dict(out=str(tmp_path / "ppo"), policy=str(tiny_model_dir), reward="length", prompts=str(prompts),
@@ -238,6 +239,7 @@ def test_ppo_refuses_any_changed_option_not_only_a_fixed_list(tiny_model_dir, tm
         return PPOConfig(**base)
 
     run_ppo(cfg())
+    assert "ppo: 4 of 8 prompts were longer than the 250 tokens" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"--cliprange 0\.2 → 0\.3; --vf-coef 0\.1 → 0\.5"):
         run_ppo(cfg(max_steps=2, cliprange=0.3, vf_coef=0.5))
     assert run_ppo(cfg(kl_ceiling=100.0, save_every=5))["steps"] == 1  # stop criteria and saving may change

@@ -140,7 +140,7 @@ class CheckpointManager:
         """The newest intact checkpoint, for resume. Damaged newer ones are named in a warning and
         left in place (a later save at the same step replaces them); leftover staging folders of
         killed runs are removed."""
-        remove_stale_staging(self.root)
+        remove_stale_staging(self.root, unnamed=True)  # checkpoints/ holds only what this code writes
         remove_stale_staging(self.out)
         for step, path in reversed(self.all()):
             problem = verify_checkpoint(path)

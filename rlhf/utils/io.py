@@ -41,7 +41,8 @@ def staging_dir(final: str | Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
 
 
-_STAGING = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp$|^\..+\.old-(\d+)$|^\..+\.[^.]+\.tmp$")
+_STAGING = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp$|^\..+\.old-(\d+)$")
+_STAGING_UNNAMED = re.compile(r"^\..+\.[^.]+\.tmp$")  # older versions' names, without a process id
 
 
 def _alive(pid: int) -> bool:
@@ -54,10 +55,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(folder: str | Path) -> list[Path]:
+def remove_stale_staging(folder: str | Path, unnamed: bool = False) -> list[Path]:
     """Remove the temporary files and folders that :func:`atomic_write_bytes`, :func:`staging_dir`
     and :func:`publish_dir` create, when the process that made them is gone (a killed run leaves
-    them behind). Names carry the maker's process id; older names without one count as stale."""
+    them behind). Names carry the maker's process id; ``unnamed=True`` also removes names of the
+    same shape without one (older versions'), for folders only this code writes in."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
@@ -65,8 +67,11 @@ def remove_stale_staging(folder: str | Path) -> list[Path]:
     for entry in folder.iterdir():
         m = _STAGING.match(entry.name)
         if m is None:
-            continue
-        pid = m.group(1) or m.group(2)
+            if not (unnamed and _STAGING_UNNAMED.match(entry.name)):
+                continue
+            pid = None
+        else:
+            pid = m.group(1) or m.group(2)
         if pid is not None and (int(pid) == os.getpid() or _alive(int(pid))):
             continue
         if entry.is_dir() and not entry.is_symlink():
