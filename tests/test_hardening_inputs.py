@@ -243,7 +243,8 @@ def test_sft_counts_and_reports_what_it_cut_and_refuses_a_length_past_the_contex
     encoded = load_sft_data(str(data), tok, cfg)
     assert len(encoded) == 8 and all(len(ids) <= 64 for ids, _ in encoded)
     err = capsys.readouterr().err
-    assert "sft: to fit --max-length 64, 1 of 8 examples lost the start of their prompt and 1 the end of their reply" in err
+    # the long reply fills the window alone, so its prompt goes too: 2 prompts cut, 1 reply cut
+    assert "sft: to fit --max-length 64, 2 of 8 examples lost the start of their prompt and 1 the end of their reply" in err
     with pytest.raises(ConfigError, match="--max-length 512 exceeds the 256 positions"):
         run_sft(SFTConfig(data=str(data), out=str(tmp_path / "out"), model=str(tiny_model_dir), batch_size=4,
                           max_length=512, device="cpu"))
