@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -697,8 +698,9 @@ def postgres_version() -> str | None:
     binary = find_binary("postgres")
     if binary is None:
         return None
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
-    return out.rsplit(" ", 1)[-1] or None
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"\d+(\.\d+)+", out)  # "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    return found.group(0) if found else None
 
 
 def machine() -> dict[str, Any]:
