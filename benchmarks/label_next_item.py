@@ -74,7 +74,7 @@ def fill(store, campaign_id: int, users: list, share: float, v1: bool = False) -
             assignments.append((next_id, item, user.id, "[0, 1, 2, 3]", now - 60))
             labels.append((next_id, f"fill-{next_id}", "[0, 1, 2, 3]", "[]", 0, None, now - 30))
             next_id += 1
-    from rlhf.feedback import store as store_mod
+    from rlhf.feedback.schema import MIGRATE_V2
 
     with store._write() as tx:
         insert_a = "INSERT INTO assignments (id, item_id, user_id, shown_order, served_at) VALUES (?, ?, ?, ?, ?)"
@@ -86,7 +86,7 @@ def fill(store, campaign_id: int, users: list, share: float, v1: bool = False) -
         else:
             store._q_many(tx, insert_a, assignments)
             store._q_many(tx, insert_l, labels)
-            for stmt in store._statements(store_mod._MIGRATE_V2):
+            for stmt in store._statements(MIGRATE_V2):
                 if stmt.startswith("UPDATE"):
                     store._q(tx, stmt, {"fresh": now - store.claim_timeout_s} if ":fresh" in stmt else ())
             if store.backend == "postgresql":  # explicit ids above: move the identity past them

@@ -21,7 +21,8 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from rlhf.errors import ConfigError
-from rlhf.feedback.store import _MIGRATE_V2, _SCHEMA_V1, SCHEMA_VERSION, Store
+from rlhf.feedback.schema import MIGRATE_V2, SCHEMA_V1, SCHEMA_VERSION
+from rlhf.feedback.store import Store
 
 try:  # optional: only a postgresql:// database needs it (pip install 'rlhf[postgres]')
     import psycopg
@@ -99,9 +100,9 @@ class PostgresStore(Store):
             if version == SCHEMA_VERSION:
                 return
             if version == 0:
-                for stmt in self._statements(_SCHEMA_V1):
+                for stmt in self._statements(SCHEMA_V1):
                     conn.execute(stmt)
-            for stmt in self._statements(_MIGRATE_V2):
+            for stmt in self._statements(MIGRATE_V2):
                 conn.execute(_pg_sql(stmt), {"fresh": time.time() - self.claim_timeout_s} if ":fresh" in stmt else None)
             conn.execute("DELETE FROM rlhf_schema")
             conn.execute("INSERT INTO rlhf_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
