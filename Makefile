@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup browser test test-fast demo clean
+.PHONY: setup browser postgres test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,15 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: browser tests will be skipped"; }
 
-test: setup browser
+# Debian's PostgreSQL server for the labeling store's tests on PostgreSQL (each test session starts
+# its own throwaway server with initdb; nothing runs as a service). Without root or apt they skip.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		{ command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+		echo "postgresql not installed: the PostgreSQL store tests will be skipped"; }
+
+test: setup browser postgres
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -3,6 +3,7 @@ SIGKILL of the server in the middle of the load.
 
     .venv/bin/python benchmarks/label_load.py                   # 50 labelers, 2,000 + 1,000 submissions
     .venv/bin/python benchmarks/label_load.py --labelers 8 --submissions 80 --crash-submissions 80
+    .venv/bin/python benchmarks/label_load.py --backend both    # SQLite, then PostgreSQL (a local server)
 
 Phase "steady": start ``rlhf label serve`` as a subprocess on a free port with a fresh database,
 import a generated completions file (K completions per prompt), create the labelers through the
@@ -20,7 +21,9 @@ database and port, the labelers' retries carry on, and at the end every acknowle
 submission before the kill is resent: each must be answered 2xx with ``stored: false``
 (idempotent), and the final export must still hold every acknowledged submission exactly once.
 
-All traffic goes to 127.0.0.1; the run is bounded by --max-seconds per phase. Writes
+``--backend postgresql`` (or ``both``) runs the phases on PostgreSQL too: a throwaway server
+started on 127.0.0.1 (rlhf/feedback/pg_local.py; fsync on), a fresh database per phase, or the
+server of ``--postgres-url``. All traffic goes to 127.0.0.1; the run is bounded by --max-seconds per phase. Writes
 benchmarks/results/label_load.json and label_load.md (the table, date, machine and command; merged into benchmarks/RESULTS.md).
 """
 
@@ -32,6 +35,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -128,12 +132,12 @@ def http_client(base_url: str, token: str | None = None) -> httpx.Client:
 class ServerProcess:
     """``rlhf label serve`` on 127.0.0.1:port, its output in a log file; start, SIGKILL, restart."""
 
-    def __init__(self, db: Path, port: int, log: Path, synchronous: str = "FULL"):
+    def __init__(self, db: str, port: int, log: Path, synchronous: str = "FULL"):
         self.db, self.port, self.log, self.synchronous = db, port, log, synchronous
         self.url = f"http://{HOST}:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 30.0) -> float:
+    def start(self, timeout_s: float = 120.0) -> float:
         """Start and wait until /healthz answers; returns the seconds that took."""
         t0 = time.monotonic()
         with open(self.log, "a", encoding="utf-8") as log:
@@ -202,19 +206,20 @@ def write_completions(path: Path, items: int, k: int, seed: int) -> Path:
 
 @dataclass
 class Campaign:
-    db: Path
+    db: str  # a SQLite file or a postgresql:// URL
     admin_token: str
     tokens: dict[str, str] = field(default_factory=dict)  # labeler name -> token
 
 
-def create_campaign(workdir: Path, cfg: LoadConfig) -> Campaign:
+def create_campaign(workdir: Path, cfg: LoadConfig, db: str | None = None) -> Campaign:
     """Import the generated file and make an admin, with the library calls the CLI verbs make
-    (in this process: two fewer interpreter start-ups per phase)."""
+    (in this process: two fewer interpreter start-ups per phase). ``db``: an empty database's URL
+    (default: a new SQLite file in ``workdir``)."""
     from rlhf.feedback.campaign import import_campaign
     from rlhf.feedback.store import open_store
 
     comp = write_completions(workdir / "completions.jsonl", cfg.items, cfg.k, cfg.seed)
-    db = workdir / "labels.sqlite"
+    db = db or str(workdir / "labels.sqlite")
     store = open_store(db)
     try:
         import_campaign(store, comp, "helpfulness", cfg.labels_per_item, name="load")
@@ -234,20 +239,22 @@ def add_labelers(url: str, campaign: Campaign, n: int) -> None:
             campaign.tokens[r.json()["labeler"]] = r.json()["token"]
 
 
-def export_records(db: Path, out: Path) -> list[dict[str, Any]]:
+def export_records(db: str, out: Path) -> list[dict[str, Any]]:
     """``rlhf label export`` into ``out``, read back."""
     run_cli("label", "export", "--db", str(db), "--out", str(out))
     with open(out, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def stored_labels(db: Path) -> int:
+def stored_labels(db: str) -> int:
     """How many labels the database holds, read directly (cheaper than a whole export)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    from rlhf.feedback.store import open_store
+
+    store = open_store(db)
     try:
-        return conn.execute("SELECT count(*) FROM labels").fetchone()[0]
+        return store.count_labels()
     finally:
-        conn.close()
+        store.close()
 
 
 # -- the labelers ----------------------------------------------------------------------------------
@@ -495,9 +502,9 @@ def figures(rec: Recorder, wall_s: float) -> dict[str, Any]:
 
 # -- the two phases --------------------------------------------------------------------------------
 
-def start_phase(workdir: Path, cfg: LoadConfig) -> tuple[Campaign, ServerProcess]:
+def start_phase(workdir: Path, cfg: LoadConfig, db: str | None = None) -> tuple[Campaign, ServerProcess]:
     workdir.mkdir(parents=True, exist_ok=True)
-    campaign = create_campaign(workdir, cfg)
+    campaign = create_campaign(workdir, cfg, db)
     server = ServerProcess(campaign.db, free_port(), workdir / "server.log", cfg.synchronous)
     server.start()
     try:
@@ -508,15 +515,33 @@ def start_phase(workdir: Path, cfg: LoadConfig) -> tuple[Campaign, ServerProcess
     return campaign, server
 
 
-def run_steady_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
-    campaign, server = start_phase(workdir, cfg)
+def counter_drift(db: str) -> list[str]:
+    """The store's kept counters against a recount of its rows (empty when they agree)."""
+    from rlhf.feedback.store import open_store
+
+    store = open_store(db)
+    try:
+        return store.counter_drift()[:5]
+    finally:
+        store.close()
+
+
+def backend_of(db: str) -> str:
+    return "postgresql" if db.startswith(("postgresql://", "postgres://")) else "sqlite"
+
+
+def run_steady_phase(cfg: LoadConfig, workdir: Path, db: str | None = None) -> dict[str, Any]:
+    campaign, server = start_phase(workdir, cfg, db)
     rec = Recorder()
     try:
         wall = drive(server.url, campaign, cfg.submissions, cfg, rec)
         records = export_records(campaign.db, workdir / "export.jsonl")
     finally:
         server.stop()
-    return {"phase": "steady", "labelers": cfg.labelers, "target": cfg.submissions, **figures(rec, wall),
+    drift = counter_drift(campaign.db)
+    return {"phase": "steady", "counter_drift": drift, "backend": backend_of(campaign.db), "labelers": cfg.labelers,
+            "target": cfg.submissions,
+            **figures(rec, wall),
             "export": check_export(rec.acks_so_far(), records, cfg.labels_per_item)}
 
 
@@ -544,8 +569,8 @@ def resubmit(url: str, campaign: Campaign, acks: list[Ack]) -> dict[str, int]:
     return {"sent": len(acks), **outcomes}
 
 
-def run_crash_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
-    campaign, server = start_phase(workdir, cfg)
+def run_crash_phase(cfg: LoadConfig, workdir: Path, db: str | None = None) -> dict[str, Any]:
+    campaign, server = start_phase(workdir, cfg, db)
     kill_after = max(1, int(cfg.crash_submissions * cfg.kill_at))
     rec = Recorder(ack_alarm=kill_after)
     crash: dict[str, Any] = {}
@@ -588,7 +613,9 @@ def run_crash_phase(cfg: LoadConfig, workdir: Path) -> dict[str, Any]:
         rec.alarm.set()  # releases the killer if the load failed before the kill point
         killer_thread.join()
         server.stop()
-    return {"phase": "crash", "labelers": cfg.labelers, "target": cfg.crash_submissions, **figures(rec, wall),
+    return {"phase": "crash", "counter_drift": counter_drift(campaign.db), "backend": backend_of(campaign.db),
+            "labelers": cfg.labelers,
+            "target": cfg.crash_submissions, **figures(rec, wall),
             "export": check_export(rec.acks_so_far(), records, cfg.labels_per_item), "kill": crash}
 
 
@@ -597,7 +624,7 @@ def phase_ok(result: dict[str, Any]) -> bool:
     at the kill and every resend idempotent."""
     ex = result["export"]
     ok = result["http_5xx"] == 0 and ex["found_exactly_once"] == ex["acknowledged"] > 0
-    ok = ok and ex["items_ranked_more_than_n"] == 0
+    ok = ok and ex["items_ranked_more_than_n"] == 0 and not result.get("counter_drift")
     if result["phase"] == "crash":
         kill = result["kill"]
         down = kill.get("export_while_down", {})
@@ -614,7 +641,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         v = r["latency_ms"].get(ep, {})
         return f"{v['p50']:.1f} / {v['p99']:.1f}" if v else "–"
 
-    rows = [("", *(r["phase"] for r in results))]
+    rows = [("", *(f"{r.get('backend', 'sqlite')} {r['phase']}" for r in results))]
     for label, cell in [
         ("concurrent labelers", lambda r: r["labelers"]),
         ("submissions acknowledged / sent", lambda r: f"{r['acknowledged']} / {r['target']}"),
@@ -630,21 +657,26 @@ def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         ("items ranked by more than N labelers", lambda r: r["export"]["items_ranked_more_than_n"]),
     ]:
         rows.append((label, *(str(cell(r)) for r in results)))
-    for r in results:
-        if r["phase"] != "crash":
-            continue
-        k, pad = r["kill"], ("",) * (len(results) - 1)
-        down, resend = k.get("export_while_down", {}), k.get("resubmit_after_restart", {})
-        rows += [
-            ("SIGKILL: requests in flight", *pad, str(k.get("in_flight_at_kill"))),
-            ("acked before kill, in export while down", *pad,
+    def crash_cell(fn):
+        def cell(r: dict) -> str:
+            if r["phase"] != "crash":
+                return ""
+            k = r["kill"]
+            return str(fn(r, k, k.get("export_while_down", {}), k.get("resubmit_after_restart", {})))
+        return cell
+
+    if any(r["phase"] == "crash" for r in results):
+        for label, fn in [
+            ("SIGKILL: requests in flight", lambda r, k, down, resend: k.get("in_flight_at_kill")),
+            ("acked before kill, in export while down", lambda r, k, down, resend:
              f"{down.get('found_exactly_once')} / {k.get('acknowledged_before_kill')} (lost {down.get('missing')})"),
-            ("  stored but unacknowledged at the kill", *pad, str(down.get("stored_but_never_acknowledged"))),
-            ("  retries answered stored: false", *pad, str(r["answered_stored_false"])),
-            ("down time incl. restart (s)", *pad, f"{k.get('downtime_s')} (restart {k.get('restart_s')})"),
-            ("resent after restart: idempotent", *pad, f"{resend.get('idempotent', 0)} / {resend.get('sent')} "
-                                                       f"(records changed {k.get('export_records_changed_by_resubmit')})"),
-        ]
+            ("  stored but unacknowledged at the kill", lambda r, k, down, resend: down.get("stored_but_never_acknowledged")),
+            ("  retries answered stored: false", lambda r, k, down, resend: r["answered_stored_false"]),
+            ("down time incl. restart (s)", lambda r, k, down, resend: f"{k.get('downtime_s')} (restart {k.get('restart_s')})"),
+            ("resent after restart: idempotent", lambda r, k, down, resend: f"{resend.get('idempotent', 0)} / "
+             f"{resend.get('sent')} (records changed {k.get('export_records_changed_by_resubmit')})"),
+        ]:
+            rows.append((label, *(crash_cell(fn)(r) for r in results)))
     rows.append(("result", *("PASS" if phase_ok(r) else "FAIL" for r in results)))
     return rows
 
@@ -660,11 +692,22 @@ def text_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def postgres_version() -> str | None:
+    from rlhf.feedback.pg_local import find_binary
+
+    binary = find_binary("postgres")
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"\d+(\.\d+)+", out)  # "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    return found.group(0) if found else None
+
+
 def machine() -> dict[str, Any]:
     # The load average says how busy the (shared) machine was while the figures were taken.
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "processor": platform.processor() or platform.machine(),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+            "sqlite": sqlite3.sqlite_version, "postgresql": postgres_version(),
+            "processor": platform.processor() or platform.machine(), "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def write_results(results: list[dict[str, Any]], cfg: LoadConfig, command: str, json_path: Path) -> Path:
@@ -677,7 +720,10 @@ def write_results(results: list[dict[str, Any]], cfg: LoadConfig, command: str, 
     md = (f"## Labeling app under load (`benchmarks/label_load.py`)\n\n"
           f"{when}, {m['cpu_cores']} CPU cores ({m['processor']}, shared with other work: 1-minute load average "
           f"{m['load_average_1min']} at the end), Python {m['python']}, "
-          f"SQLite {m['sqlite']} (WAL, synchronous={cfg.synchronous}); server and load generator on the same machine.\n\n"
+          f"SQLite {m['sqlite']} (WAL, synchronous={cfg.synchronous})"
+          + (f", PostgreSQL {m['postgresql']} (a local server on 127.0.0.1, fsync on)"
+             if any(r.get("backend") == "postgresql" for r in results) else "")
+          + "; server and load generator on the same machine.\n\n"
           f"```bash\n{command}\n```\n\n{markdown_table(table_rows(results))}\n\n"
           f"{cfg.items} items × {cfg.k} completions, {cfg.labels_per_item} labels per item; each labeler is one thread "
           "with its own HTTP connection doing `GET /api/next` then `POST /api/submit`, and an admin polls "
@@ -690,6 +736,15 @@ def write_results(results: list[dict[str, Any]], cfg: LoadConfig, command: str, 
     return md_path
 
 
+def _new_database(base_url: str) -> str:
+    import psycopg
+
+    name = f"label_load_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{base_url}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{base_url}/{name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = LoadConfig()
@@ -698,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="keep databases, exports and server logs here (default: a "
                                                     "temporary folder, removed afterwards)")
     ap.add_argument("--results", default=str(RESULTS), help="JSON file to write (the .md goes beside it)")
+    ap.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="sqlite",
+                    help="database the server runs on (postgresql: a throwaway local server unless --postgres-url)")
+    ap.add_argument("--postgres-url", default=None, help="an existing server's base URL, postgresql://user@host:port "
+                                                         "(a fresh database is created on it for each phase)")
     args = ap.parse_args(argv)
     cfg = LoadConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
@@ -708,25 +767,37 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="label-load-") if args.workdir is None else None
     work = Path(args.workdir or tmp)
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    results, pg = [], None
     try:
-        print(f"steady phase: {cfg.labelers} labelers, {cfg.submissions} submissions ...", flush=True)
-        steady = run_steady_phase(cfg, work / "steady")
-        print(f"crash phase: {cfg.labelers} labelers, {cfg.crash_submissions} submissions, SIGKILL at "
-              f"{cfg.kill_at:.0%} ...", flush=True)
-        crash = run_crash_phase(cfg, work / "crash")
+        for backend in backends:
+            dbs: list[str | None] = [None, None]
+            if backend == "postgresql":
+                from rlhf.feedback.pg_local import start_local_postgres
+
+                if args.postgres_url is None and pg is None:
+                    pg = start_local_postgres(durable=True)
+                base = args.postgres_url.rstrip("/") if args.postgres_url else pg.base_url
+                dbs = [_new_database(base) for _ in range(2)]
+            print(f"{backend} steady phase: {cfg.labelers} labelers, {cfg.submissions} submissions ...", flush=True)
+            results.append(run_steady_phase(cfg, work / backend / "steady", dbs[0]))
+            print(f"{backend} crash phase: {cfg.labelers} labelers, {cfg.crash_submissions} submissions, SIGKILL at "
+                  f"{cfg.kill_at:.0%} ...", flush=True)
+            results.append(run_crash_phase(cfg, work / backend / "crash", dbs[1]))
     except LoadTestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if pg is not None:
+            pg.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    results = [steady, crash]
     print(text_table(table_rows(results)))
     md = write_results(results, cfg, command, Path(args.results))
     print(f"wrote {args.results} and {md}")
     for r in results:
         if r["export"]["examples"]:
-            print(f"{r['phase']}: first problems: {r['export']['examples']}", file=sys.stderr)
+            print(f"{r.get('backend')} {r['phase']}: first problems: {r['export']['examples']}", file=sys.stderr)
     return 0 if all(phase_ok(r) for r in results) else 1
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,9 +26,11 @@ import click
 from click.core import ParameterSource
 import yaml
 
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, brief
+from rlhf.utils.io import read_utf8
 
 C = TypeVar("C")
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config is a few lines; this bounds what a wrong --config path can cost
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
@@ -67,7 +70,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         choices = get_args(inner)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{where}: {brief(value)} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, tuple):
         (elem,) = get_args(inner)[:1] or (str,)
@@ -81,21 +84,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {brief(value)}")
     if inner is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {brief(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {brief(value)}") from None
     if inner is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {brief(value)}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number, got {brief(value)}") from None
+        if not math.isfinite(number):  # `lr: .nan` would train on NaNs; an infinite option is never meant
+            raise ConfigError(f"{where}: expected a finite number, got {brief(value)}")
+        return number
     if inner is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
@@ -124,17 +130,20 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
+        text = read_utf8(path, ConfigError, max_bytes=MAX_CONFIG_BYTES)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {brief(str(exc), 400)}") from None
+        except (RecursionError, ValueError) as exc:  # nested past the stack, or a number Python refuses
+            raise ConfigError(f"{path}: not a usable YAML config ({type(exc).__name__}: {brief(str(exc), 200)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of option names to values at the top level")
         for key, value in raw.items():
             name = str(key).replace("-", "_")
             if name not in names:
-                raise ConfigError(f"{path}: unknown option {key!r}; {cls.__name__} takes: {', '.join(sorted(names))}")
-            values[name] = _coerce(value, hints[name], f"{path}: option {key!r}")
+                raise ConfigError(f"{path}: unknown option {brief(key)}; {cls.__name__} takes: {', '.join(sorted(names))}")
+            values[name] = _coerce(value, hints[name], f"{path}: option {brief(key)}")
     for name, value in (overrides or {}).items():
         if name not in names:
             raise ConfigError(f"unknown option {name!r} for {cls.__name__}")
@@ -155,6 +164,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (from its default or factory), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _click_option(f: dataclasses.Field, tp: Any) -> click.Option:
     inner, _ = _unwrap_optional(tp)
     origin = get_origin(inner)
@@ -162,12 +180,7 @@ def _click_option(f: dataclasses.Field, tp: Any) -> click.Option:
     decls = [f"--{flag}"]
     if f.metadata.get("short"):
         decls.append(f.metadata["short"])
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = None
+    default = field_default(f)
     # The real default is shown in --help; the callback asks click where each value came from, so
     # that an untouched flag never beats the YAML file.
     kwargs: dict[str, Any] = dict(help=f.metadata.get("help", ""), show_default=True, default=default)

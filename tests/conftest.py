@@ -82,3 +82,31 @@ def browser():
                                                                "--disable-component-update", "--disable-sync", "--no-first-run"])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (initdb in a temporary folder, 127.0.0.1 only,
+    a free port; rlhf/feedback/pg_local.py), or a skip that says what is missing."""
+    from rlhf.feedback.pg_local import start_local_postgres, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("RLHF_REQUIRE_POSTGRES"):  # set by .ci/run: CI must run these, not skip them
+            pytest.fail(f"RLHF_REQUIRE_POSTGRES is set but {reason}")
+        pytest.skip(f"{reason} (make test installs it when root)")
+    server = start_local_postgres(durable=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty labeling database on each backend: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "labels.sqlite")
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

@@ -27,8 +27,9 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 @pytest.fixture()
-def env(tmp_path):
-    store = open_store(tmp_path / "labels.sqlite")
+def env(tmp_path, store_url):
+    """A campaign with 3 items and a gold item, an admin and 3 labelers, on SQLite and on PostgreSQL."""
+    store = open_store(store_url)
     comp = write_jsonl(tmp_path / "c.jsonl", ITEMS)
     gold = write_jsonl(tmp_path / "gold.jsonl", [GOLD])
     (tmp_path / "instr.md").write_text("# Be kind\nRank <b>carefully</b>.\n", encoding="utf-8")
@@ -38,6 +39,7 @@ def env(tmp_path):
     client = TestClient(create_app(store), raise_server_exceptions=False)
     yield store, camp, client, admin, tokens
     client.close()
+    store.close()
 
 
 def h(token):
@@ -254,12 +256,16 @@ def test_cli_import_rejects_bad_input_clearly(tmp_path):
     with pytest.raises(ConfigError, match="instructions file not found"):
         import_campaign(store, badgold, "helpfulness", 1, tmp_path / "missing.md")
     with pytest.raises(ConfigError, match="not supported"):
-        open_store("postgresql://db/labels")
+        open_store("mysql://db/labels")
+    with pytest.raises(ConfigError, match="cannot connect to postgresql://db/labels"):
+        open_store("postgresql://db/labels", connect_timeout_s=2)
 
 
 def test_a_busy_database_is_a_503_to_retry_and_nothing_is_stored(env, tmp_path):
     import sqlite3
 
+    if env[0].backend != "sqlite":
+        pytest.skip("SQLite's single write lock held by another process (PostgreSQL: test_feedback_postgres.py)")
     _, camp, _, _, _ = env
     store = open_store(tmp_path / "labels.sqlite", busy_timeout_s=0.2)
     _, token = store.add_user("dan", "labeler", camp.id)

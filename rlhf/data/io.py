@@ -7,10 +7,10 @@ atomic: the file appears complete or not at all (write to a temporary file, then
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, TypeVar
+from typing import Any, BinaryIO, Iterable, Iterator, Literal, TypeVar
 
 from rlhf.data.records import RECORD_TYPES, as_dict
 from rlhf.errors import DataError
@@ -19,33 +19,82 @@ from rlhf.utils.io import atomic_write_bytes
 R = TypeVar("R")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+# Bounds on one record, so that no input line can make a reader use unbounded memory or recursion.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+MAX_NESTING = 64
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _nesting_depth(obj: Any, limit: int) -> int:
+    """Depth of nested lists/objects (a flat object is 1), walked without recursion; stops past ``limit``."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, (dict, list)):
+            depth = max(depth, d)
+            if depth > limit:
+                return depth
+            stack.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return depth
+
+
+def parse_json_line(raw: bytes, path: str | Path, line_no: int) -> Any:
+    """One JSON Lines line → its value, or DataError naming the line (and the byte column of a byte
+    that is not UTF-8). A leading byte-order mark on the first line is allowed."""
+    if line_no == 1:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, line_no, f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte column {exc.start + 1} "
+                                       f"({exc.reason})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, line_no, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(path, line_no, f"JSON nested more than {MAX_NESTING} levels deep") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise DataError(path, line_no, f"malformed JSON ({exc})") from None
+    if _nesting_depth(obj, MAX_NESTING) > MAX_NESTING:
+        raise DataError(path, line_no, f"JSON nested more than {MAX_NESTING} levels deep")
+    return obj
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; malformed lines raise DataError."""
+    """Yield (line number, object) for each non-blank line; malformed lines raise DataError.
+
+    Lines are read as bytes with a size bound and decoded one by one, so an error names its line;
+    a gzip file that is not gzip (or is cut short) is an error naming the file, not a traceback.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "file not found")
     if path.is_dir():
         raise DataError(path, None, "is a directory; expected a .jsonl file")
-    with _open_text(path) as fh:
-        try:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
+    line_no = 0
+    try:
+        with _open_binary(path) as fh:
+            while True:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    return
+                line_no += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(path, line_no, f"line longer than {MAX_LINE_BYTES // 2**20} MiB; refusing to read it")
+                if not raw.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(path, line_no, f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+                obj = parse_json_line(raw, path, line_no)
                 if not isinstance(obj, dict):
                     raise DataError(path, line_no, f"expected a JSON object per line, got {type(obj).__name__}")
                 yield line_no, obj
-        except UnicodeDecodeError as exc:
-            raise DataError(path, None, f"not UTF-8 text ({exc.reason})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        where = "" if line_no == 0 else f" after line {line_no}"
+        raise DataError(path, None, f"not a valid gzip file{where} ({exc or type(exc).__name__}); "
+                                    "a .gz name needs gzip content") from None
 
 
 def read_records(path: str | Path, kind: str | type[R], *, on_error: Literal["raise", "skip"] = "raise",

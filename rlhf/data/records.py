@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rlhf.errors import DataError
+from rlhf.errors import DataError, brief
 
 
 class _Where:
@@ -124,12 +124,12 @@ class RankingRecord:
         completions = w.texts(obj, "completions")
         skipped = obj.get("skipped", False)
         if not isinstance(skipped, bool):
-            raise w.fail(f"expected true or false, got {skipped!r}", "skipped")
+            raise w.fail(f"expected true or false, got {brief(skipped)}", "skipped")
         ranking = obj.get("ranking", [] if skipped else None)
         if ranking is None:
             raise w.fail("missing required field (expected a list of completion indices, best first)", "ranking")
         if not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking):
-            raise w.fail(f"expected a list of integer indices, got {ranking!r}", "ranking")
+            raise w.fail(f"expected a list of integer indices, got {brief(ranking)}", "ranking")
         k = len(completions)
         if skipped:
             if ranking:
@@ -147,18 +147,19 @@ class RankingRecord:
                 missing = sorted(set(range(k)) - seen)
                 raise w.fail(f"ranks {len(ranking)} of {k} completions; missing indices {missing}", "ranking")
         ties = obj.get("ties") or []
-        if not isinstance(ties, list) or any(not isinstance(g, list) for g in ties):
-            raise w.fail(f"expected a list of index groups like [[0, 2]], got {ties!r}", "ties")
+        if (not isinstance(ties, list) or any(not isinstance(g, list) for g in ties)
+                or any(isinstance(i, bool) or not isinstance(i, int) for g in ties for i in g)):
+            raise w.fail(f"expected a list of groups of integer indices like [[0, 2]], got {brief(ties)}", "ties")
         position = {c: p for p, c in enumerate(ranking)}
         for group in ties:
             if len(group) < 2 or len(set(group)) != len(group):
-                raise w.fail(f"tie group {group} must hold two or more distinct indices", "ties")
+                raise w.fail(f"tie group {brief(group)} must hold two or more distinct indices", "ties")
             for i in group:
                 if i not in position:
-                    raise w.fail(f"tie group {group} names index {i}, which is not in the ranking", "ties")
+                    raise w.fail(f"tie group {brief(group)} names index {i}, which is not in the ranking", "ties")
             spots = sorted(position[i] for i in group)
             if spots[-1] - spots[0] != len(group) - 1:
-                raise w.fail(f"tie group {group} is not contiguous in the ranking {ranking}", "ties")
+                raise w.fail(f"tie group {brief(group)} is not contiguous in the ranking {brief(ranking)}", "ties")
         return cls(prompt=prompt, completions=completions, ranking=ranking,
                    labeler=w.text(obj, "labeler", optional=True, allow_empty=True),
                    criterion=w.text(obj, "criterion", optional=True, allow_empty=True),

@@ -39,6 +39,7 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig):
+    from rlhf.data.context import fit_prompts, prompt_budget
     from rlhf.data.io import read_records, write_records
     from rlhf.data.records import PromptRecord
     from rlhf.eval.judging import evaluate, format_table
@@ -56,6 +57,9 @@ def run_eval(cfg: EvalConfig):
         name = m if m not in models else f"{m}#{i}"
         models[name] = (load_causal_lm(m, device=device), load_tokenizer(m))
     reference = (load_causal_lm(cfg.reference, device=device), load_tokenizer(cfg.reference)) if cfg.reference else None
+    for model, tok in [*models.values(), *([reference] if reference else [])]:  # fit every model's context
+        prompts, cuts = fit_prompts(tok, prompts, prompt_budget(model, tok, cfg.max_new_tokens), source=cfg.prompts)
+        cuts.report("eval")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     result = evaluate(models, reference, prompts, judges, params, cfg.samples_per_prompt, cfg.batch_size, cfg.seed,
                       cfg.bootstrap)

@@ -15,7 +15,10 @@ from typing import Any
 from rlhf.data.io import iter_jsonl
 from rlhf.data.records import CompletionsRecord, RankingRecord
 from rlhf.errors import ConfigError, DataError
-from rlhf.feedback.store import Campaign, Store
+from rlhf.feedback.store import MAX_COMPLETIONS, Campaign, Store
+from rlhf.utils.io import read_utf8
+
+MAX_INSTRUCTIONS_BYTES = 1 << 20
 
 
 def default_instructions(criterion: str) -> str:
@@ -26,6 +29,13 @@ def default_instructions(criterion: str) -> str:
             "- Skip an item (and say why) if you cannot judge it.\n")
 
 
+def _check_k(completions: list[str], path: str | Path, line: int) -> None:
+    # One limit, here at import and in the labeling API: an item the page cannot rank is refused now.
+    if len(completions) > MAX_COMPLETIONS:
+        raise DataError(path, line, f"{len(completions)} completions; an item holds at most {MAX_COMPLETIONS} "
+                                    "(labelers rank all of them on one page); split it or sample fewer", "completions")
+
+
 def read_items(path: str | Path) -> list[dict[str, Any]]:
     """Items from a completions file; a record with ``gold_ranking`` becomes a gold item."""
     items = []
@@ -33,6 +43,7 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
         rec = CompletionsRecord.from_json(obj, path, line)
         if len(rec.completions) < 2:
             raise DataError(path, line, "an item needs at least 2 completions to rank", "completions")
+        _check_k(rec.completions, path, line)
         item: dict[str, Any] = {"prompt_id": rec.prompt_id, "prompt": rec.prompt, "completions": rec.completions}
         if obj.get("gold_ranking") is not None:
             # The contract's own ranking checks: a permutation, ties contiguous.
@@ -52,6 +63,7 @@ def read_gold(path: str | Path) -> list[dict[str, Any]]:
         rec = RankingRecord.from_json(obj, path, line)
         if rec.skipped:
             raise DataError(path, line, "a gold item needs a ranking, not a skip", "skipped")
+        _check_k(rec.completions, path, line)
         items.append({"prompt_id": rec.prompt_id or f"gold-{line}", "prompt": rec.prompt,
                       "completions": rec.completions, "gold_ranking": rec.ranking, "gold_ties": rec.ties})
     if not items:
@@ -69,7 +81,7 @@ def import_campaign(store: Store, completions: str | Path, criterion: str, label
         p = Path(instructions)
         if not p.is_file():
             raise ConfigError(f"{p}: instructions file not found")
-        text = p.read_text(encoding="utf-8")
+        text = read_utf8(p, ConfigError, max_bytes=MAX_INSTRUCTIONS_BYTES)
         if not text.strip():
             raise ConfigError(f"{p}: instructions file is empty")
     else:

@@ -4,6 +4,7 @@
         --instructions instructions.md --labels-per-item 3
     rlhf label add-admin alice           # prints the admin link
     rlhf label add-labeler ann           # prints ann's personal link
+    rlhf label revoke ann / rotate ann   # ann's link stops working (rotate prints a new one)
     rlhf label serve --db labels.sqlite  # http://127.0.0.1:8000
     rlhf label export --db labels.sqlite --out rankings.jsonl [--consensus]
     rlhf label simulate --server http://127.0.0.1:8000 --admin-token T --scorer length --noise 2
@@ -30,7 +31,7 @@ def label() -> None:
 class ServeConfig:
     """Serve the labeling pages and API."""
 
-    db: str = opt("labels.sqlite", help="Campaign database (SQLite file; created if missing).")
+    db: str = opt("labels.sqlite", help="Campaign database: a SQLite file (created if missing) or a postgresql:// URL.")
     host: str = opt("127.0.0.1", help="Address to bind. The default is reachable from this machine only; "
                                       "use 0.0.0.0 only behind HTTPS, since links carry access tokens.")
     port: int = opt(8000, help="TCP port.")
@@ -39,6 +40,8 @@ class ServeConfig:
     claim_timeout: float = opt(1800.0, help="Seconds an unanswered item stays reserved for the labeler who opened "
                                             "it before others may take it.")
     access_log: bool = opt(True, help="Log every request line.")
+    allow_host: list[str] = opt(help="Another host name the server answers to (repeat). On loopback it answers only "
+                                     "to 127.0.0.1, localhost and ::1 otherwise (against DNS rebinding).", factory=list)
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -62,7 +65,7 @@ def serve_cmd(cfg: ServeConfig) -> None:
         click.echo(f"warning: binding {cfg.host}: anyone who can reach this port and holds a link can label; "
                    "put HTTPS in front of it", err=True)
     click.echo(f"labeling server on http://{cfg.host}:{cfg.port} (database {cfg.db})", err=True)
-    serve(store, cfg.host, cfg.port, access_log=cfg.access_log)
+    serve(store, cfg.host, cfg.port, access_log=cfg.access_log, allow_hosts=cfg.allow_host)
 
 
 @dataclass
@@ -72,7 +75,7 @@ class ImportConfig:
     completions: str = opt(help="Completions file (JSON Lines: prompt_id, prompt, completions); records with "
                                 "gold_ranking become gold items.")
     criterion: str = opt(help="What labelers rank by, e.g. helpfulness or harmlessness.")
-    db: str = opt("labels.sqlite", help="Campaign database (SQLite file; created if missing).")
+    db: str = opt("labels.sqlite", help="Campaign database: a SQLite file (created if missing) or a postgresql:// URL.")
     instructions: str | None = opt(None, help="Markdown or text file shown to labelers first (default: a short "
                                               "text naming the criterion).")
     labels_per_item: int = opt(3, help="How many different labelers rank each item (N).")
@@ -113,7 +116,7 @@ def _add_user(db: str, name: str, role: str, campaign: str | None, url: str) -> 
     click.echo(link)
 
 
-_db_option = click.option("--db", default="labels.sqlite", show_default=True, help="Campaign database (SQLite file).")
+_db_option = click.option("--db", default="labels.sqlite", show_default=True, help="Campaign database: a SQLite file or a postgresql:// URL.")
 _url_option = click.option("--url", default="http://127.0.0.1:8000", show_default=True,
                            help="Address people use to reach the server, for the printed link.")
 
@@ -137,12 +140,49 @@ def add_admin_cmd(name: str, db: str, url: str) -> None:
     _add_user(db, name, "admin", None, url)
 
 
+def _labeler(db: str, name: str, campaign: str | None):
+    from rlhf.feedback.store import NotFound, open_store
+
+    store = open_store(db)
+    camp = store.find_campaign(campaign)
+    try:
+        return store, camp, store.find_labeler(name, camp.id)
+    except NotFound as exc:
+        raise ConfigError(f"{exc} ({camp.name})") from None
+
+
+@label.command("revoke")
+@click.argument("name")
+@_db_option
+@click.option("--campaign", default=None, help="Campaign name (needed only when the database holds several).")
+def revoke_cmd(name: str, db: str, campaign: str | None) -> None:
+    """Revoke labeler NAME's link at once; their unanswered items go back to the pool, their labels stay."""
+    store, camp, user = _labeler(db, name, campaign)
+    released = store.revoke(user)
+    click.echo(json.dumps({"labeler": user.name, "campaign": camp.name, "revoked": True, "items_released": released}))
+
+
+@label.command("rotate")
+@click.argument("name")
+@_db_option
+@click.option("--campaign", default=None, help="Campaign name (needed only when the database holds several).")
+@_url_option
+def rotate_cmd(name: str, db: str, campaign: str | None, url: str) -> None:
+    """Give labeler NAME a new link (also after a revoke); the old one stops working at once."""
+    from rlhf.feedback.server import labeler_link
+
+    store, _, user = _labeler(db, name, campaign)
+    token = store.rotate_token(user)
+    click.echo(f"labeler {user.name}: the old link no longer works; send this one to them only", err=True)
+    click.echo(labeler_link(url, token))
+
+
 @dataclass
 class ExportConfig:
     """Write the rankings contract from a campaign."""
 
     out: str = opt(help="Rankings file to write (JSON Lines); written atomically.", short="-o")
-    db: str = opt("labels.sqlite", help="Campaign database (SQLite file).")
+    db: str = opt("labels.sqlite", help="Campaign database: a SQLite file or a postgresql:// URL.")
     campaign: str | None = opt(None, help="Campaign name (needed only when the database holds several).")
     consensus: bool = opt(False, help="One Borda-consensus ranking per item instead of one record per labeler per item.")
 
@@ -156,7 +196,7 @@ def export_cmd(cfg: ExportConfig) -> None:
     from rlhf.feedback.export import consensus_records, label_records
     from rlhf.feedback.store import open_store
 
-    if not Path(cfg.db).is_file():
+    if "://" not in cfg.db and not Path(cfg.db).is_file():
         raise ConfigError(f"{cfg.db}: no such campaign database")
     store = open_store(cfg.db)
     camp = store.find_campaign(cfg.campaign)

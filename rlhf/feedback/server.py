@@ -7,30 +7,42 @@ cookies are used, so other sites cannot make a labeler's browser submit for them
 
 Labelers see only their own assignments: every item id is checked against the asker, and an item
 that is someone else's gets the same 404 as one that does not exist. Admin endpoints (summary,
-export, new labelers) need an admin token. Every bad request is a 4xx with ``{"error": message}``.
+export, new labelers) need an admin token. Every bad request is a 4xx with ``{"error": message}``,
+kept short (a message never echoes a long input back).
+
+Before a request reaches the app, :class:`Guard` checks, in this order and without reading the
+body: the Host header (a server on loopback answers only to loopback names, so a web page
+elsewhere cannot reach it through DNS rebinding), the access token of every /api/ route (a
+request without a valid one is refused before its body is read or parsed), and the body's size
+(``max_body_bytes``; 413 past it, counted as it arrives when no Content-Length is sent).
+A labeler's link can be revoked or rotated at any time; the next request with the old token is
+refused.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the Depends() annotations at runtime,
 # and they name dependencies local to create_app().
 
+import json
 import logging
 import socket
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterable
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import ConfigError, DataError, brief
 from rlhf.feedback.export import campaign_summary, consensus_records, label_records
 from rlhf.feedback.pages import ASSETS, asset, markdown_blocks
-from rlhf.feedback.store import Conflict, Invalid, NotFound, Store, User, is_busy
+from rlhf.feedback.store import MAX_COMPLETIONS, Conflict, Invalid, NotFound, Store, User
 
 log = logging.getLogger("rlhf.feedback")
 
@@ -46,10 +58,116 @@ _SECURITY_HEADERS = {
 }
 
 
+MAX_BODY_BYTES = 1 << 20  # a submission is a few hundred bytes; nothing the API takes comes near 1 MiB
+MAX_ERROR_CHARS = 500
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def short(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message bounded in length: answers never grow with the request."""
+    return message if len(message) <= limit else message[:limit - 3] + "..."
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": short(message)}, status_code=status, headers={**_SECURITY_HEADERS, **(headers or {})})
+
+
+def host_name(header: str | None) -> str:
+    """The name in a Host header, without the port: ``[::1]:8000`` → ``::1``, ``Localhost:80`` → ``localhost``."""
+    host = (header or "").strip().lower().rstrip(".")
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback name and the exact name in RFC 5987 encoding (RFC 6266),
+    so that any campaign name makes a valid header (no 500 for non-Latin-1, no header injection)."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\;' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+class Guard:
+    """ASGI middleware in front of the app: Host allow-list, token before body, body size (see the
+    module docstring). Its refusals carry the same JSON error shape and security headers."""
+
+    def __init__(self, app, store: Store, allowed_hosts: Iterable[str] | None, max_body_bytes: int):
+        self.app, self.store, self.max_body_bytes = app, store, max_body_bytes
+        self.allowed_hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if self.allowed_hosts is not None and host_name(headers.get("host")) not in self.allowed_hosts:
+            return await error_response(421, "this server does not answer to that host name (Host header); "
+                                             "open it through the address it was started with")(scope, receive, send)
+        try:
+            if scope["path"].startswith("/api/"):
+                scope.setdefault("state", {})["user"] = await self._user(scope["path"], headers)
+            size = headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > self.max_body_bytes):
+                raise ApiError(413, f"request body over {self.max_body_bytes:,} bytes")
+        except ApiError as exc:
+            return await error_response(exc.status, exc.message)(scope, receive, send)
+        except Exception as exc:
+            if self.store.is_busy(exc):
+                return await _busy_response(scope, exc)(scope, receive, send)
+            raise
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        # Read the body here, counting as it arrives (chunked uploads name no length up front).
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                return await error_response(413, f"request body over {self.max_body_bytes:,} bytes")(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _user(self, path: str, headers: Headers) -> User:
+        token = _bearer(headers.get("authorization", ""))
+        user = await run_in_threadpool(self.store.user_by_token, token)
+        if user is None:
+            raise ApiError(401, "unknown access token: ask the campaign admin for a new link")
+        if user.revoked:
+            raise ApiError(401, "this link has been revoked: ask the campaign admin for a new one")
+        if path.startswith("/api/admin/"):
+            if user.role != "admin":
+                raise ApiError(403, "admin only: a labeler token cannot open the admin page or exports")
+        elif user.role != "labeler":
+            raise ApiError(403, "this is an admin token; labeling needs a labeler link")
+        return user
+
+
+def _busy_response(request_or_scope, exc: BaseException) -> JSONResponse:
+    # The database was locked past the busy timeout, or unreachable for a moment. Nothing was
+    # stored, and every request here is safe to resend: say so.
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    log.warning("database busy on %s %s: %s", scope.get("method"), scope.get("path"), exc)
+    return error_response(503, "the labeling database is busy; nothing was saved, try again in a moment",
+                          {"Retry-After": "1"})
 
 
 class Submission(BaseModel):
@@ -59,8 +177,8 @@ class Submission(BaseModel):
     item: StrictInt = Field(ge=1, le=2 ** 62, description="The item id from /api/next (SQLite ids fit in 63 bits).")
     submission_id: str = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_-]+$",
                                description="Chosen by the client once per item; a retry sends the same one.")
-    ranking: list[StrictInt] = Field(default_factory=list, max_length=64, description="Shown positions, best first.")
-    ties: list[list[StrictInt]] = Field(default_factory=list, max_length=64, description="Groups of tied positions.")
+    ranking: list[StrictInt] = Field(default_factory=list, max_length=MAX_COMPLETIONS, description="Shown positions, best first.")
+    ties: list[list[StrictInt]] = Field(default_factory=list, max_length=MAX_COMPLETIONS, description="Groups of tied positions.")
     skipped: StrictBool = False
     skip_reason: str | None = Field(None, max_length=2000)
 
@@ -71,8 +189,7 @@ class NewLabeler(BaseModel):
     campaign: str | None = Field(None, max_length=200)
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def _bearer(header: str) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing access token: open your personal link (it ends in #token=...)")
@@ -87,12 +204,17 @@ def admin_link(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}/admin#token={token}"
 
 
-def create_app(store: Store) -> FastAPI:
+def create_app(store: Store, allowed_hosts: Iterable[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app over ``store``. ``allowed_hosts``: the only Host names answered (None: any; a server
+    bound to loopback passes :data:`LOOPBACK_HOSTS`, see :func:`default_allowed_hosts`)."""
     app = FastAPI(title="rlhf labeling", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, store=store, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
 
     def current_user(request: Request) -> User:
-        user = store.user_by_token(_bearer(request))
+        user = request.scope.get("state", {}).get("user")  # Guard checked it before the body was read
         if user is None:
+            user = store.user_by_token(_bearer(request.headers.get("authorization", "")))
+        if user is None or user.revoked:
             raise ApiError(401, "unknown access token: ask the campaign admin for a new link")
         return user
 
@@ -115,35 +237,37 @@ def create_app(store: Store) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return error_response(exc.status, exc.message)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
-        return JSONResponse({"error": str(exc)}, status_code=404)
+        return error_response(404, str(exc))
 
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict):
-        return JSONResponse({"error": str(exc)}, status_code=409)
+        return error_response(409, str(exc))
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, exc: Invalid):
-        return JSONResponse({"error": str(exc)}, status_code=422)
+        return error_response(422, str(exc))
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, exc: ConfigError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return error_response(400, str(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
+        # Field names and messages only, each bounded: never the offending input itself.
         msgs = []
         for e in exc.errors()[:5]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            msgs.append(f"{where}: {e.get('msg', 'invalid')}")
-        return JSONResponse({"error": "bad request: " + "; ".join(msgs)}, status_code=422)
+            where = ".".join(brief(p, 40) if not isinstance(p, (str, int)) else str(p)[:40]
+                             for p in e.get("loc", ()) if p != "body") or "body"
+            msgs.append(f"{where}: {str(e.get('msg', 'invalid'))[:120]}")
+        return error_response(422, "bad request: " + "; ".join(msgs))
 
     # -- pages -----------------------------------------------------------------------------------
 
@@ -166,7 +290,7 @@ def create_app(store: Store) -> FastAPI:
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         if name not in ASSETS or name.endswith(".html"):
-            raise ApiError(404, f"no static file {name!r}")
+            raise ApiError(404, f"no static file {brief(name, 60)}")
         return page(name)
 
     @app.get("/favicon.ico", include_in_schema=False)
@@ -235,31 +359,33 @@ def create_app(store: Store) -> FastAPI:
         return {"labeler": new.name, "campaign": camp.name, "token": token,
                 "link": labeler_link(str(request.base_url), token)}
 
+    @app.post("/api/admin/labelers/{name}/revoke")
+    def revoke_labeler(name: str, user: Annotated[User, Depends(admin)], campaign: str | None = None) -> dict[str, Any]:
+        camp = store.find_campaign(campaign)
+        released = store.revoke(store.find_labeler(name, camp.id))
+        return {"labeler": name, "campaign": camp.name, "revoked": True, "items_released": released}
+
+    @app.post("/api/admin/labelers/{name}/rotate")
+    def rotate_labeler(name: str, request: Request, user: Annotated[User, Depends(admin)],
+                       campaign: str | None = None) -> dict[str, Any]:
+        camp = store.find_campaign(campaign)
+        token = store.rotate_token(store.find_labeler(name, camp.id))
+        return {"labeler": name, "campaign": camp.name, "token": token, "link": labeler_link(str(request.base_url), token)}
+
     @app.get("/api/admin/export")
     def export(user: Annotated[User, Depends(admin)], campaign: str | None = None, consensus: bool = False) -> Response:
-        import json
-
         camp = store.find_campaign(campaign)
         records = consensus_records(store, camp) if consensus else label_records(store, camp)
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         name = f"{camp.name}-{'consensus' if consensus else 'rankings'}.jsonl"
-        return Response(body, media_type="application/x-ndjson",
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
-
-    @app.exception_handler(sqlite3.OperationalError)
-    async def database_error(request: Request, exc: sqlite3.OperationalError):
-        if is_busy(exc):
-            # Another process (e.g. an import into the same file) held the write lock past the busy
-            # timeout. Nothing was stored, and every request here is safe to resend: say so.
-            log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
-            return JSONResponse({"error": "the labeling database is busy; nothing was saved, try again in a moment"},
-                                status_code=503, headers={"Retry-After": "1"})
-        return await unexpected(request, exc)
+        return Response(body, media_type="application/x-ndjson", headers={"Content-Disposition": content_disposition(name)})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
+        if store.is_busy(exc):  # e.g. an import into the same SQLite file held the write lock too long
+            return _busy_response(request, exc)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error; the server log has the details"}, status_code=500)
+        return error_response(500, "internal error; the server log has the details")
 
     return app
 
@@ -283,6 +409,15 @@ class RunningServer:
         self.stop()
 
 
+def default_allowed_hosts(host: str, extra: Iterable[str] = ()) -> set[str] | None:
+    """Loopback servers answer only to loopback names (plus ``extra``); others to any name unless
+    ``extra`` lists some (then to those and the bound address)."""
+    extra = {host_name(h) for h in extra}
+    if host_name(host) in LOOPBACK_HOSTS:
+        return set(LOOPBACK_HOSTS) | extra
+    return ({host_name(host)} | extra) if extra else None
+
+
 def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Serve ``store`` from a background thread; ``port=0`` picks a free port. Returns once it answers."""
     import uvicorn
@@ -291,7 +426,8 @@ def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> Run
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(store), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(create_app(store, default_allowed_hosts(host)), log_level="warning", access_log=False,
+                            lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rlhf-label-server")
     thread.start()
@@ -303,8 +439,10 @@ def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> Run
     return RunningServer(f"http://{host}:{bound}", server, thread)
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
+          allow_hosts: Iterable[str] = ()) -> None:
     """Run until interrupted (Ctrl-C). The store commits every label before it is acknowledged."""
     import uvicorn
 
-    uvicorn.run(create_app(store), host=host, port=port, log_level="info", access_log=access_log, lifespan="off")
+    app = create_app(store, default_allowed_hosts(host, allow_hosts))
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, lifespan="off")

@@ -1,13 +1,26 @@
-"""The labeling store: campaigns, items, labelers, assignments and labels in SQLite.
+"""The labeling store: campaigns, items, labelers, assignments and labels in SQLite or PostgreSQL.
 
 Every other part of the labeling app (server, CLI, export, admin statistics) talks to
-:class:`Store` only, through plain Python values, so a PostgreSQL backend could replace it behind
-``open_store(url)``: the SQL below sticks to what both engines accept apart from the PRAGMAs.
+:class:`Store` only, through plain Python values. :class:`Store` holds the logic and runs it on
+SQLite; :class:`rlhf.feedback.store_postgres.PostgresStore` runs the same statements on
+PostgreSQL, overriding only connections, transactions and the dialect (``open_store(url)`` picks).
 
-Durability: the database runs in WAL mode with ``synchronous=FULL`` by default, so a commit is
-fsync'ed to the write-ahead log before :meth:`Store.submit` returns, and the server answers only
-after that. ``NORMAL`` (``--synchronous normal``) is also safe against a killed process, since
-the WAL pages are already in the OS page cache, but can lose the last commits on power loss.
+Durability: SQLite runs in WAL mode with ``synchronous=FULL`` by default, so a commit is fsync'ed to
+the write-ahead log before :meth:`Store.submit` returns, and the server answers only after that.
+``NORMAL`` (``--synchronous normal``) is also safe against a killed process, since the WAL pages
+are already in the OS page cache, but can lose the last commits on power loss. PostgreSQL commits
+are durable when they return (``synchronous_commit`` on, its default).
+
+Picking the next item and counting progress never scan the campaign. Each item keeps ``taken``
+(non-skipped labels plus open claims younger than the claim timeout) and ``is_full`` (a regular
+item with ``taken >= N``); each campaign keeps ``open_items`` (items not full); each labeler keeps
+``n_done``, ``n_skipped``, ``n_open`` and ``n_on_open_items`` (their assignments on items not
+full). An index on (campaign, is_full, position) leads straight to the first item a labeler may
+get, and progress is two rows: what is left to a labeler is ``open_items − n_on_open_items``. All
+of them change in the write transaction that changes what they count; when an item fills up or
+frees a slot, the counters of its (at most N) labelers move with it. Claims past the timeout are
+released lazily, when a labeler next asks for an item (a partial index keeps that lookup to the
+open claims).
 
 Rankings are stored in the ORIGINAL completion index space: the server maps the labeler's shown
 (shuffled) positions back before storing, using the shown order kept on the assignment.
@@ -22,62 +35,16 @@ import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import ConfigError, RLHFError
+from rlhf.errors import ConfigError, RLHFError, brief
+from rlhf.feedback.schema import MIGRATE_V2, RECOUNT, SCHEMA_V1, SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS campaigns (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    criterion TEXT NOT NULL,
-    instructions TEXT NOT NULL,
-    labels_per_item INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY,
-    campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
-    position REAL NOT NULL,
-    prompt_id TEXT NOT NULL,
-    prompt TEXT NOT NULL,
-    completions TEXT NOT NULL,
-    gold_ranking TEXT,
-    gold_ties TEXT,
-    UNIQUE (campaign_id, prompt_id)
-);
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY,
-    campaign_id INTEGER REFERENCES campaigns(id),
-    name TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('labeler', 'admin')),
-    token_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS users_unique_name ON users (role, coalesce(campaign_id, 0), name);
-CREATE TABLE IF NOT EXISTS assignments (
-    id INTEGER PRIMARY KEY,
-    item_id INTEGER NOT NULL REFERENCES items(id),
-    user_id INTEGER NOT NULL REFERENCES users(id),
-    shown_order TEXT NOT NULL,
-    served_at REAL NOT NULL,
-    UNIQUE (user_id, item_id)
-);
-CREATE INDEX IF NOT EXISTS assignments_item ON assignments (item_id);
-CREATE TABLE IF NOT EXISTS labels (
-    assignment_id INTEGER PRIMARY KEY REFERENCES assignments(id),
-    submission_id TEXT NOT NULL,
-    ranking TEXT NOT NULL,
-    ties TEXT NOT NULL,
-    skipped INTEGER NOT NULL,
-    skip_reason TEXT,
-    submitted_at REAL NOT NULL
-);
-"""
+MAX_COMPLETIONS = 64  # completions per item: import refuses more, the labeling API accepts no longer ranking
+MAX_NAME_CHARS = {"campaign": 200, "labeler": 100, "admin": 100}
 
 
 class NotFound(RLHFError):
@@ -98,6 +65,7 @@ class User:
     name: str
     role: str
     campaign_id: int | None
+    revoked: bool = False
 
 
 @dataclass
@@ -150,7 +118,7 @@ def is_busy(exc: BaseException) -> bool:
 
 def hash_token(token: str) -> str:
     # Only hashes are stored, so a copied database file does not hand out working links.
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def shuffled_order(k: int, user_id: int, item_id: int) -> list[int]:
@@ -160,15 +128,39 @@ def shuffled_order(k: int, user_id: int, item_id: int) -> list[int]:
     return order
 
 
+def check_name(name: str, what: str) -> str:
+    """A campaign or user name, stripped; control and format characters (CR, LF, NUL, bidi
+    overrides) are refused, since names end up in headers, file names and pages."""
+    if not isinstance(name, str):
+        raise Invalid(f"a {what} name must be text")
+    name = name.strip()
+    limit = MAX_NAME_CHARS[what]
+    if not name or len(name) > limit:
+        raise Invalid(f"a {what} name must be 1 to {limit} characters")
+    bad = next((c for c in name if unicodedata.category(c)[0] == "C"), None)
+    if bad is not None:
+        raise Invalid(f"a {what} name must not hold control characters (found U+{ord(bad):04X}): {brief(name, 60)}")
+    return name
+
+
+def check_completions(completions: Any, where: str) -> None:
+    if isinstance(completions, list) and len(completions) > MAX_COMPLETIONS:
+        raise Invalid(f"{where}: {len(completions)} completions; an item holds at most {MAX_COMPLETIONS} "
+                      "(labelers rank all of them on one page)")
+
+
 class Store:
-    """SQLite store shared by the server's worker threads (one connection per thread).
+    """The store's logic, on SQLite; shared by the server's worker threads (one connection per thread).
 
     Writes take a process-wide lock and ``BEGIN IMMEDIATE``: SQLite allows one writer anyway, and
     taking the write lock up front avoids the deadlock of two readers upgrading at once.
     ``busy_timeout_s`` covers a second process (the CLI adding a labeler while the server runs);
     past it SQLite raises ``OperationalError: database is locked``, which the server answers with
-    a 503 (see :func:`is_busy`), never a stored label.
+    a 503 (see :meth:`is_busy`), never a stored label.
     """
+
+    backend = "sqlite"
+    _TYPES = {"pk": "INTEGER PRIMARY KEY", "ref": "INTEGER", "real": "REAL"}
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", claim_timeout_s: float = 1800.0,
                  busy_timeout_s: float = 30.0):
@@ -182,15 +174,16 @@ class Store:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._released_at: dict[int, float] = {}  # campaign -> when expired claims were last looked for
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise ConfigError(f"{self.path}: labeling database schema version {version}; this build reads {SCHEMA_VERSION}")
-        with self._write_lock:  # executescript manages its own transaction: one BEGIN..COMMIT here
-            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            if is_busy(exc):
+                raise
+            raise ConfigError(f"{self.path}: not a labeling database ({exc})") from None
 
-    # -- connections and transactions ------------------------------------------------------------
+    # -- connections, transactions, dialect (PostgresStore overrides these) -----------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -204,14 +197,36 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, 1, SCHEMA_VERSION):
+            raise ConfigError(f"{self.path}: labeling database schema version {version}; this build reads {SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            return
+        with self._write() as conn:  # one transaction: a crash mid-migration leaves version 1 intact
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for stmt in self._statements(SCHEMA_V1):
+                    conn.execute(stmt)
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                for stmt in self._statements(MIGRATE_V2):
+                    conn.execute(stmt, {"fresh": time.time() - self.claim_timeout_s} if ":fresh" in stmt else ())
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _statements(self, script: str) -> list[str]:
+        return [s.strip().format(**self._TYPES) for s in script.split(";") if s.strip()]
+
     class _Tx:
-        def __init__(self, store: "Store"):
+        def __init__(self, store: "Store", durable: bool = True):
             self.store = store
+            self.relaxed = not durable and store.synchronous != "NORMAL"
 
         def __enter__(self) -> sqlite3.Connection:
             self.store._write_lock.acquire()
             self.conn = self.store._conn()
             try:
+                if self.relaxed:
+                    self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.execute("BEGIN IMMEDIATE")
             except BaseException:
                 self.store._write_lock.release()
@@ -232,16 +247,50 @@ class Store:
                 elif self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
             finally:
-                self.store._write_lock.release()
+                try:
+                    if self.relaxed:
+                        self.conn.execute(f"PRAGMA synchronous={self.store.synchronous}")
+                finally:
+                    self.store._write_lock.release()
 
-    def _write(self) -> "Store._Tx":
-        return Store._Tx(self)
+    def _write(self, durable: bool = True) -> Any:
+        """A write transaction (a context manager yielding the connection). ``durable=False`` commits
+        without waiting for the disk: for claims only, which a crash may lose harmlessly (the
+        labeler asks again); the next durable commit (a label) flushes them too, in order."""
+        return Store._Tx(self, durable)
+
+    # First statement of a write that changes a campaign's items: its N, and on engines with row
+    # locks the campaign's lock, which serialises such writes (SQLite has one writer anyway).
+    _LOCK_CAMPAIGN = "SELECT labels_per_item FROM campaigns WHERE id = ?"
+
+    def _lock_campaign(self, conn: Any, campaign_id: int) -> int:
+        row = self._q(conn, self._LOCK_CAMPAIGN, (campaign_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no campaign with id {campaign_id}")
+        return row[0]
+
+    def _q(self, conn: Any, sql: str, params: Any = ()) -> Any:
+        """Run one statement (``?`` placeholders) and return its cursor."""
+        return conn.execute(sql, params)
+
+    def _q_many(self, conn: Any, sql: str, rows: list[tuple]) -> None:
+        conn.executemany(sql, rows)
+
+    def _is_integrity_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def is_busy(self, exc: BaseException) -> bool:
+        """Nothing was stored and the same request may be sent again (the server answers 503)."""
+        return is_busy(exc)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def _read(self) -> Any:
+        return self._conn()
 
     # -- campaigns and items ---------------------------------------------------------------------
 
@@ -252,43 +301,45 @@ class Store:
         Gold items are spread evenly between the regular ones, so attention checks turn up
         throughout a labeler's session rather than in a block at the start.
         """
+        name = check_name(name, "campaign")
         if labels_per_item < 1:
             raise ConfigError("labels per item must be at least 1")
         regular = [it for it in items if it.get("gold_ranking") is None]
         gold = [it for it in items if it.get("gold_ranking") is not None]
         if not regular and not gold:
             raise ConfigError("a campaign needs at least one item")
+        rows = [(float(i), it) for i, it in enumerate(regular)]
+        rows += [((g + 1) * len(regular) / (len(gold) + 1) - 0.5, it) for g, it in enumerate(gold)]
+        seen: set[str] = set()
+        for _, it in rows:
+            check_completions(it["completions"], f"item {it['prompt_id']!r}")
+            if it["prompt_id"] in seen:
+                raise Conflict(f"prompt_id {it['prompt_id']!r} appears twice; item ids must be unique in a campaign")
+            seen.add(it["prompt_id"])
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM campaigns WHERE name = ?", (name,)).fetchone():
+            if self._q(conn, "SELECT 1 FROM campaigns WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"campaign {name!r} already exists in {self.path}; pick another --name")
-            cur = conn.execute("INSERT INTO campaigns (name, criterion, instructions, labels_per_item, created_at) "
-                               "VALUES (?, ?, ?, ?, ?)", (name, criterion, instructions, labels_per_item, time.time()))
-            cid = cur.lastrowid
-            rows = [(float(i), it) for i, it in enumerate(regular)]
-            rows += [((g + 1) * len(regular) / (len(gold) + 1) - 0.5, it) for g, it in enumerate(gold)]
-            seen: set[str] = set()
-            for pos, it in rows:
-                if it["prompt_id"] in seen:
-                    raise Conflict(f"prompt_id {it['prompt_id']!r} appears twice; item ids must be unique in a campaign")
-                seen.add(it["prompt_id"])
-                conn.execute("INSERT INTO items (campaign_id, position, prompt_id, prompt, completions, gold_ranking, "
-                             "gold_ties) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (cid, pos, it["prompt_id"], it["prompt"], json.dumps(it["completions"], ensure_ascii=False),
-                              None if it.get("gold_ranking") is None else json.dumps(it["gold_ranking"]),
-                              None if it.get("gold_ranking") is None else json.dumps(it.get("gold_ties") or [])))
+            cid = self._q(conn, "INSERT INTO campaigns (name, criterion, instructions, labels_per_item, created_at, "
+                                "open_items) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                          (name, criterion, instructions, labels_per_item, time.time(), len(rows))).fetchall()[0][0]
+            self._q_many(conn, "INSERT INTO items (campaign_id, position, prompt_id, prompt, completions, gold_ranking, "
+                               "gold_ties) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [(cid, pos, it["prompt_id"], it["prompt"], json.dumps(it["completions"], ensure_ascii=False),
+                           None if it.get("gold_ranking") is None else json.dumps(it["gold_ranking"]),
+                           None if it.get("gold_ranking") is None else json.dumps(it.get("gold_ties") or []))
+                          for pos, it in rows])
         return self.campaign(cid)
 
+    _CAMPAIGN = "SELECT id, name, criterion, instructions, labels_per_item FROM campaigns"
+
     def campaign(self, campaign_id: int) -> Campaign:
-        row = self._conn().execute("SELECT id, name, criterion, instructions, labels_per_item FROM campaigns "
-                                   "WHERE id = ?", (campaign_id,)).fetchone()
+        row = self._q(self._read(), self._CAMPAIGN + " WHERE id = ?", (campaign_id,)).fetchone()
         if row is None:
             raise NotFound(f"no campaign with id {campaign_id}")
         return Campaign(*row)
 
     def campaigns(self) -> list[Campaign]:
-        rows = self._conn().execute("SELECT id, name, criterion, instructions, labels_per_item FROM campaigns "
-                                    "ORDER BY id").fetchall()
-        return [Campaign(*r) for r in rows]
+        return [Campaign(*r) for r in self._q(self._read(), self._CAMPAIGN + " ORDER BY id").fetchall()]
 
     def find_campaign(self, name: str | None) -> Campaign:
         """By name, or the only campaign when no name is given."""
@@ -303,85 +354,151 @@ class Store:
         for c in camps:
             if c.name == name:
                 return c
-        raise ConfigError(f"no campaign named {name!r} in {self.path} (have: {', '.join(c.name for c in camps) or 'none'})")
+        raise ConfigError(f"no campaign named {brief(name, 100)} in {self.path} "
+                          f"(have: {', '.join(c.name for c in camps) or 'none'})")
 
     # -- users and tokens ------------------------------------------------------------------------
 
     def add_user(self, name: str, role: str, campaign_id: int | None) -> tuple[User, str]:
         """Create a labeler (in one campaign) or an admin; returns the user and the new secret token."""
-        name = name.strip()
-        if not name or len(name) > 100:
-            raise Invalid("a name must be 1 to 100 characters")
+        name = check_name(name, role if role in MAX_NAME_CHARS else "labeler")
         if role == "labeler" and campaign_id is None:
             raise Invalid("a labeler belongs to a campaign")
         token = secrets.token_urlsafe(24)
-        with self._write() as conn:
-            try:
-                cur = conn.execute("INSERT INTO users (campaign_id, name, role, token_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                                   (campaign_id if role == "labeler" else None, name, role, hash_token(token), time.time()))
-            except sqlite3.IntegrityError:
+        try:
+            with self._write() as conn:
+                uid = self._q(conn, "INSERT INTO users (campaign_id, name, role, token_hash, created_at) "
+                                    "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                              (campaign_id if role == "labeler" else None, name, role, hash_token(token),
+                               time.time())).fetchall()[0][0]
+        except Exception as exc:
+            if self._is_integrity_error(exc):
                 raise Conflict(f"a{'n' if role == 'admin' else ''} {role} named {name!r} already exists") from None
-        return User(cur.lastrowid, name, role, campaign_id if role == "labeler" else None), token
+            raise
+        return User(uid, name, role, campaign_id if role == "labeler" else None), token
+
+    _USER = "SELECT id, name, role, campaign_id, CASE WHEN revoked_at IS NULL THEN 0 ELSE 1 END FROM users"
 
     def user_by_token(self, token: str) -> User | None:
-        row = self._conn().execute("SELECT id, name, role, campaign_id FROM users WHERE token_hash = ?",
-                                   (hash_token(token),)).fetchone()
-        return None if row is None else User(*row)
+        """The token's user, revoked or not (the caller refuses a revoked one with its own message)."""
+        row = self._q(self._read(), self._USER + " WHERE token_hash = ?", (hash_token(token),)).fetchone()
+        return None if row is None else User(row[0], row[1], row[2], row[3], bool(row[4]))
 
     def labelers(self, campaign_id: int) -> list[User]:
-        rows = self._conn().execute("SELECT id, name, role, campaign_id FROM users WHERE role = 'labeler' AND "
-                                    "campaign_id = ? ORDER BY id", (campaign_id,)).fetchall()
-        return [User(*r) for r in rows]
+        rows = self._q(self._read(), self._USER + " WHERE role = 'labeler' AND campaign_id = ? ORDER BY id",
+                       (campaign_id,)).fetchall()
+        return [User(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def find_labeler(self, name: str, campaign_id: int) -> User:
+        for u in self.labelers(campaign_id):
+            if u.name == name:
+                return u
+        raise NotFound(f"no labeler named {brief(name, 100)} in this campaign")
+
+    def rotate_token(self, user: User) -> str:
+        """A new link for ``user`` (revoked or not); the old one stops working at once."""
+        token = secrets.token_urlsafe(24)
+        with self._write() as conn:
+            self._q(conn, "UPDATE users SET token_hash = ?, revoked_at = NULL WHERE id = ?", (hash_token(token), user.id))
+        return token
+
+    def revoke(self, user: User) -> int:
+        """The user's link stops working at once; their unanswered items go back to the pool (the
+        labels they gave are kept). Returns how many open items were released."""
+        with self._write() as conn:
+            n = self._lock_campaign(conn, user.campaign_id)
+            self._q(conn, "UPDATE users SET revoked_at = ? WHERE id = ?", (time.time(), user.id))
+            open_ = self._q(conn, "SELECT a.id, a.item_id, a.counted, i.is_full FROM assignments a JOIN items i "
+                                  "ON i.id = a.item_id WHERE a.user_id = ? AND a.done = 0", (user.id,)).fetchall()
+            for aid, item_id, counted, full in open_:
+                self._q(conn, "DELETE FROM assignments WHERE id = ?", (aid,))
+                self._q(conn, "UPDATE users SET n_open = n_open - 1, n_on_open_items = n_on_open_items - ? WHERE id = ?",
+                        (1 - full, user.id))
+                if counted:
+                    self._count(conn, item_id, -1, n)
+        return len(open_)
 
     # -- assignments -----------------------------------------------------------------------------
 
-    # Items this labeler may still get: not yet served to them, and either gold (everyone sees
-    # those) or short of N rankings, counting non-skipped labels and claims younger than the timeout.
-    _AVAILABLE = """
-        FROM items i WHERE i.campaign_id = :cid
-        AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.user_id = :uid)
-        AND (i.gold_ranking IS NOT NULL OR (
-            SELECT count(*) FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id
-            WHERE a.item_id = i.id AND ((l.assignment_id IS NOT NULL AND l.skipped = 0)
-                                        OR (l.assignment_id IS NULL AND a.served_at > :fresh))) < :n)
-    """
+    def _count(self, conn: Any, item_id: int, delta: int, n: int) -> None:
+        """Move an item's ``taken`` by ``delta``, then its ``is_full`` flag, its campaign's
+        ``open_items`` and its labelers' ``n_on_open_items`` with it (inside the campaign's write
+        transaction; ``n`` is the campaign's labels per item)."""
+        ((cid, taken, regular, full),) = self._q(
+            conn, "UPDATE items SET taken = taken + ? WHERE id = ? RETURNING campaign_id, taken, "
+                  "CASE WHEN gold_ranking IS NULL THEN 1 ELSE 0 END, is_full", (delta, item_id)).fetchall()
+        now_full = int(bool(regular) and taken >= n)
+        if now_full != full:
+            step = -1 if now_full else 1
+            self._q(conn, "UPDATE items SET is_full = ? WHERE id = ?", (now_full, item_id))
+            self._q(conn, "UPDATE campaigns SET open_items = open_items + ? WHERE id = ?", (step, cid))
+            self._q(conn, "UPDATE users SET n_on_open_items = n_on_open_items + ? WHERE id IN "
+                          "(SELECT user_id FROM assignments WHERE item_id = ?)", (step, item_id))
 
-    def _assignment(self, conn: sqlite3.Connection, assignment_id: int) -> Assignment:
-        row = conn.execute("SELECT a.id, a.item_id, i.prompt, i.completions, a.shown_order FROM assignments a "
-                           "JOIN items i ON i.id = a.item_id WHERE a.id = ?", (assignment_id,)).fetchone()
+    def _release_expired_claims(self, conn: Any, campaign_id: int, n: int) -> None:
+        """Claims older than the timeout stop counting toward their item's N (others may take it).
+        The lookup reads the partial index of open claims only (a join on items would let the
+        planner walk the campaign's items instead); other campaigns' claims wait for their own lock.
+        Looked up at most once a second per campaign: claims expire after minutes."""
+        now = time.time()
+        if now - self._released_at.get(campaign_id, 0.0) < min(1.0, self.claim_timeout_s / 10):
+            return
+        self._released_at[campaign_id] = now
+        rows = self._q(conn, "SELECT id, item_id FROM assignments WHERE done = 0 AND counted = 1 AND served_at < ?",
+                       (now - self.claim_timeout_s,)).fetchall()
+        for aid, item_id in rows:
+            if self._q(conn, "SELECT campaign_id FROM items WHERE id = ?", (item_id,)).fetchone()[0] != campaign_id:
+                continue
+            self._q(conn, "UPDATE assignments SET counted = 0 WHERE id = ?", (aid,))
+            self._count(conn, item_id, -1, n)
+
+    def _assignment(self, conn: Any, assignment_id: int) -> Assignment:
+        row = self._q(conn, "SELECT a.id, a.item_id, i.prompt, i.completions, a.shown_order FROM assignments a "
+                            "JOIN items i ON i.id = a.item_id WHERE a.id = ?", (assignment_id,)).fetchone()
         return Assignment(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]))
 
     def next_assignment(self, user: User) -> Assignment | None:
-        """The labeler's open item, or a newly claimed one; None when nothing is left for them."""
-        camp = self.campaign(user.campaign_id)
-        with self._write() as conn:
-            row = conn.execute("SELECT a.id FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id "
-                               "WHERE a.user_id = ? AND l.assignment_id IS NULL ORDER BY a.id LIMIT 1", (user.id,)).fetchone()
+        """The labeler's open item, or a newly claimed one; None when nothing is left for them.
+
+        Items a labeler may get: not yet served to them, and not full (gold items never are: every
+        labeler sees each once). The first such item by position comes from the items_open index.
+        """
+        with self._write(durable=False) as conn:
+            n = self._lock_campaign(conn, user.campaign_id)
+            row = self._q(conn, "SELECT id FROM assignments WHERE user_id = ? AND done = 0 ORDER BY id LIMIT 1",
+                          (user.id,)).fetchone()
             if row is not None:
                 return self._assignment(conn, row[0])
-            params = {"cid": camp.id, "uid": user.id, "fresh": time.time() - self.claim_timeout_s, "n": camp.labels_per_item}
-            row = conn.execute("SELECT i.id, i.completions " + self._AVAILABLE + " ORDER BY i.position, i.id LIMIT 1", params).fetchone()
+            self._release_expired_claims(conn, user.campaign_id, n)
+            row = self._q(conn, "SELECT i.id, i.prompt, i.completions FROM items i WHERE i.campaign_id = ? "
+                                "AND i.is_full = 0 AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id "
+                                "AND a.user_id = ?) ORDER BY i.position, i.id LIMIT 1",
+                          (user.campaign_id, user.id)).fetchone()
             if row is None:
                 return None
-            order = shuffled_order(len(json.loads(row[1])), user.id, row[0])
-            cur = conn.execute("INSERT INTO assignments (item_id, user_id, shown_order, served_at) VALUES (?, ?, ?, ?)",
-                               (row[0], user.id, json.dumps(order), time.time()))
-            return self._assignment(conn, cur.lastrowid)
+            item_id, prompt, completions = row[0], row[1], json.loads(row[2])
+            order = shuffled_order(len(completions), user.id, item_id)
+            aid = self._q(conn, "INSERT INTO assignments (item_id, user_id, shown_order, served_at, done, counted) "
+                                "VALUES (?, ?, ?, ?, 0, 1) RETURNING id",
+                          (item_id, user.id, json.dumps(order), time.time())).fetchall()[0][0]
+            self._q(conn, "UPDATE users SET n_open = n_open + 1, n_on_open_items = n_on_open_items + 1 WHERE id = ?",
+                    (user.id,))
+            self._count(conn, item_id, +1, n)
+            return Assignment(aid, item_id, prompt, completions, order)
 
     def progress(self, user: User) -> dict[str, int]:
         """done / total for the labeler, where total counts what is still open to them right now.
 
         The total can shrink while others label (an item reaches N rankings) — it is an honest
-        snapshot, not a quota.
+        snapshot, not a quota. Reads the labeler's own assignments and one campaign counter.
         """
-        camp = self.campaign(user.campaign_id)
-        conn = self._conn()
-        done, skipped, open_ = conn.execute(
-            "SELECT count(l.assignment_id), coalesce(sum(l.skipped), 0), count(*) - count(l.assignment_id) "
-            "FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id WHERE a.user_id = ?", (user.id,)).fetchone()
-        params = {"cid": camp.id, "uid": user.id, "fresh": time.time() - self.claim_timeout_s, "n": camp.labels_per_item}
-        available = conn.execute("SELECT count(*) " + self._AVAILABLE, params).fetchone()[0]
-        return {"done": done, "skipped": skipped, "total": done + open_ + available}
+        row = self._q(self._read(), "SELECT u.n_done, u.n_skipped, u.n_open, c.open_items - u.n_on_open_items "
+                                    "FROM users u JOIN campaigns c ON c.id = u.campaign_id WHERE u.id = ?",
+                      (user.id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no labeler with id {user.id}")
+        done, skipped, open_, available = (int(x) for x in row)
+        return {"done": done, "skipped": skipped, "total": done + open_ + max(0, available)}
 
     # -- labels ----------------------------------------------------------------------------------
 
@@ -390,33 +507,43 @@ class Store:
         """Store a label given in ORIGINAL indices (the caller maps shown positions back).
 
         Returns True when stored now, False when the same label was already stored (a retried
-        request): idempotent. A different second label for the same item raises Conflict.
+        request): idempotent. A different label for the same item raises Conflict, also when it
+        comes with the submission id of the stored one (a client bug, never a retry).
         The commit happens before this returns, so an acknowledged label survives a crash.
         """
         with self._write() as conn:
-            row = conn.execute("SELECT user_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
+            n = self._lock_campaign(conn, user.campaign_id)
+            row = self._q(conn, "SELECT user_id, item_id, counted FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
             if row is None or row[0] != user.id:
                 raise NotFound(f"no item {assignment_id} is assigned to you")
-            old = conn.execute("SELECT submission_id, ranking, ties, skipped, skip_reason FROM labels WHERE assignment_id = ?",
-                               (assignment_id,)).fetchone()
+            old = self._q(conn, "SELECT submission_id, ranking, ties, skipped, skip_reason FROM labels "
+                                "WHERE assignment_id = ?", (assignment_id,)).fetchone()
             new = (json.dumps(ranking), json.dumps(ties), int(skipped), skip_reason)
             if old is not None:
-                if old[0] == submission_id or tuple(old[1:]) == new:
+                if tuple(old[1:]) == new:
                     return False
-                raise Conflict(f"item {assignment_id} already has your label (submission {old[0]}); it cannot be changed")
-            conn.execute("INSERT INTO labels (assignment_id, submission_id, ranking, ties, skipped, skip_reason, submitted_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (assignment_id, submission_id, *new, time.time()))
+                which = ("under this submission id, with another answer" if old[0] == submission_id
+                         else f"(submission {old[0]})")
+                raise Conflict(f"item {assignment_id} already has your label {which}; it cannot be changed")
+            self._q(conn, "INSERT INTO labels (assignment_id, submission_id, ranking, ties, skipped, skip_reason, "
+                          "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (assignment_id, submission_id, *new, time.time()))
+            counts = 0 if skipped else 1  # a skip frees the item's slot; a late label on an expired claim takes one
+            self._q(conn, "UPDATE assignments SET done = 1, counted = ? WHERE id = ?", (counts, assignment_id))
+            self._q(conn, "UPDATE users SET n_open = n_open - 1, n_done = n_done + 1, n_skipped = n_skipped + ? "
+                          "WHERE id = ?", (int(skipped), user.id))
+            if counts != row[2]:
+                self._count(conn, row[1], counts - row[2], n)
         return True
 
     def assignment_for(self, user: User, assignment_id: int) -> Assignment:
-        conn = self._conn()
-        row = conn.execute("SELECT user_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
+        conn = self._read()
+        row = self._q(conn, "SELECT user_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
         if row is None or row[0] != user.id:
             raise NotFound(f"no item {assignment_id} is assigned to you")
         return self._assignment(conn, assignment_id)
 
     def label_rows(self, campaign_id: int) -> list[LabelRow]:
-        rows = self._conn().execute(
+        rows = self._q(self._read(),
             "SELECT i.id, i.position, i.prompt_id, i.prompt, i.completions, u.name, u.id, l.ranking, l.ties, l.skipped, "
             "l.skip_reason, l.submitted_at - a.served_at, i.gold_ranking, i.gold_ties, l.submission_id "
             "FROM labels l JOIN assignments a ON a.id = l.assignment_id JOIN items i ON i.id = a.item_id "
@@ -431,23 +558,41 @@ class Store:
                                 gold_ties=None if r[13] is None else json.loads(r[13]), submission_id=r[14]))
         return out
 
+    def counter_drift(self) -> list[str]:
+        """Where a kept counter differs from a recount of the rows it counts (empty when all agree).
+        A full scan: for tests and for checking a database by hand, never on a request."""
+        out = []
+        conn = self._read()
+        for name, sql in RECOUNT.items():
+            for key, kept, counted in self._q(conn, sql).fetchall():
+                if int(kept) != int(counted):
+                    out.append(f"{name} of {key}: kept {kept}, counted {counted}")
+        return out
+
+    def count_labels(self) -> int:
+        """Labels stored in the whole database (all campaigns)."""
+        return self._q(self._read(), "SELECT count(*) FROM labels").fetchone()[0]
+
     def counts(self, campaign_id: int) -> dict[str, int]:
-        conn = self._conn()
-        items, gold = conn.execute("SELECT count(*), count(gold_ranking) FROM items WHERE campaign_id = ?",
-                                   (campaign_id,)).fetchone()
-        open_ = conn.execute("SELECT count(*) FROM assignments a JOIN items i ON i.id = a.item_id LEFT JOIN labels l "
-                             "ON l.assignment_id = a.id WHERE i.campaign_id = ? AND l.assignment_id IS NULL",
-                             (campaign_id,)).fetchone()[0]
+        conn = self._read()
+        items, gold = self._q(conn, "SELECT count(*), count(gold_ranking) FROM items WHERE campaign_id = ?",
+                              (campaign_id,)).fetchone()
+        open_ = self._q(conn, "SELECT count(*) FROM assignments a JOIN items i ON i.id = a.item_id "
+                              "WHERE i.campaign_id = ? AND a.done = 0", (campaign_id,)).fetchone()[0]
         return {"items": items, "gold_items": gold, "open_assignments": open_}
 
 
 def open_store(url: str | Path, **kwargs: Any) -> Store:
-    """``labels.sqlite``, ``sqlite:///labels.sqlite``; other schemes are refused with a clear message."""
+    """``labels.sqlite``, ``sqlite:///labels.sqlite``, or ``postgresql://user@host:port/dbname``."""
     text = str(url)
     if "://" in text:
         scheme, _, rest = text.partition("://")
+        if scheme in ("postgresql", "postgres"):
+            from rlhf.feedback.store_postgres import PostgresStore
+
+            return PostgresStore(text, **kwargs)
         if scheme != "sqlite":
-            raise ConfigError(f"database URL scheme {scheme!r} is not supported by this build; use a SQLite file path "
-                              "(a PostgreSQL backend would implement the Store methods in rlhf/feedback/store.py)")
+            raise ConfigError(f"database URL scheme {scheme!r} is not supported; use a SQLite file path "
+                              "(or sqlite:///path) or postgresql://user@host:port/dbname")
         text = rest[1:] if rest.startswith("/") else rest
     return Store(text, **kwargs)

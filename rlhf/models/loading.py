@@ -17,6 +17,7 @@ import torch
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
 from rlhf.models.named import BUNDLED_DIR, NAMED_MODELS, ensure, lookup
+from rlhf.utils.model_files import check_model_folder, library_errors
 
 BUNDLED_NAMES = ("bundled", "default")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face hub spells ids
@@ -37,6 +38,7 @@ def resolve_model_path(name: str | Path, progress=None) -> Path | str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
+        check_model_folder(path)  # a damaged file is a message naming it, not a traceback from transformers
         return path
     if HUB_ID.match(str(name)) and not str(name).startswith((".", "/", "~")):
         return _hub_model(str(name))
@@ -70,7 +72,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_tokenizer(path: str | Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(path)))
+    folder = resolve_model_path(path)
+    with library_errors(folder):
+        tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.pad_token is None:
         # Causal LMs often ship without a pad token; EOS is safe because masks hide padding.
         tok.pad_token = tok.eos_token
@@ -83,7 +87,9 @@ def load_causal_lm(path: str | Path, device: str | torch.device = "cpu", dtype: 
     """A causal LM in float32 by default (bf16/fp16 are far slower than fp32 on most CPUs)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(path)), dtype=dtype)
+    folder = resolve_model_path(path)
+    with library_errors(folder):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model.to(device)
     model.train(train)
     use_fast_cpu_linears(model)  # oneDNN fp32 products where the default BLAS is slow (rlhf/models/cpu_gemm.py)

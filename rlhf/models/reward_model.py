@@ -40,9 +40,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rlhf.data.context import clip_chars
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
 from rlhf.models.loading import end_of_turn_id, format_prompt, resolve_model_path, unwrap_peft
+from rlhf.utils.model_files import check_model_folder
 
 SPEC_FILE = "rlhf_reward.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -227,6 +229,8 @@ class RewardEncoder:
 
     def encode(self, prompt: str, reply: str) -> Encoded:
         tok, limit = self.tok, self.spec.max_length
+        # Bounded work whatever the input: only characters that could reach the limit are tokenized.
+        prompt, reply = clip_chars(tok, prompt, limit), clip_chars(tok, reply, limit, keep="start")
         if self.spec.prompt_format == "sentence_pair":
             p = tok(prompt, add_special_tokens=False)["input_ids"]
             r = tok(reply, add_special_tokens=False)["input_ids"]
@@ -531,6 +535,7 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu"):
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"reward model folder {folder} not found")
+    check_model_folder(folder, need_config=False)  # before any file is read: a damaged one is named
     spec = RewardSpec.read(folder)
     tok = load_backbone_tokenizer(folder)
     if spec.hf_class:  # a standard sequence-classification folder: its base model and its head

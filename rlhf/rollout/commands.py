@@ -10,6 +10,7 @@ from typing import Literal
 import click
 
 from rlhf.config import config_command, opt
+from rlhf.data.context import LONG_PROMPT_HELP, LongPromptPolicy, fit_prompts, prompt_budget
 from rlhf.data.io import read_records, write_records
 from rlhf.data.records import CompletionsRecord, PromptRecord
 
@@ -32,6 +33,7 @@ class GenerateConfig:
     index: str = opt("", help="RAG: an index folder (rlhf index build); retrieved passages go in the prompt with their ids.")
     passages: int = opt(3, help="RAG: passages retrieved per prompt (--top-k is the sampling option).")
     index_mode: Literal["bm25", "dense", "hybrid"] = opt("hybrid", help="RAG: ranking used to retrieve (bm25, dense or hybrid).")
+    long_prompts: LongPromptPolicy = opt("truncate", help=LONG_PROMPT_HELP)
 
     def validate(self) -> None:
         from rlhf.errors import ConfigError
@@ -58,17 +60,27 @@ def generate_file(cfg: GenerateConfig) -> int:
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    # RAG first (passages go in front of the question), then every prompt is fitted to the model's
+    # context (rlhf/data/context.py): cut from the left, so passages go before the question does.
     model_prompts, grounding = [p.prompt for p in prompts], [{} for _ in prompts]
-    if cfg.index:  # RAG: the record keeps which passages were shown (rlhf/retrieval/rag.py)
+    if cfg.index:  # the record keeps which passages were shown (rlhf/retrieval/rag.py)
         from rlhf.retrieval.index import Index
         from rlhf.retrieval.rag import grounding_fields, rag_prompt
 
         hits = Index.load(cfg.index).search_many(model_prompts, cfg.passages, cfg.index_mode)
         model_prompts = [rag_prompt(p, h) for p, h in zip(model_prompts, hits)]
         grounding = [grounding_fields(h, m, cfg.index, cfg.index_mode) for h, m in zip(hits, model_prompts)]
-    outs = generate_completions(model, tok, model_prompts, cfg.num_completions, params,
+    texts, cuts = fit_prompts(tok, model_prompts, prompt_budget(model, tok, cfg.max_new_tokens),
+                              cfg.long_prompts, [f"prompt {p.id!r}" for p in prompts], cfg.prompts)
+    cuts.report("generate")
+    if cfg.index:  # the prompt as the model saw it, after any cut
+        grounding = [{**g, "model_prompt": t} for g, t in zip(grounding, texts)]
+    outs = generate_completions(model, tok, texts, cfg.num_completions, params,
                                 batch_size=cfg.batch_size, seed=cfg.seed)
-    write_records(cfg.out, [{**CompletionsRecord(p.id, p.prompt, c).to_json(), **g} for p, c, g in zip(prompts, outs, grounding)])
+    # Without RAG the record's prompt is the text the model saw (truncated where it was cut); with
+    # RAG it is the user's question, and model_prompt holds what the model saw.
+    write_records(cfg.out, [{**CompletionsRecord(p.id, p.prompt if cfg.index else t, c).to_json(), **g}
+                            for p, t, c, g in zip(prompts, texts, outs, grounding)])
     return len(prompts)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhf.config import opt
+from rlhf.data.context import LONG_PROMPT_HELP, LongPromptPolicy
 from rlhf.errors import ConfigError
 
 
@@ -30,6 +31,7 @@ class PPOConfig:
     temperature: float = opt(1.0, help="Sampling temperature; logprobs are computed at the same temperature.")
     top_p: float = opt(1.0, help="Nucleus sampling mass (1 = off). Below 1 the sampled and scored distributions differ.")
     top_k: int = opt(0, help="Top-k sampling (0 = off).")
+    long_prompts: LongPromptPolicy = opt("truncate", help=LONG_PROMPT_HELP)
     missing_eos_penalty: float = opt(1.0, help="Subtracted from the score of a reply that hit --max-new-tokens without EOS.")
     score_clip: float | None = opt(None, help="Clip scores to ±this before shaping (unset = no clipping).")
     sampler_logprobs: bool = opt(True, help="Take the old logprobs and values from the sampling loop (recorded per "
@@ -75,6 +77,8 @@ class PPOConfig:
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     progress: bool = opt(True, help="Show a progress bar.")
+    # May change on resume (rlhf/utils/checkpoint.py): how far to go and when to stop, not what a step does.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every", "score_threshold", "kl_ceiling", "stop_on_hacking")
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "mini_batch_size": self.mini_batch_size,

@@ -25,15 +25,12 @@ from rlhf.config import config_to_dict
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.train.ppo import PPOTrainer, Rollout
 from rlhf.train.ppo_config import PPOConfig
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import epoch_order, rng_state, seed_everything, set_rng_state
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-# Options that must match for a checkpoint to be resumed: anything that changes what a step does.
-RESUME_KEYS = ("policy", "reward", "prompts", "reference", "batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
-               "lr", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "lora", "gold", "watch_every", "kl_estimator")
 
 
 def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
@@ -104,6 +101,7 @@ class _Watcher:
 
 def run_ppo(cfg: PPOConfig) -> dict:
     """Run PPO to a stop criterion; returns the summary also written to ``out/summary.json``."""
+    from rlhf.data.context import fit_prompts, prompt_budget
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
     from rlhf.judges import load_scorer
@@ -118,6 +116,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if not prompts:
         raise ConfigError(f"{cfg.prompts or shipped_prompts('train')}: no prompts")
     policy, tok, reference = _load_models(cfg, device)
+    prompts, cuts = fit_prompts(tok, prompts, prompt_budget(policy, tok, cfg.max_new_tokens), cfg.long_prompts,
+                                source=cfg.prompts or str(shipped_prompts("train")))
+    cuts.report("ppo")
     trainer = PPOTrainer(cfg, policy, tok, load_scorer(cfg.reward, str(device)), reference, device)
     watcher = _Watcher(cfg, device) if cfg.gold else None
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
@@ -126,11 +127,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     stop_reason, wall_before = None, 0.0
     if latest is not None:
         state = ckpts.load_state(latest)
-        saved = state.get("config", {})
-        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise ConfigError(f"{latest} was written with other options ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
-                              "use another --out or --no-resume")
+        check_resume_options(latest, cfg, state.get("config"))
         load_model_weights(policy, latest / "model")
         _load_value_head(trainer, latest / VALUE_HEAD_FILE)
         ts = ckpts.load_trainer_state(latest)

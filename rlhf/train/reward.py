@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from rlhf.models.packing import pack, packed_rewards, packing_problem
 from rlhf.models.reward_model import (Encoded, RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model, score_encoded)
 from rlhf.train.optim import adamw
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
@@ -81,6 +82,8 @@ class RewardTrainConfig:
                                    "Checked on real inputs at the start; backbones it cannot reproduce are padded.")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
+    # May change on resume (rlhf/utils/checkpoint.py): how far to go, and how (not what) to compute.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "eval_batch_size", "packing")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -325,6 +328,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     latest = ckpts.latest() if cfg.resume else None
     if latest is not None:
         state = ckpts.load_state(latest)
+        check_resume_options(latest, cfg, state.get("config"))
         if state.get("total_steps") != total_steps or state.get("train_pairs") != len(train_pairs):
             raise ConfigError(f"{latest} was written by a run with other data or options "
                               f"({state.get('train_pairs')} pairs, {state.get('total_steps')} steps); "

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import click
 import torch
@@ -22,10 +25,11 @@ from tqdm.auto import tqdm
 
 from rlhf.agents.episode import encode_episode_file, is_episode_file
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.data.context import clip_chars, context_length
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import load_model_weights
 from rlhf.train.optim import adamw
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import epoch_order, rng_state, seed_everything, set_rng_state
@@ -57,6 +61,7 @@ class SFTConfig:
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default; 1 is faster on a busy machine).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); for tests and budgets.")
+    resume_free: ClassVar[tuple[str, ...]] = ("save_every",)  # may change on resume (rlhf/utils/checkpoint.py)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -67,16 +72,24 @@ class SFTConfig:
             raise ConfigError("--max-length must be at least 8")
 
 
-def encode_example(tok, prompt: str, completion: str, max_length: int, chat_template: bool = True) -> tuple[list[int], list[int]] | None:
+def encode_example(tok, prompt: str, completion: str, max_length: int, chat_template: bool = True,
+                   cuts: Counter | None = None) -> tuple[list[int], list[int]] | None:
     """Token ids and labels (−100 on prompt tokens). Over-long prompts lose their left end; a reply
-    that alone exceeds ``max_length`` is cut at the right. Returns None if no reply token fits."""
+    that alone exceeds ``max_length`` is cut at the right. Returns None if no reply token fits.
+    ``cuts`` counts ``prompts_cut`` and ``replies_cut``."""
     from rlhf.models.loading import format_prompt
 
     if chat_template:
+        # Bounded work whatever the input: only characters that could reach the limit are tokenized.
+        prompt, completion = clip_chars(tok, prompt, max_length), clip_chars(tok, completion, max_length, keep="start")
         prompt_ids = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
         reply_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        full_prompt, full_reply = len(prompt_ids), len(reply_ids)
         reply_ids = reply_ids[:max_length]
         prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(reply_ids))):]
+        if cuts is not None:
+            cuts["prompts_cut"] += len(prompt_ids) < full_prompt
+            cuts["replies_cut"] += len(reply_ids) < full_reply
         ids = prompt_ids + reply_ids
         labels = [-100] * len(prompt_ids) + reply_ids
     else:
@@ -125,6 +138,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     step = 0
     latest = ckpts.latest() if cfg.resume else None
     if latest is not None:
+        check_resume_options(latest, cfg, ckpts.load_state(latest).get("config"))
         load_model_weights(model, latest / "model")
         ts = ckpts.load_trainer_state(latest)
         optim.load_state_dict(ts["optimizer"])
@@ -192,11 +206,16 @@ def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[
         if len(encoded) < cfg.batch_size:
             raise ConfigError(f"{path}: {len(encoded)} usable episodes, fewer than --batch-size {cfg.batch_size}")
         return encoded
-    encoded = []
+    encoded, cuts = [], Counter()
     for r in read_records(path, SFTRecord):
-        e = encode_example(tok, r.prompt, r.completion, cfg.max_length, cfg.chat_template)
+        e = encode_example(tok, r.prompt, r.completion, cfg.max_length, cfg.chat_template, cuts)
         if e is not None:
             encoded.append(e)
+        cuts["examples"] += 1
+    if cuts["prompts_cut"] or cuts["replies_cut"] or len(encoded) < cuts["examples"]:
+        print(f"sft: to fit --max-length {cfg.max_length}, {cuts['prompts_cut']} of {cuts['examples']} examples lost the "
+              f"start of their prompt and {cuts['replies_cut']} the end of their reply; {cuts['examples'] - len(encoded)} "
+              "were dropped (no reply token fit)", file=sys.stderr)
     if len(encoded) < cfg.batch_size:
         raise ConfigError(f"{path}: {len(encoded)} usable examples, fewer than --batch-size {cfg.batch_size}")
     return encoded
@@ -210,6 +229,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model, padding_side="right")
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device), train=True)
+    if (ctx := context_length(model, tok)) is not None and cfg.max_length > ctx:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the {ctx} positions {cfg.model} reads")
     disable_dropout(model)  # exact resume needs deterministic forward passes
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
