@@ -11,26 +11,20 @@ import pytest
 import torch
 
 from rlhf.algos import KL_ESTIMATORS, gae, kl_shaped_rewards, masked_whiten
+from rlhf.engine.config import EngineConfig
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.policy import policy_forward
 from rlhf.train.ppo import PPOTrainer
 from rlhf.train.ppo_config import PPOConfig
+from test_ppo import LetterScorer
 
 PROMPTS = ["my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next"]
-
-
-class LetterScorer:
-    name = "letters"
-    higher_is_better = True
-
-    def score(self, prompts, completions):
-        return torch.tensor([sum(ch in "et" for ch in c) / max(1, len(c)) for c in completions], dtype=torch.float32)
 
 
 def make_trainer(model_dir, lora: bool, **kw) -> PPOTrainer:
     cfg = PPOConfig(out="unused", policy=str(model_dir), batch_size=8, mini_batch_size=4, micro_batch_size=2,
                     max_new_tokens=10, temperature=0.8, init_kl_coef=0.2, adaptive_kl=True, target_kl=0.5,
-                    kl_horizon=16, missing_eos_penalty=0.5, device="cpu", seed=0, **kw)
+                    kl_horizon=16, missing_eos_penalty=0.5, seed=0, engine=EngineConfig(device="cpu"), **kw)
     cfg.validate()
     tok = load_tokenizer(model_dir)
     policy = load_causal_lm(model_dir)
@@ -63,9 +57,9 @@ def experience(trainer: PPOTrainer, beta: float):
     """One experience batch, made after the controller's β was moved to ``beta``."""
     trainer.kl_ctl.beta = beta
     torch.manual_seed(1)
-    rollout = trainer.generate(PROMPTS * 2)
-    scores = trainer.score(rollout)
-    return rollout, scores, trainer.make_experience(rollout, scores)
+    exp = trainer.generate(PROMPTS * 2)
+    scores = trainer.score(exp)
+    return exp, scores.clone(), trainer.make_experience(exp)
 
 
 def reference_forward(trainer: PPOTrainer, exp) -> torch.Tensor:
@@ -123,8 +117,8 @@ def test_the_step_uses_and_updates_the_controllers_beta(tiny_model_dir):
     shaped = []
     real = trainer.make_experience
 
-    def spy(rollout, scores):
-        exp = real(rollout, scores)
+    def spy(exp):
+        exp = real(exp)
         shaped.append((trainer.kl_ctl.beta, exp))
         return exp
 

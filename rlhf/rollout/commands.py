@@ -11,6 +11,7 @@ import click
 from rlhf.config import config_command, opt
 from rlhf.data.io import read_records, write_records
 from rlhf.data.records import CompletionsRecord, PromptRecord
+from rlhf.engine.config import EngineConfig
 
 
 @dataclass
@@ -27,7 +28,7 @@ class GenerateConfig:
     top_k: int = opt(0, help="Keep only the k most likely tokens (0 = off).")
     batch_size: int = opt(32, help="Sequences decoded together.")
     seed: int = opt(0, help="Random seed for sampling.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How sampling runs (device, rollout backend, threads, ...).")
 
     def validate(self) -> None:
         from rlhf.errors import ConfigError
@@ -45,15 +46,18 @@ class GenerateConfig:
 def generate_file(cfg: GenerateConfig) -> int:
     """Sample ``cfg.num_completions`` replies for every prompt in ``cfg.prompts`` and write the
     completions file atomically. Returns the number of prompts."""
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhf.engine.runtime import start
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.rollout.backends import make_backend
     from rlhf.rollout.generate import SamplingParams, generate_completions
 
+    rt = start(cfg.engine)
     prompts = read_records(cfg.prompts, PromptRecord)
     tok = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
+    model = load_causal_lm(cfg.model, device=rt.device, dtype=rt.dtype)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     outs = generate_completions(model, tok, [p.prompt for p in prompts], cfg.num_completions, params,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
+                                batch_size=cfg.batch_size, seed=cfg.seed, backend=make_backend(rt.engine, model, tok))
     write_records(cfg.out, [CompletionsRecord(p.id, p.prompt, c) for p, c in zip(prompts, outs)])
     return len(prompts)
 
