@@ -187,12 +187,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"unknown option {name!r} for {cls.__name__}")
         put(name, value, f"option --{name.replace('_', '-')}")
     for sec, sec_values in nested.items():
-        if sec_values or sec not in values:
-            section = sections[sec](**sec_values)
-            check = getattr(section, "validate", None)
-            if callable(check):
-                check()
-            values[sec] = section
+        section = sections[sec](**sec_values)
+        check = getattr(section, "validate", None)
+        if callable(check):
+            check()
+        values[sec] = section
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

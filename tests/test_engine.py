@@ -132,6 +132,20 @@ def test_start_applies_the_section_once_and_says_so(capsys):
         cpu_gemm.configure(mode)
 
 
+def test_start_maps_an_old_variable_and_says_it_is_deprecated(monkeypatch, capsys):
+    from rlhf.engine import runtime
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("RLHF_FAST_DECODE", "0")
+    try:
+        with pytest.warns(DeprecationWarning):
+            rt = runtime.start(EngineConfig(device="cpu", threads=1, cpu_gemm="blas"))
+    finally:
+        torch.set_num_threads(threads)
+    assert rt.engine.rollout == "hf"
+    assert "warning: RLHF_FAST_DECODE is deprecated: use --rollout hf" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cores, processes, expected", [(2, 1, 1), (1, 1, 1), (8, 1, 7), (8, 2, 3), (16, 3, 5), (4, 8, 1)])
 def test_auto_threads(cores, processes, expected):
     from rlhf.engine.runtime import auto_threads

@@ -84,7 +84,7 @@ def resolve(engine: EngineConfig, dist: Distributed) -> EngineConfig:
 
 def start(engine: EngineConfig, *, quiet: bool = False) -> Runtime:
     """Apply ``engine`` to this process (once per command) and return what was resolved."""
-    engine, _ = with_legacy_env(engine)
+    engine, deprecated = with_legacy_env(engine)
     dist = Distributed(device_type="cpu" if engine.device == "cpu" or
                        (engine.device == "auto" and not torch.cuda.is_available()) else "cuda")
     resolved = resolve(engine, dist)
@@ -98,6 +98,8 @@ def start(engine: EngineConfig, *, quiet: bool = False) -> Runtime:
     cpu_gemm.configure(resolved.cpu_gemm)
     runtime = Runtime(resolved, device, DTYPES[resolved.dtype], dist)
     line = describe(runtime)
+    for message in deprecated if dist.is_main else []:
+        print(f"warning: {message}", file=sys.stderr)
     if not quiet and dist.is_main and line != _said.get("last"):  # a demo's stages repeat the same section
         print(f"engine: {line}", file=sys.stderr)
         _said["last"] = line

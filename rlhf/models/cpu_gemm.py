@@ -16,8 +16,9 @@ Modes (``--cpu-gemm``, set for the process by :func:`configure` when a command s
 * ``auto``: for each (in, out) shape of the model's linear layers, a short timing of the forward
   and both backward products at a training-sized row count, oneDNN against BLAS, decides; a layer
   switches when oneDNN is at least 5% faster. Results are cached per CPU model, torch version and
-  thread count (``~/.cache/rlhf/cpu-gemm.json``), so a run on a machine that has measured once is
-  deterministic: the same layers always take the same path.
+  thread count (``~/.cache/rlhf/cpu-gemm.json``, with the load average at the time), so a run on
+  a machine that has measured once is deterministic: the same layers always take the same path.
+  Delete the file to time again (e.g. after timing on a busy machine, which is warned about).
 
 Both are plain IEEE fp32 (no bf16/tf32 shortcut): they differ only in summation order, at the
 1e-6 relative level. A switched layer's forward and both gradients are oneDNN matmuls (an autograd
@@ -195,10 +196,14 @@ def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> 
         cache = {}  # a damaged cache is measured again, never trusted
     entries = cache.setdefault(key, {})
     todo = sorted(s for s in shapes if f"{s[0]}x{s[1]}" not in entries)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if todo and load > (os.cpu_count() or 1):
+        log.warning("timing linear products on a busy machine (load %.1f on %d cores): the choice may be noise; "
+                    "delete %s to time again later", load, os.cpu_count() or 1, path)
     for k, n in todo:
         t = time_shape(k, n)
         entries[f"{k}x{n}"] = {"blas_ms": round(t["blas"] * 1e3, 4), "onednn_ms": round(t["onednn"] * 1e3, 4),
-                               "onednn": t["onednn"] < ONEDNN_MARGIN * t["blas"]}
+                               "onednn": t["onednn"] < ONEDNN_MARGIN * t["blas"], "load_average": round(load, 2)}
     if todo:
         try:
             atomic_write_json(path, cache)
