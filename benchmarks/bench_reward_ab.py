@@ -44,7 +44,7 @@ def run(name: str, steps: int, threads: int, work: Path, data: Path = DATA) -> d
            "--out", str(out), "--max-steps", str(steps), "--batch-size", "16", "--max-length", "128", "--lr", "1e-4",
            "--head-lr", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing,
            "--cpu-gemm", gemm, "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)  # `-m rlhf` imports from cwd first
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())

@@ -60,13 +60,13 @@ def run(variant: str, a, data: Path, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads)}
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)  # `-m rlhf` imports from cwd first
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     ev = subprocess.run([sys.executable, "-m", "rlhf", "reward", "eval", "--model", str(out / "model"), "--pairs",
                          str(data / "validation.jsonl.gz"), "--skip-bad-pairs", "--json", "--device", "cpu"],
-                        capture_output=True, text=True, env=env)
+                        capture_output=True, text=True, env=env, cwd=REPO)
     if ev.returncode:
         raise SystemExit(f"eval failed:\n{ev.stderr[-3000:]}")
     acc = json.loads(ev.stdout.strip().splitlines()[-1])["accuracy"]

@@ -70,7 +70,7 @@ def run_ppo(a, backend: str, work: Path) -> dict:
            "--max-steps", str(a.ppo_steps), "--batch-size", str(a.batch), "--mini-batch-size", str(a.batch // 2),
            "--micro-batch-size", str(a.batch // 2), "--max-new-tokens", str(a.tokens), "--no-progress", "--no-resume",
            "--device", "cuda", "--dtype", a.dtype, "--rollout", backend, "--vllm-gpu-memory", str(a.vllm_gpu_memory)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"ppo with --rollout {backend} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]

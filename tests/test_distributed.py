@@ -46,8 +46,8 @@ def launch(args: list[str], processes: int = 2, wait: bool = True, log: Path | N
            "TOKENIZERS_PARALLELISM": "false"}
     if not wait:
         out = open(log, "w") if log else subprocess.DEVNULL
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 

@@ -107,7 +107,7 @@ print(json.dumps({"env_changed": sorted(set(os.environ.items()) ^ set(before_env
            "RLHF_DECODE_THREADS": "junk", "RLHF_DECODE_COMPILE": "junk", "OMP_NUM_THREADS": "2"}
     env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
     env.pop("LRU_CACHE_CAPACITY", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"env_changed": [], "threads_changed": False, "gemm": "blas"}
