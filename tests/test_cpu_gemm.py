@@ -110,6 +110,7 @@ def test_auto_mode_routes_each_shape_by_its_cached_timing(gemm_mode, monkeypatch
 
     monkeypatch.setattr(cpu_gemm, "time_shape", fake_time)
     monkeypatch.setattr(cpu_gemm, "cache_path", lambda: tmp_path / "cpu-gemm.json")
+    monkeypatch.setattr(cpu_gemm, "machine_load", lambda: 0.0)  # a quiet machine
     model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 48))
     assert cpu_gemm.use_fast_cpu_linears(model) == 2  # the two 32→48 layers; 48→32 is within the 5% margin
     assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
@@ -123,6 +124,11 @@ def test_auto_mode_routes_each_shape_by_its_cached_timing(gemm_mode, monkeypatch
     # A damaged cache is measured again, not trusted
     (tmp_path / "cpu-gemm.json").write_text("{not json")
     assert cpu_gemm.use_fast_cpu_linears(nn.Sequential(nn.Linear(32, 48))) == 1 and len(timed) == 3
+    # On a busy machine nothing is timed (it would cache noise): new shapes keep BLAS, cached ones their choice
+    monkeypatch.setattr(cpu_gemm, "machine_load", lambda: 1000.0)
+    busy = nn.Sequential(nn.Linear(32, 48), nn.Linear(16, 16))
+    assert cpu_gemm.use_fast_cpu_linears(busy) == 1 and "forward" not in busy[1].__dict__ and len(timed) == 3
+    assert "16x16" not in next(iter(json.loads((tmp_path / "cpu-gemm.json").read_text()).values()))
 
 
 @needs_onednn

@@ -18,7 +18,9 @@ Modes (``--cpu-gemm``, set for the process by :func:`configure` when a command s
   switches when oneDNN is at least 5% faster. Results are cached per CPU model, torch version and
   thread count (``~/.cache/rlhf/cpu-gemm.json``, with the load average at the time), so a run on
   a machine that has measured once is deterministic: the same layers always take the same path.
-  Delete the file to time again (e.g. after timing on a busy machine, which is warned about).
+  On a busy machine (load average above the core count) nothing is timed: other jobs preempt the
+  products and the timing would cache noise, so such a run keeps BLAS for unmeasured shapes and
+  a later, quieter run measures them. Delete the file to time again.
 
 Both are plain IEEE fp32 (no bf16/tf32 shortcut): they differ only in summation order, at the
 1e-6 relative level. A switched layer's forward and both gradients are oneDNN matmuls (an autograd
@@ -178,6 +180,11 @@ def time_shape(in_features: int, out_features: int, rows: int = TIMING_ROWS, rep
     return best
 
 
+def machine_load() -> float:
+    """The 1-minute load average (runnable threads, ours included), 0 where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def cache_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "rlhf" / "cpu-gemm.json"
@@ -196,10 +203,13 @@ def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> 
         cache = {}  # a damaged cache is measured again, never trusted
     entries = cache.setdefault(key, {})
     todo = sorted(s for s in shapes if f"{s[0]}x{s[1]}" not in entries)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = machine_load()
     if todo and load > (os.cpu_count() or 1):
-        log.warning("timing linear products on a busy machine (load %.1f on %d cores): the choice may be noise; "
-                    "delete %s to time again later", load, os.cpu_count() or 1, path)
+        # Other jobs preempt the timed products (a 10 ms product spans several scheduler slices),
+        # so a timing now would cache noise for good: keep the default for this run, time later.
+        log.warning("CPU GEMM routing: the machine is busy (load %.1f on %d cores); using the default BLAS for "
+                    "%d layer shape(s) this run, and timing them when it is quieter", load, os.cpu_count() or 1, len(todo))
+        return {s: bool(entries.get(f"{s[0]}x{s[1]}", {}).get("onednn", False)) for s in shapes}
     for k, n in todo:
         t = time_shape(k, n)
         entries[f"{k}x{n}"] = {"blas_ms": round(t["blas"] * 1e3, 4), "onednn_ms": round(t["onednn"] * 1e3, 4),

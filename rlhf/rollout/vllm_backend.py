@@ -68,8 +68,11 @@ class VLLMBackend:
         kwargs = dict(model=str(base), dtype=dtype, gpu_memory_utilization=engine.vllm_gpu_memory, seed=0,
                       enable_prefix_caching=True)
         if self.lora:
-            cfg = next(iter(policy.peft_config.values()))
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(cfg.r)), max_loras=1)
+            rank = int(next(iter(policy.peft_config.values())).r)
+            supported = [r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank]  # vLLM's allowed maxima
+            if not supported:
+                raise ConfigError(f"--lora-r {rank} is above the largest LoRA rank vLLM serves (512)")
+            kwargs.update(enable_lora=True, max_lora_rank=supported[0], max_loras=1)
         self.llm = LLM(**kwargs)
         self._lora_version = 0
         self._lora_request = None
@@ -90,10 +93,12 @@ class VLLMBackend:
         # distribution only at temperature 1 without filters, and are recorded only then.
         comparable = params.temperature == 1.0 and params.top_p >= 1.0 and not params.top_k
         want_logprobs = record and comparable
-        sampling = [SamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=float(params.temperature),
-                                   top_p=float(params.top_p), top_k=int(params.top_k) if params.top_k else -1,
-                                   stop_token_ids=eos, seed=None if seeds is None else int(s) % 2**31,
-                                   logprobs=0 if want_logprobs else None, detokenize=False)
+        common = dict(n=1, max_tokens=params.max_new_tokens, temperature=float(params.temperature),
+                      top_p=float(params.top_p), stop_token_ids=eos, logprobs=0 if want_logprobs else None,
+                      detokenize=False)
+        if params.top_k:  # left out when off: vLLM versions disagree on the value that means "off"
+            common["top_k"] = int(params.top_k)
+        sampling = [SamplingParams(**common, seed=None if s is None else int(s) % 2**31)
                     for s in (seeds if seeds is not None else [None] * len(prompts))]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=self._lora_request)
         width = max(1, max(len(o.outputs[0].token_ids) for o in outputs))
