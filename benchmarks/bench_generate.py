@@ -136,7 +136,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer
-    from rlhf.rollout import decode
+    from rlhf.rollout.backends import FastDecode, HFGenerate
+    from rlhf.rollout.decode import DecodeSettings
     from rlhf.rollout.generate import SamplingParams, sample_tokens
 
     tmp = tempfile.TemporaryDirectory() if args.build_30m else None
@@ -154,16 +155,14 @@ def main() -> int:
 
     def run_hf(prompts, threads):
         torch.set_num_threads(threads)
-        decode.SETTINGS.enabled = False
         try:
-            return sample_tokens(model, fixed, prompts, params)
+            return sample_tokens(model, fixed, prompts, params, backend=HFGenerate())  # --rollout hf
         finally:
-            decode.SETTINGS.enabled = True
             torch.set_num_threads(default_threads)
 
-    def run_ours(prompts, compiled):
-        decode.SETTINGS.compile, decode.SETTINGS.threads = compiled, args.decode_threads
-        return sample_tokens(model, fixed, prompts, params)
+    def run_ours(prompts, compiled):  # --rollout fast [--compile] --rollout-threads N
+        backend = FastDecode(DecodeSettings(compile=compiled, threads=args.decode_threads))
+        return sample_tokens(model, fixed, prompts, params, backend=backend)
 
     variants = {f"hf_generate ({default_threads} threads)": lambda p: run_hf(p, default_threads)}
     if default_threads != 1:

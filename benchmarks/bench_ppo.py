@@ -204,9 +204,8 @@ def build_30m(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run_ours(a) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
+    from rlhf.engine.config import EngineConfig
+    from rlhf.engine.runtime import start
     from rlhf.judges import load_scorer
     from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
     from rlhf.train.ppo import PPOTrainer
@@ -219,8 +218,10 @@ def run_ours(a) -> dict:
                     micro_batch_size=s["micro_batch_size"], ppo_epochs=s["ppo_epochs"], max_new_tokens=s["response_length"],
                     lr=s["lr"], init_kl_coef=s["kl_coef"], adaptive_kl=False, temperature=s["temperature"],
                     cliprange=s["cliprange"], cliprange_value=s["cliprange_value"], vf_coef=s["vf_coef"], gamma=s["gamma"],
-                    lam=s["lam"], missing_eos_penalty=s["missing_eos_penalty"], max_grad_norm=0.0, seed=s["seed"] + a.round)
+                    lam=s["lam"], missing_eos_penalty=s["missing_eos_penalty"], max_grad_norm=0.0, seed=s["seed"] + a.round,
+                    engine=EngineConfig(device="cpu", threads=a.threads, cpu_gemm=a.cpu_gemm))
     cfg.validate()
+    start(cfg.engine)  # what `rlhf ppo` does first: threads, CPU GEMM routing
     seed_everything(cfg.seed)
     tok = load_tokenizer(a.policy)
     policy, reference = load_causal_lm(a.policy), load_causal_lm(a.policy)
@@ -329,7 +330,8 @@ def run_eval(a) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def sub(python: str, mode: str, **kw) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", mode] + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+    cmd = [python, str(Path(__file__).resolve()), "--worker", mode] + [x for k, v in kw.items()
+                                                                       for x in (f"--{k.replace('_', '-')}", str(v))]
     env = {**os.environ, "OMP_NUM_THREADS": str(kw["threads"]), "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
@@ -359,6 +361,7 @@ def main() -> None:
     ap.add_argument("--models", default="bundled,30m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "onednn", "blas"], help="ours: --cpu-gemm")
     ap.add_argument("--work", default=str(REPO / "out" / "bench_ppo"))
     ap.add_argument("--trl-python", default=str(REPO / ".venv-trl112" / "bin" / "python"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "bench_ppo.json"))
@@ -373,9 +376,10 @@ def main() -> None:
     work = Path(a.work).resolve()
     policies = setup(work)
     ours_py = str(REPO / ".venv" / "bin" / "python")
-    common = dict(rm=work / "rm" / "model", prompts=work / "prompt_ids.json", threads=a.threads)
+    common = dict(rm=work / "rm" / "model", prompts=work / "prompt_ids.json", threads=a.threads, cpu_gemm=a.cpu_gemm)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
                "load_average_at_start": os.getloadavg(), "threads": a.threads, "rounds": a.rounds, "settings": COMMON,
+               "cpu_gemm": a.cpu_gemm,
                "models": {}}
     for size in a.models.split(","):
         runs = {"ours": [], "trl": []}

@@ -4,9 +4,10 @@ Runs ``rlhf reward train`` on the hh-harmless training pairs with the settings o
 bench_reward_trl.py (MiniLM, 16 pairs a step, max length 128, lr 1e-4, dropout off, 2 threads,
 no validation) for --steps steps, in three variants:
 
-    blas-padded     RLHF_CPU_GEMM=blas   --no-packing   (MKL products, right-padded batches)
-    blas-packed     RLHF_CPU_GEMM=blas   --packing      (padding-free batches alone)
-    onednn-packed   RLHF_CPU_GEMM=auto   --packing      (the default on this machine's AMD CPU)
+    blas-padded     --cpu-gemm blas     --no-packing   (MKL products, right-padded batches)
+    blas-packed     --cpu-gemm blas     --packing      (padding-free batches alone)
+    onednn-packed   --cpu-gemm onednn   --packing      (every linear layer through oneDNN)
+    auto-packed     --cpu-gemm auto     --packing      (the default: per shape, whichever was timed faster here)
 
 Variants alternate, forward then backward (a b c c b a ...), each run its own process; the table
 shows medians of pairs/s (the training loop, from summary.json) and peak RSS.
@@ -32,17 +33,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "train.jsonl.gz"
 VARIANTS = {"blas-padded": ("blas", "--no-packing"), "blas-packed": ("blas", "--packing"),
-            "onednn-packed": ("auto", "--packing")}
+            "onednn-packed": ("onednn", "--packing"), "auto-packed": ("auto", "--packing")}
 
 
-def run(name: str, steps: int, threads: int, work: Path) -> dict:
+def run(name: str, steps: int, threads: int, work: Path, data: Path = DATA) -> dict:
     gemm, packing = VARIANTS[name]
     out = work / f"{name}-{time.monotonic_ns()}"
-    env = {**os.environ, "RLHF_CPU_GEMM": gemm, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = ["/usr/bin/time", "-f", "%M", str(REPO / ".venv" / "bin" / "rlhf"), "reward", "train", "--pairs", str(DATA),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "rlhf", "reward", "train", "--pairs", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", "16", "--max-length", "128", "--lr", "1e-4",
-           "--head-lr", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+           "--head-lr", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing,
+           "--cpu-gemm", gemm, "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)  # `-m rlhf` imports from cwd first
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -57,15 +59,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each variant (alternating order)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "bench_reward_ab.json"))
+    ap.add_argument("--data", type=Path, default=DATA, help="hh-harmless training pairs")
     a = ap.parse_args()
-    if not DATA.is_file():
-        print(f"hh-harmless not found at {DATA}", file=sys.stderr)
+    if not a.data.is_file():
+        print(f"hh-harmless not found at {a.data}", file=sys.stderr)
         return 2
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-reward-ab-") as tmp:
         for r in range(a.repeats):
             for name in (list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]):
-                res = run(name, a.steps, a.threads, Path(tmp))
+                res = run(name, a.steps, a.threads, Path(tmp), a.data)
                 runs[name].append(res)
                 print(f"{name:<14} {res['pairs_per_second']:6.2f} pairs/s  {res['peak_rss_mb']:5d} MiB  "
                       f"(load {res['load_avg_1m']})", flush=True)

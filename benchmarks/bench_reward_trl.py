@@ -67,6 +67,7 @@ def _accuracy(score_fn, encoded: list) -> float:
 
 
 def worker_ours(a, train_path: str, val_path: str, out: Path) -> dict:
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.reward import RewardTrainConfig, read_pairs, train_reward_model
     from rlhf.train.reward_commands import evaluate_scorer
 
@@ -77,8 +78,8 @@ def worker_ours(a, train_path: str, val_path: str, out: Path) -> dict:
                             epochs=(a.steps - 0.5) / spe, batch_size=a.batch_size, lr=a.lr, head_lr=0.0,
                             warmup_ratio=a.warmup_ratio,
                             weight_decay=0.01, max_grad_norm=1.0, max_length=a.max_length, dropout=False,
-                            skip_bad_pairs=True, threads=a.threads, seed=a.seed, device="cpu", resume=False,
-                            keep_checkpoints=1)
+                            skip_bad_pairs=True, seed=a.seed, resume=False, keep_checkpoints=1,
+                            engine=EngineConfig(device="cpu", threads=a.threads, cpu_gemm=a.cpu_gemm))
     cfg.validate()
     summary = train_reward_model(cfg)
     after_train = _peak_rss_mb()
@@ -133,6 +134,13 @@ def worker_trl(a, train_path: str, val_path: str, out: Path) -> dict:
             "optim": str(getattr(args.optim, "value", args.optim))}
 
 
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
@@ -155,7 +163,7 @@ def spawn(a, which: str, python: str) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", which, "--data", a.data, "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr),
            "--warmup-ratio", str(a.warmup_ratio), "--threads", str(a.threads), "--seed", str(a.seed),
-           "--trl-optim", a.trl_optim]
+           "--trl-optim", a.trl_optim, "--cpu-gemm", a.cpu_gemm]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -181,6 +189,7 @@ def main() -> int:
     ap.add_argument("--trl-optim", default="", help="TRL's optimizer; empty = its own default (with torch >= 2.8 that "
                                                     "is adamw_torch_fused, the fused kernel ours uses too)")
     ap.add_argument("--rounds", type=int, default=3, help="ours/TRL pairs of runs (medians are reported)")
+    ap.add_argument("--cpu-gemm", default="auto", choices=["auto", "onednn", "blas"], help="ours: --cpu-gemm")
     ap.add_argument("--trl-python", default=str(REPO / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "bench_reward_trl.json"))
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -216,10 +225,11 @@ def main() -> int:
     trl_version = subprocess.run([a.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
                                  text=True).stdout.strip()
     result = {"settings": {k: getattr(a, k) for k in ("steps", "batch_size", "max_length", "lr", "warmup_ratio",
-                                                      "threads", "seed", "rounds", "trl_optim")},
+                                                      "threads", "seed", "rounds", "trl_optim", "cpu_gemm")},
               "runs": runs, "median": med,
               "ratio_ours_over_trl": {k: round(med["ours"][k] / med["trl"][k], 3) for k in med["ours"]},
               "trl_version": trl_version, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "cpu": _cpu_name(),
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     from rlhf.utils.io import atomic_write_json

@@ -40,6 +40,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from rlhf.config import config_to_dict
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
     from rlhf.utils.io import atomic_write_json
@@ -48,7 +49,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         cfg = PPOConfig(out=tmp, reward=args.reward, max_steps=args.steps, batch_size=args.batch_size,
                         init_kl_coef=args.init_kl_coef, target_kl=args.target_kl, kl_ceiling=args.kl_ceiling,
-                        threads=args.threads, seed=args.seed, device="cpu", resume=False, progress=False)
+                        seed=args.seed, resume=False, progress=False,
+                        engine=EngineConfig(device="cpu", threads=args.threads))
         cfg.validate()
         t0 = time.perf_counter()
         summary = run_ppo(cfg)

@@ -58,6 +58,7 @@ def main() -> int:
         return 2
 
     from rlhf.config import config_to_dict
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.reward import RewardTrainConfig, train_reward_model
     from rlhf.train.reward_commands import evaluate_scorer
     from rlhf.train.reward import read_pairs
@@ -72,7 +73,7 @@ def main() -> int:
                             head_lr=args.head_lr, warmup_ratio=args.warmup_ratio, freeze_layers=args.freeze_layers,
                             freeze_embeddings=args.freeze_embeddings, dropout=not args.no_dropout, pooling=args.pooling,
                             margin=args.margin, center_coef=args.center_coef, patience=args.patience,
-                            threads=args.threads, seed=args.seed, device="cpu", resume=False)
+                            seed=args.seed, resume=False, engine=EngineConfig(device="cpu", threads=args.threads))
     cfg.validate()
     t0 = time.perf_counter()
     summary = train_reward_model(cfg)

@@ -7,6 +7,8 @@ comparisons and padding invariance (tests/test_algos*.py).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,12 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs [B] the rewards order right; a tie counts half (a coin flip). Returns a scalar."""
+    diff = (r_chosen - r_rejected).double()
+    return ((diff > 0).double() + 0.5 * (diff == 0).double()).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +64,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x − mean) / std over the masked positions; masked positions come out 0.
 
     ``shift_mean=False`` only rescales (used for rewards, whose sign carries meaning).
+    ``all_sum``: when the batch is split over processes, a function that sums a tensor over all of
+    them; mean and variance are then those of the whole batch (two passes, as for one process), so
+    every share is whitened exactly as the whole batch would be.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        real = mask.bool()
+        n_sum = all_sum(torch.stack([torch.where(real, x, torch.zeros_like(x)).sum(), mask.to(x.dtype).sum()]))
+        n = n_sum[1].clamp(min=1.0)
+        mean = n_sum[0] / n
+        var = all_sum(torch.where(real, (x - mean) ** 2, torch.zeros_like(x)).sum()) / (n - 1).clamp(min=1.0)
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
@@ -150,7 +169,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     per_token = torch.maximum(unclipped, clipped)
-    loss = _token_mean(per_token, response_mask, normaliser)
+    loss = token_mean(per_token, response_mask, normaliser)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
                  "approx_kl": masked_mean(0.5 * log_ratio ** 2, response_mask)}
@@ -164,7 +183,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     unclipped_sq = (values - returns) ** 2
     clipped_sq = (clipped_values - returns) ** 2
     per_token = 0.5 * torch.maximum(unclipped_sq, clipped_sq)
-    loss = _token_mean(per_token, response_mask, normaliser)
+    loss = token_mean(per_token, response_mask, normaliser)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped_sq > unclipped_sq).float(), response_mask)}
     return loss, stats
@@ -176,7 +195,19 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, normaliser: torch.Tensor | float | None) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at ``tokens``: logits [..., V], tokens [...] → [...].
+
+    The gather − logsumexp form never materialises a full log-softmax copy of the vocabulary.
+    Scale the logits by 1/temperature first to score the distribution that was sampled from.
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor, normaliser: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Sum of ``per_token`` [B, R] over the masked positions, divided by their count or by ``normaliser``
+    (the token count of a whole minibatch, so that its micro-batches add up to its token mean)."""
     if normaliser is None:
         return masked_mean(per_token, mask)
     total = torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum()

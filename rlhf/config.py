@@ -8,6 +8,11 @@ drives three things, so they cannot drift apart:
   every option with its default);
 * ``config_to_dict(cfg)`` — what a stage writes next to its outputs, for lineage.
 
+A field whose type is itself a config dataclass is a *section* (e.g. ``engine: EngineConfig``, how
+a stage runs): its options are flags of the command like any other (``--threads``), YAML takes
+them nested (``engine: {threads: 1}``) or at the top level (``threads: 1``), and the saved config
+nests them under the section's name.
+
 Precedence matters for reproducibility: a flag typed on the command line always wins, a flag left
 at its default never overrides the YAML file.
 """
@@ -57,6 +62,25 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section field (a field whose type is a config dataclass), else None."""
+    inner, _ = _unwrap_optional(tp)
+    return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """Section fields of ``cls`` → their dataclass; a section's option may not share a top-level name."""
+    hints = _field_types(cls)
+    out = {f.name: _section_type(hints[f.name]) for f in dataclasses.fields(cls)}
+    out = {k: v for k, v in out.items() if v is not None}
+    top = {f.name for f in dataclasses.fields(cls)}
+    for name, sec in out.items():
+        clash = top & {f.name for f in dataclasses.fields(sec)}
+        if clash:
+            raise TypeError(f"{cls.__name__}: option(s) {sorted(clash)} of section {name!r} clash with top-level options")
+    return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -125,7 +149,19 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
     """Build ``cls`` from its defaults, then a YAML file, then ``overrides`` (already-typed CLI values)."""
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    sections = _sections(cls)
+    # an option of a section, given by its own name (YAML top level, or a flag) → that section
+    owner = {f.name: sec for sec, sec_cls in sections.items() for f in dataclasses.fields(sec_cls)}
     values: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {sec: {} for sec in sections}
+
+    def put(name: str, value: Any, where: str) -> None:
+        if name in owner:
+            sec_cls = sections[owner[name]]
+            nested[owner[name]][name] = _coerce(value, _field_types(sec_cls)[name], where)
+        else:
+            values[name] = _coerce(value, hints[name], where)
+
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -141,13 +177,30 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"{path}: expected a mapping of option names to values at the top level")
         for key, value in raw.items():
             name = str(key).replace("-", "_")
-            if name not in names:
-                raise ConfigError(f"{path}: unknown option {brief(key)}; {cls.__name__} takes: {', '.join(sorted(names))}")
-            values[name] = _coerce(value, hints[name], f"{path}: option {brief(key)}")
+            if name in sections:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: option {brief(key)} is a section: expected a mapping of its options")
+                for sub, sub_value in value.items():
+                    sub_name = str(sub).replace("-", "_")
+                    if owner.get(sub_name) != name:
+                        allowed = ", ".join(sorted(f.name for f in dataclasses.fields(sections[name])))
+                        raise ConfigError(f"{path}: unknown option {brief(sub)} in section {brief(key)}; it takes: {allowed}")
+                    put(sub_name, sub_value, f"{path}: option {brief(key)}.{brief(sub)}")
+                continue
+            if name not in names and name not in owner:
+                known = ", ".join(sorted((names - set(sections)) | set(owner)))
+                raise ConfigError(f"{path}: unknown option {brief(key)}; {cls.__name__} takes: {known}")
+            put(name, value, f"{path}: option {brief(key)}")
     for name, value in (overrides or {}).items():
-        if name not in names:
+        if name not in names and name not in owner:
             raise ConfigError(f"unknown option {name!r} for {cls.__name__}")
-        values[name] = _coerce(value, hints[name], f"option --{name.replace('_', '-')}")
+        put(name, value, f"option --{name.replace('_', '-')}")
+    for sec, sec_values in nested.items():
+        section = sections[sec](**sec_values)
+        check = getattr(section, "validate", None)
+        if callable(check):
+            check()
+        values[sec] = section
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -221,10 +274,19 @@ def config_command(cls: type[C], name: str | None = None, help: str | None = Non
 
         params: list[click.Parameter] = [click.Option(["--config"], type=click.Path(dir_okay=False), default=None,
                                                       help="YAML file of options; flags given here override it.")]
+        sections = _sections(cls)
         for f in dataclasses.fields(cls):
+            if f.name in sections:  # a section's options are flags of the command, after the stage's own
+                continue
             opt_ = _click_option(f, hints[f.name])
             opt_.name = f.name
             params.append(opt_)
+        for sec_cls in sections.values():
+            sec_hints = _field_types(sec_cls)
+            for f in dataclasses.fields(sec_cls):
+                opt_ = _click_option(f, sec_hints[f.name])
+                opt_.name = f.name
+                params.append(opt_)
         return click.Command(name or fn.__name__.replace("_", "-"), callback=callback, params=params,
                              help=help or (fn.__doc__ or cls.__doc__ or ""),
                              context_settings={"show_default": True, "max_content_width": 110})

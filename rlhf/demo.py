@@ -23,6 +23,7 @@ from typing import Literal
 import click
 
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 from rlhf.models.named import model_label, with_model_defaults
 
@@ -77,10 +78,9 @@ class DemoConfig:
     watch_every: int = opt(5, help="Gold-judge evaluations every N PPO steps.")
     eval_samples: int | None = opt(None, help="Completions per held-out prompt and model in the evaluation (unset: 8 for bundled).")
     seed: int = opt(0, help="Seed for every stage.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
     recipe: Literal["rlhf", "agent"] = opt("rlhf", help="rlhf (the loop above) or agent (index → SFT on ReAct traces → RL over episodes → eval; rlhf/agents/demo.py).")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How every stage runs (device, threads, rollout backend, ...).")
 
 
 def _say(msg: str) -> None:
@@ -88,15 +88,13 @@ def _say(msg: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    import torch
-
+    from rlhf.engine.runtime import start
     from rlhf.models.loading import shipped_prompts
     from rlhf.utils.io import atomic_write_json
     from rlhf.utils.metrics import peak_rss_mb
 
     cfg = with_model_defaults(cfg)  # fills the options left unset with what suits the model (named.py)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    start(cfg.engine)  # each stage applies the same section again; the first says what it chose
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = cfg.prompts or str(shipped_prompts("train"))
@@ -150,7 +148,7 @@ def _generate(cfg: DemoConfig, prompts: str, path: Path) -> None:
     from rlhf.rollout.commands import GenerateConfig, generate_file
 
     generate_file(GenerateConfig(prompts=prompts, out=str(path), model=cfg.policy, num_completions=cfg.num_completions,
-                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device,
+                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, engine=cfg.engine,
                                  temperature=cfg.temperature))
 
 
@@ -193,7 +191,7 @@ def _reward(cfg: DemoConfig, pairs: Path, out: Path) -> None:
 
     rcfg = RewardTrainConfig(pairs=str(pairs), out=str(out), base=cfg.reward_base, epochs=cfg.reward_epochs,
                              lr=cfg.reward_lr, max_length=cfg.reward_max_length, val_fraction=0.15, seed=cfg.seed,
-                             device=cfg.device, skip_bad_pairs=True)
+                             engine=cfg.engine, skip_bad_pairs=True)
     rcfg.validate()
     train_reward_model(rcfg)
 
@@ -231,7 +229,7 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
                      batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
                      micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                      kl_ceiling=cfg.kl_ceiling, score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer,
-                     watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device,
+                     watch_every=cfg.watch_every, seed=cfg.seed, engine=cfg.engine,
                      lora=cfg.lora, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.reply_tokens, temperature=cfg.temperature)
     pcfg.validate()
     run_ppo(pcfg)
@@ -245,7 +243,7 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
 
     ecfg = EvalConfig(out=str(out), model=[cfg.policy, str(tuned)], prompts=prompts,
                       judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
-                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device, temperature=cfg.temperature)
+                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, engine=cfg.engine, temperature=cfg.temperature)
     ecfg.validate()
     _, text = run_eval(ecfg)
     _say(text)
@@ -327,7 +325,7 @@ def demo(cfg: DemoConfig) -> None:
         from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
 
         out = cfg.out if cfg.out != "runs/demo" else "runs/agent"
-        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, threads=cfg.threads, device=cfg.device, resume=cfg.resume))
+        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, threads=cfg.engine.threads, device=cfg.engine.device, resume=cfg.resume))
         click.echo(summary_markdown(summary))
         return
     if cfg.labelers < 1 or cfg.num_completions < 2:

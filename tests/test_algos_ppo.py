@@ -207,3 +207,57 @@ def test_kl_controllers():
     assert ctl.beta < beta * 0.5
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+# --- pieces the trainers share ------------------------------------------------------------------
+
+def test_token_logprobs_by_hand_and_against_log_softmax():
+    from rlhf.algos import token_logprobs
+
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]]))
+    assert torch.allclose(token_logprobs(logits, torch.tensor([[0, 2]])), torch.log(torch.tensor([[0.5, 0.7]])))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 5, 11, generator=g), torch.randint(0, 11, (3, 5), generator=g)
+    loop = torch.tensor([[torch.log_softmax(x[i, j], -1)[t[i, j]].item() for j in range(5)] for i in range(3)])
+    assert torch.allclose(token_logprobs(x, t), loop, atol=1e-6)
+
+
+def test_token_mean_with_a_minibatch_normaliser_adds_up():
+    from rlhf.algos import token_mean
+
+    g, mask = random_batch(3)
+    x = torch.randn(mask.shape, generator=g)
+    n = mask.sum()
+    halves = token_mean(x[:2], mask[:2], n) + token_mean(x[2:], mask[2:], n)
+    assert torch.allclose(halves, masked_mean(x, mask)) and torch.allclose(token_mean(x, mask), masked_mean(x, mask))
+
+
+def test_whitening_over_shares_equals_whitening_the_whole_batch():
+    """Split over two "processes" (threads) whose ``all_sum`` is a real all-reduce between them: each
+    share is whitened exactly as the whole batch would be (what PPO does with several processes)."""
+    import threading
+
+    g, mask = random_batch(4)
+    x = pad(torch.randn(mask.shape, generator=g), 2, float("nan"))
+    mask = pad(mask, 2)
+    whole = masked_whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def process(rank: int) -> None:
+        def all_sum(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        rows = slice(2 * rank, 2 * rank + 2)
+        out[rank] = masked_whiten(x[rows], mask[rows], all_sum=all_sum)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert torch.allclose(torch.cat(out), whole, atol=1e-6, equal_nan=True)
+    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2], atol=1e-3)  # a share alone differs

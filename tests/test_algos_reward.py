@@ -32,3 +32,9 @@ def test_bradley_terry_loop_equals_vectorised_and_halves_agree():
 def test_bradley_terry_stays_finite_for_huge_gaps():
     loss = bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4]))
     assert torch.isfinite(loss) and loss.item() > 1e4 - 1
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    from rlhf.algos import pairwise_accuracy
+
+    assert float(pairwise_accuracy(torch.tensor([2.0, 1.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))) == 0.625

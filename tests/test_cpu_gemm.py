@@ -1,7 +1,9 @@
 """oneDNN linear layers (rlhf/models/cpu_gemm.py): the same outputs and gradients as nn.Linear,
-switched on and off by RLHF_CPU_GEMM, and invisible to weights, state dicts and copies."""
+switched on and off by --cpu-gemm (chosen per layer shape by a cached timing in auto mode), and
+invisible to weights, state dicts and copies."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -15,12 +17,10 @@ needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
 
 
 @pytest.fixture
-def gemm_mode(monkeypatch):
-    def set_mode(mode: str):
-        monkeypatch.setenv("RLHF_CPU_GEMM", mode)
-        cpu_gemm.onednn_linear_enabled.cache_clear()
-    yield set_mode
-    cpu_gemm.onednn_linear_enabled.cache_clear()
+def gemm_mode():
+    before = cpu_gemm.configured_mode()
+    yield cpu_gemm.configure
+    cpu_gemm.configure(before)
 
 
 def tiny_llama():
@@ -79,16 +79,59 @@ def test_a_switched_model_trains_like_the_original(gemm_mode, monkeypatch):
 def test_blas_mode_switches_nothing_and_bad_modes_are_refused(gemm_mode):
     gemm_mode("blas")
     assert cpu_gemm.use_fast_cpu_linears(tiny_llama()) == 0
-    gemm_mode("fastest")
-    with pytest.raises(ValueError, match="RLHF_CPU_GEMM"):
-        cpu_gemm.onednn_linear_enabled()
+    with pytest.raises(ValueError, match="--cpu-gemm"):
+        gemm_mode("fastest")
+    with pytest.raises(ValueError, match="--cpu-gemm"):
+        cpu_gemm.use_fast_cpu_linears(tiny_llama(), mode="fastest")
 
 
-def test_auto_mode_follows_the_cpu_vendor(gemm_mode, monkeypatch):
+def test_nothing_is_switched_until_a_command_configures_it():
+    """A library user who never starts an engine gets torch's own path (the reference)."""
+    import subprocess
+    import sys
+
+    code = ("from rlhf.models import cpu_gemm; from torch import nn; "
+            "print(cpu_gemm.configured_mode(), cpu_gemm.use_fast_cpu_linears(nn.Sequential(nn.Linear(512, 512))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["blas", "0"]
+
+
+@needs_onednn
+def test_auto_mode_routes_each_shape_by_its_cached_timing(gemm_mode, monkeypatch, tmp_path):
+    """auto: a layer goes through oneDNN only where the timing found it faster; the timing runs once
+    per shape and CPU, and later models take the cached decision (deterministic from then on)."""
     gemm_mode("auto")
-    monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda: "GenuineIntel")  # MKL's own AVX-512 kernels
-    assert not cpu_gemm.onednn_linear_enabled()
-    cpu_gemm.onednn_linear_enabled.cache_clear()
-    monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda: "AuthenticAMD")
-    has_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    assert cpu_gemm.onednn_linear_enabled() == has_op
+    timed = []
+    fake = {(32, 48): {"blas": 1.0, "onednn": 0.5}, (48, 32): {"blas": 1.0, "onednn": 0.99}}
+
+    def fake_time(k, n, **kw):
+        timed.append((k, n))
+        return fake.get((k, n), {"blas": 1.0, "onednn": 2.0})
+
+    monkeypatch.setattr(cpu_gemm, "time_shape", fake_time)
+    monkeypatch.setattr(cpu_gemm, "cache_path", lambda: tmp_path / "cpu-gemm.json")
+    monkeypatch.setattr(cpu_gemm, "machine_load", lambda: 0.0)  # a quiet machine
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 48))
+    assert cpu_gemm.use_fast_cpu_linears(model) == 2  # the two 32→48 layers; 48→32 is within the 5% margin
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert sorted(timed) == [(32, 48), (48, 32)]  # each shape timed once
+    cached = json.loads((tmp_path / "cpu-gemm.json").read_text())
+    (entry,) = cached.values()
+    assert entry["32x48"]["onednn"] is True and entry["48x32"]["onednn"] is False
+    # A second model: decided from the cache, nothing timed again
+    again = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))
+    assert cpu_gemm.use_fast_cpu_linears(again) == 1 and len(timed) == 2
+    # A damaged cache is measured again, not trusted
+    (tmp_path / "cpu-gemm.json").write_text("{not json")
+    assert cpu_gemm.use_fast_cpu_linears(nn.Sequential(nn.Linear(32, 48))) == 1 and len(timed) == 3
+    # On a busy machine nothing is timed (it would cache noise): new shapes keep BLAS, cached ones their choice
+    monkeypatch.setattr(cpu_gemm, "machine_load", lambda: 1000.0)
+    busy = nn.Sequential(nn.Linear(32, 48), nn.Linear(16, 16))
+    assert cpu_gemm.use_fast_cpu_linears(busy) == 1 and "forward" not in busy[1].__dict__ and len(timed) == 3
+    assert "16x16" not in next(iter(json.loads((tmp_path / "cpu-gemm.json").read_text()).values()))
+
+
+@needs_onednn
+def test_time_shape_measures_both_paths():
+    t = cpu_gemm.time_shape(64, 96, rows=32, repeats=2)
+    assert set(t) == {"blas", "onednn"} and all(0 < v < 1 for v in t.values())

@@ -5,6 +5,7 @@ import torch
 
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.rollout import decode
+from rlhf.rollout.backends import FastDecode, HFGenerate
 from rlhf.rollout.generate import SamplingParams, _generate_with_hf, decode_responses, sample_tokens
 
 PROMPTS = ["hi", "my house is too hot", "a much longer prompt about a hot house " * 3, "how do I cook rice"]
@@ -185,14 +186,10 @@ def test_sampling_draws_only_allowed_tokens_with_the_right_frequencies():
 
 def test_fallback_to_generate_gives_the_same_batch(llama):
     model, tok = llama
-    ours = sample_tokens(model, tok, PROMPTS, GREEDY)
-    before = decode.SETTINGS.enabled
-    try:
-        decode.SETTINGS.enabled = False
-        theirs = sample_tokens(model, tok, PROMPTS, GREEDY)
-    finally:
-        decode.SETTINGS.enabled = before
+    ours = sample_tokens(model, tok, PROMPTS, GREEDY, backend=FastDecode())
+    theirs = sample_tokens(model, tok, PROMPTS, GREEDY, backend=HFGenerate())  # --rollout hf
     assert decode_responses(tok, ours) == decode_responses(tok, theirs)
+    assert ours.texts == theirs.texts == decode_responses(tok, ours)
     assert torch.equal(ours.ended_with_eos, theirs.ended_with_eos)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import artifacts
 from rlhf.demo import DemoConfig, run_demo
+from rlhf.engine.config import EngineConfig
 from rlhf.train.ppo_config import PPOConfig
 from rlhf.train.ppo_loop import run_ppo
 from rlhf.utils.metrics import read_metrics
@@ -33,7 +34,7 @@ def tiny_demo(tiny_model_dir, tmp_path_factory):
     cfg = DemoConfig(out=str(root / "run"), policy=str(tiny_model_dir), prompts=str(prompts), eval_prompts=str(prompts),
                      num_completions=3, labelers=2, labeler_scorer="weighted:sentiment+length", reward_base=str(tiny_model_dir),
                      reward_epochs=2, reward_lr=1e-3, ppo_steps=3, ppo_batch_size=8, watch_every=1, eval_samples=2,
-                     device="cpu", kl_ceiling=1000.0)
+                     engine=EngineConfig(device="cpu"), kl_ceiling=1000.0)
     return cfg, run_demo(cfg)
 
 
@@ -84,7 +85,8 @@ def test_watch_flags_an_exploitable_proxy_and_stops(tiny_model_dir, prompts_file
     cfg = PPOConfig(out=str(out), policy=str(tiny_model_dir), reward="length", gold="weighted:-1*length",
                     prompts=str(prompts_file), max_steps=40, batch_size=8, mini_batch_size=8, micro_batch_size=8,
                     max_new_tokens=12, lr=3e-3, init_kl_coef=0.0, adaptive_kl=False, missing_eos_penalty=0.0,
-                    watch_every=1, watch_patience=2, max_length_ratio=1.5, device="cpu", seed=0, progress=False)
+                    watch_every=1, watch_patience=2, max_length_ratio=1.5, engine=EngineConfig(device="cpu"), seed=0,
+                    progress=False)
     cfg.validate()
     summary = run_ppo(cfg)
     assert summary["stop_reason"] == "reward_hacking" and summary["steps"] < 40

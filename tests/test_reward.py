@@ -14,6 +14,7 @@ from conftest import safetensors_weights as _weights
 from rlhf.cli import app
 from rlhf.errors import ConfigError, DataError, TrainingError
 from rlhf.models.reward_model import RewardEncoder, load_reward_model, new_reward_model, pool_hidden
+from rlhf.engine.config import EngineConfig
 from rlhf.train.reward import RewardTrainConfig, epoch_batches, pair_metrics, read_pairs, split_by_prompt, train_reward_model
 from rlhf.utils.metrics import read_metrics
 
@@ -188,9 +189,9 @@ def test_cli_training_raises_validation_accuracy_then_eval_and_score(tiny_model_
 def _cfg(tiny_model_dir, tmp_path, out: Path, **kw) -> RewardTrainConfig:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(32))
     base = dict(pairs=str(train), out=str(out), base=str(tiny_model_dir), val_fraction=0.25, epochs=2, batch_size=8,
-                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, device="cpu", seed=5)
+                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, seed=5)
     base.update(kw)
-    cfg = RewardTrainConfig(**base)
+    cfg = RewardTrainConfig(**base, engine=EngineConfig(device="cpu"))
     cfg.validate()
     return cfg
 

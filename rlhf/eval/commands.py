@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ class EvalConfig:
     batch_size: int = opt(64, help="Sequences decoded together.")
     bootstrap: int = opt(2000, help="Bootstrap resamples for the confidence intervals.")
     seed: int = opt(0, help="Sampling seed (the same for every model).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How sampling and scoring run (device, rollout backend, ...).")
 
     def validate(self) -> None:
         if not self.model:
@@ -45,11 +46,16 @@ def run_eval(cfg: EvalConfig):
     from rlhf.eval.judging import evaluate, format_table
     from rlhf.eval.report import ReportInput, write_report
     from rlhf.judges import load_scorer
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device, shipped_prompts
+    from rlhf.engine.runtime import start
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, shipped_prompts
+    from rlhf.rollout.backends import make_backend
     from rlhf.rollout.generate import SamplingParams
     from rlhf.utils.io import atomic_write_json, atomic_write_text
 
-    device = pick_device(cfg.device)
+    rt = start(cfg.engine)
+    if rt.engine.rollout == "vllm":
+        raise ConfigError("rlhf eval samples with --rollout fast or hf (vLLM rollouts serve PPO's policy)")
+    device = rt.device
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("eval"), PromptRecord)]
     judges = [load_scorer(spec) for spec in cfg.judge]
     models = {}
@@ -62,7 +68,7 @@ def run_eval(cfg: EvalConfig):
         cuts.report("eval")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     result = evaluate(models, reference, prompts, judges, params, cfg.samples_per_prompt, cfg.batch_size, cfg.seed,
-                      cfg.bootstrap)
+                      cfg.bootstrap, backend=make_backend(rt.engine))
     out = Path(cfg.out)
     payload = {**result.to_json(), "config": config_to_dict(cfg)}
     atomic_write_json(out / "eval.json", payload)

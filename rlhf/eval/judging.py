@@ -55,11 +55,11 @@ class EvalResult:
 
 
 def sample_all(model, tok, prompts: list[str], params: SamplingParams, samples_per_prompt: int, batch_size: int,
-               seed: int) -> list[SampledBatch]:
+               seed: int, backend=None) -> list[SampledBatch]:
     """Every model sees the same prompts in the same order with the same seed."""
     torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
-    return [sample_tokens(model, tok, flat[i:i + batch_size], params) for i in range(0, len(flat), batch_size)]
+    return [sample_tokens(model, tok, flat[i:i + batch_size], params, backend=backend) for i in range(0, len(flat), batch_size)]
 
 
 @torch.no_grad()
@@ -77,12 +77,12 @@ def kl_and_perplexity(model, reference, batches: list[SampledBatch]) -> tuple[to
 
 def evaluate(models: dict[str, tuple], reference: tuple | None, prompts: list[str], judges: list[Scorer],
              params: SamplingParams, samples_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
-             n_boot: int = 2000) -> EvalResult:
+             n_boot: int = 2000, backend=None) -> EvalResult:
     """``models``: name -> (model, tokenizer); ``reference``: (model, tokenizer) or None."""
     result = EvalResult(prompts=prompts, judges={j.name: j.higher_is_better for j in judges})
     for name, (model, tok) in tqdm(models.items(), desc="evaluating", unit="model"):
         t0 = time.perf_counter()
-        batches = sample_all(model, tok, prompts, params, samples_per_prompt, batch_size, seed)
+        batches = sample_all(model, tok, prompts, params, samples_per_prompt, batch_size, seed, backend)
         texts = [t for b in batches for t in decode_responses(tok, b)]
         flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         scores = {j.name: score_checked(j, flat_prompts, texts) for j in judges}

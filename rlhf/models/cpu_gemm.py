@@ -1,43 +1,62 @@
-"""fp32 linear layers through oneDNN on CPUs where it beats the BLAS that torch calls by default.
+"""fp32 linear layers through oneDNN where, on this CPU, it beats the BLAS that torch calls by default.
 
-PyTorch's CPU builds multiply fp32 matrices with MKL. MKL picks its kernels by CPU vendor: on Intel
-CPUs it runs AVX-512 code, on others (AMD EPYC / Ryzen) its AVX2 code even when the CPU has
-AVX-512. oneDNN, which the same torch build also ships, picks by instruction set. Measured on this
-project's 2-core AMD EPYC (AVX-512), one thread, fp32 (benchmarks/RESULTS.md):
+PyTorch's CPU builds multiply fp32 matrices with MKL, which picks its kernels by CPU vendor: AVX-512
+code on Intel, AVX2 code on AMD even when the CPU has AVX-512. oneDNN, shipped in the same torch
+build, picks by instruction set. Which one is faster therefore depends on the CPU and on the
+shapes (benchmarks/RESULTS.md): on an AMD EPYC with AVX-512 (family 26) oneDNN was 1.5-2.4x faster
+on a 30M model's products; on an AMD EPYC without AVX-512 (family 25, Zen 3) only 0.96-1.15x, and
+routing every layer there made PPO on the bundled model ~10% slower. So the choice is measured,
+not assumed from the vendor.
 
-    [688×512]·[512×1536] (a 30M model's MLP, PPO update):   MKL  99 GFLOP/s, oneDNN 240 GFLOP/s
-    same product, backward shapes (transposed operands):      MKL 101–103,      oneDNN 187–221
-    [16×192]·[192×1570] (the bundled model's decode step):   MKL  81,          oneDNN 126
+Modes (``--cpu-gemm``, set for the process by :func:`configure` when a command starts):
+
+* ``blas``: nothing is switched; torch's default path (also what a library user gets who never
+  calls :func:`configure`);
+* ``onednn``: every fp32 CPU ``nn.Linear`` goes through oneDNN;
+* ``auto``: for each (in, out) shape of the model's linear layers, a short timing of the forward
+  and both backward products at a training-sized row count, oneDNN against BLAS, decides; a layer
+  switches when oneDNN is at least 5% faster. Results are cached per CPU model, torch version and
+  thread count (``~/.cache/rlhf/cpu-gemm.json``, with the load average at the time), so a run on
+  a machine that has measured once is deterministic: the same layers always take the same path.
+  On a busy machine (load average above the core count) nothing is timed: other jobs preempt the
+  products and the timing would cache noise, so such a run keeps BLAS for unmeasured shapes and
+  a later, quieter run measures them. Delete the file to time again.
 
 Both are plain IEEE fp32 (no bf16/tf32 shortcut): they differ only in summation order, at the
-1e-6 relative level. So on such CPUs every ``nn.Linear`` of a model we train or sample from
-is switched to an autograd function whose forward and both backward products are oneDNN matmuls.
-
-``RLHF_CPU_GEMM`` chooses: ``auto`` (default: oneDNN on CPUs whose vendor is not Intel, when the
-op exists and passes a numerical check), ``onednn`` (always, where available) or ``blas`` (never).
-The choice is made from the CPU and the environment, not from a timing, so two runs on the same
-machine always compute the same numbers. Models on other devices or in other dtypes are untouched.
+1e-6 relative level. A switched layer's forward and both gradients are oneDNN matmuls (an autograd
+function), its weights, state dict and checkpoints unchanged. Models on other devices or in other
+dtypes are untouched.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import platform
+import time
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-# oneDNN and ideep (its C++ wrapper in torch) cache a primitive, with packed weight copies, per
-# product shape, up to 1024 of each. PPO's row counts change with every length-grouped chunk, and
-# with the default caches the bundled model's RSS grew by ~130 MB a PPO step (449 → 981 MB in 4
-# steps); with 16 entries it stays flat (573 MB, MKL: 564) at no measured cost in speed. Both are
-# read when the first oneDNN primitive is made, so set them here, before any model runs.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
+MODES = ("auto", "onednn", "blas")
+_configured = {"mode": "blas"}  # the process's mode, set by configure() when a command starts
+
+
+def configure(mode: str) -> None:
+    """Set the routing mode for models loaded from now on in this process (called by rlhf.engine.start)."""
+    if mode not in MODES:
+        raise ValueError(f"--cpu-gemm must be one of {', '.join(MODES)}, got {mode!r}")
+    _configured["mode"] = mode
+
+
+def configured_mode() -> str:
+    return _configured["mode"]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,25 +108,27 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _OneDNNLinear.apply(x, self.weight, self.bias)
 
 
-def _cpu_vendor() -> str:
+def cpu_model() -> str:
+    """The CPU's model name and family (what the routing cache is keyed by)."""
+    name, family = "", ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key = line.split(":", 1)[0].strip()
+                if key == "model name" and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif key == "cpu family" and not family:
+                    family = line.split(":", 1)[1].strip()
+                if name and family:
+                    break
     except OSError:
         pass
-    return ""
+    return f"{name or platform.processor() or platform.machine()} (family {family or '?'})"
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_linear_enabled() -> bool:
-    """Whether this process routes fp32 CPU linears through oneDNN (decided once, see module doc)."""
-    mode = os.environ.get("RLHF_CPU_GEMM", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "onednn", "blas"):
-        raise ValueError(f"RLHF_CPU_GEMM must be auto, onednn or blas, got {mode!r}")
-    if mode == "blas" or (mode == "auto" and _cpu_vendor() in ("GenuineIntel", "")):
-        return False
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's linear op and it computes the right numbers."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         log.info("oneDNN linear unavailable in this torch build; using the default BLAS")
         return False
@@ -123,15 +144,106 @@ def onednn_linear_enabled() -> bool:
     return ok
 
 
-def use_fast_cpu_linears(model: nn.Module) -> int:
-    """Route ``model``'s fp32 CPU ``nn.Linear`` layers through oneDNN where that is enabled; returns
-    how many were switched. Weights, state dicts and saved checkpoints are unchanged."""
-    if not onednn_linear_enabled():
+# Rows of the timed products: a training micro-batch's positions (PPO: 16 replies of ~40 tokens;
+# reward training: 32 packed sequences of ~60). Decode-sized products never reach oneDNN anyway
+# (MIN_ONEDNN_MACS).
+TIMING_ROWS = 512
+ONEDNN_MARGIN = 0.95  # oneDNN must be this much faster (time ratio) to replace the default
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def time_shape(in_features: int, out_features: int, rows: int = TIMING_ROWS, repeats: int = 5) -> dict[str, float]:
+    """Seconds for one layer's forward + both backward products, BLAS and oneDNN, best of ``repeats``
+    (interleaved, so a burst of load from another process hits both alike)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    gy = torch.randn(rows, out_features, generator=g)
+    paths = {
+        "blas": lambda: (nn.functional.linear(x, w), gy @ w, gy.t() @ x),
+        "onednn": lambda: (_linear(x, w), _linear(gy, w.t()), _linear(gy.t(), x.t())),
+    }
+    for fn in paths.values():
+        fn()  # warm up: oneDNN builds its primitives, BLAS its buffers
+    best = {k: float("inf") for k in paths}
+    for _ in range(repeats):
+        for k, fn in paths.items():
+            best[k] = min(best[k], _best_seconds(fn, 1))
+    return best
+
+
+def machine_load() -> float:
+    """The 1-minute load average (runnable threads, ours included), 0 where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "rlhf" / "cpu-gemm.json"
+
+
+def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> dict[tuple[int, int], bool]:
+    """For each (in, out) shape, whether oneDNN is the faster path on this CPU: from the cache, or
+    timed now (and cached). Keyed by CPU model, torch version and torch's thread count."""
+    from rlhf.utils.io import atomic_write_json
+
+    path = path or cache_path()
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}  # a damaged cache is measured again, never trusted
+    entries = cache.setdefault(key, {})
+    todo = sorted(s for s in shapes if f"{s[0]}x{s[1]}" not in entries)
+    load = machine_load()
+    if todo and load > (os.cpu_count() or 1):
+        # Other jobs preempt the timed products (a 10 ms product spans several scheduler slices),
+        # so a timing now would cache noise for good: keep the default for this run, time later.
+        log.warning("CPU GEMM routing: the machine is busy (load %.1f on %d cores); using the default BLAS for "
+                    "%d layer shape(s) this run, and timing them when it is quieter", load, os.cpu_count() or 1, len(todo))
+        return {s: bool(entries.get(f"{s[0]}x{s[1]}", {}).get("onednn", False)) for s in shapes}
+    for k, n in todo:
+        t = time_shape(k, n)
+        entries[f"{k}x{n}"] = {"blas_ms": round(t["blas"] * 1e3, 4), "onednn_ms": round(t["onednn"] * 1e3, 4),
+                               "onednn": t["onednn"] < ONEDNN_MARGIN * t["blas"], "load_average": round(load, 2)}
+    if todo:
+        try:
+            atomic_write_json(path, cache)
+        except OSError as err:  # a read-only home still runs, it just measures again next time
+            log.warning("could not write the CPU GEMM routing cache %s: %s", path, err)
+        log.info("timed %d linear shape(s) on %s: %s", len(todo), key,
+                 {f"{k}x{n}": entries[f"{k}x{n}"] for k, n in todo})
+    return {s: bool(entries[f"{s[0]}x{s[1]}"]["onednn"]) for s in shapes}
+
+
+def _eligible(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
+
+
+def use_fast_cpu_linears(model: nn.Module, mode: str | None = None) -> int:
+    """Route ``model``'s fp32 CPU ``nn.Linear`` layers through oneDNN as ``mode`` (default: the
+    process's configured mode) decides; returns how many were switched. Weights, state dicts and
+    saved checkpoints are unchanged."""
+    mode = mode or configured_mode()
+    if mode not in MODES:
+        raise ValueError(f"--cpu-gemm must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "blas":
         return 0
-    count = 0
-    for module in model.modules():
-        if (type(module) is nn.Linear and module.weight.device.type == "cpu"
-                and module.weight.dtype == torch.float32 and "forward" not in module.__dict__):
-            module.forward = types.MethodType(_onednn_forward, module)
-            count += 1
-    return count
+    layers = _eligible(model)
+    if not layers or not onednn_available():
+        return 0
+    if mode == "auto":
+        faster = measured_routing({(m.in_features, m.out_features) for m in layers})
+        layers = [m for m in layers if faster[(m.in_features, m.out_features)]]
+    for m in layers:
+        m.forward = types.MethodType(_onednn_forward, m)
+    return len(layers)

@@ -141,3 +141,19 @@ def packing_problem(model: RewardModel, items: list[Encoded], pad_id: int) -> st
     if not gap <= 1e-4 * max(1.0, float(padded.abs().max())):
         return f"packed and padded rewards differ by {gap:.2e} on the same inputs"
     return None
+
+
+class RewardForward(torch.nn.Module):
+    """A reward model's training forward over a batch of encoded sequences, packed or padded, as one
+    module: what several processes wrap (DDP averages the gradients of whatever its forward ran)."""
+
+    def __init__(self, model: RewardModel, pad_id: int, packing: bool):
+        super().__init__()
+        self.model, self.pad_id, self.packing = model, pad_id, packing
+
+    def forward(self, items: list[Encoded]) -> torch.Tensor:
+        """Rewards [N] (float32, in item order)."""
+        device = next(self.model.parameters()).device
+        if self.packing:
+            return packed_rewards(self.model, pack(items, self.pad_id, self.model.spec.backbone_kind == "causal").to(device))
+        return self.model(**{k: v.to(device) for k, v in collate(items, self.pad_id).items()})

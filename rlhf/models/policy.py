@@ -1,9 +1,13 @@
-"""The PPO policy's forward pass: per-token log-probabilities of sampled replies, and values.
+"""The PPO policy's forward pass: per-token log-probabilities of sampled replies, values, entropy.
 
-One forward of the causal LM over prompt + reply gives both: the logits that predicted each reply
-token (divided by the sampling temperature, so the distribution scored is the one sampled from)
-and the final hidden state at the same positions, which a linear value head turns into V_t.
+One forward of the causal LM over prompt + reply gives all three: the logits that predicted each
+reply token (divided by the sampling temperature, so the distribution scored is the one sampled
+from), their entropy, and the final hidden state at the same positions, which a linear value head
+turns into V_t.
 
+Everything here takes and returns full-width episode tensors ([B, P] prompts, [B, R] replies):
+padding that every row of a call shares is trimmed inside (a chunk of short replies does not pay
+for the batch's longest one) and the outputs are padded back, so callers never see two widths.
 Only the last R + 1 positions reach the LM head (``logits_to_keep``): prompts are left-padded and
 replies right-padded, so the reply region is the tail of the sequence, and the prompt's logits —
 most of a long prompt's vocabulary-sized rows — are never computed.
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf.algos import entropy_from_logits, token_logprobs
 from rlhf.models.loading import unwrap_peft
 
 
@@ -24,7 +29,7 @@ from rlhf.models.loading import unwrap_peft
 class PolicyOutput:
     logprobs: torch.Tensor               # [B, R] log π(y_t | x, y_<t); 0 where response_mask is 0
     values: torch.Tensor | None          # [B, R] V_t from the value head, or None
-    logits: torch.Tensor                 # [B, R, V] temperature-scaled logits (for entropy)
+    entropy: torch.Tensor | None         # [B, R] entropy of the temperature-scaled distribution, or None
 
 
 class ValueHead(nn.Module):
@@ -46,44 +51,83 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
 
-def trim_padding(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _trim(query_ids, query_mask, response_ids, response_mask):
     """Drop prompt columns that are padding in every row (left) and reply columns past the longest
-    reply (right). Positions come from the mask, so the result scores exactly the same tokens with
-    less work — a micro-batch of short replies no longer pays for the batch's longest one."""
+    reply (right). Positions come from the mask, so the result scores exactly the same tokens."""
     real_q = query_mask.any(dim=0).nonzero()
     start = int(real_q[0]) if real_q.numel() else query_ids.shape[1] - 1
     width = max(1, int(response_mask.sum(dim=1).max()))
     return query_ids[:, start:], query_mask[:, start:], response_ids[:, :width], response_mask[:, :width]
 
 
-def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                   response_mask: torch.Tensor, temperature: float = 1.0, value_head: ValueHead | None = None) -> PolicyOutput:
-    """Log-probabilities (and values) of ``response_ids`` given left-padded ``query_ids``.
+def _pad_to(x: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    if x is None or x.shape[1] == width:
+        return x
+    return nn.functional.pad(x, (0, width - x.shape[1]))
 
-    query_ids, query_mask: [B, P]; response_ids, response_mask: [B, R]. Differentiable unless called
-    under ``torch.no_grad``. The gather − logsumexp form never materialises a full log-softmax copy.
+
+def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, temperature: float = 1.0, value_head: ValueHead | None = None,
+                   entropy: str | None = None) -> PolicyOutput:
+    """Log-probabilities (and values, and entropy) of ``response_ids`` given left-padded ``query_ids``.
+
+    query_ids, query_mask: [B, P]; response_ids, response_mask: [B, R]; every output [B, R], 0 where
+    response_mask is 0. Differentiable unless called under ``torch.no_grad``. ``entropy``: None (not
+    computed), "stats" (computed without gradients, for logging) or "loss" (with gradients).
     """
+    width = response_ids.shape[1]
+    query_ids, query_mask, response_ids, response_mask = _trim(query_ids, query_mask, response_ids, response_mask)
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
     r = response_ids.shape[1]
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                   output_hidden_states=value_head is not None)
-    keep = _accepts_logits_to_keep(model)
-    if keep:
+    if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = r + 1
     out = model(**kwargs)
     logits = out.logits[:, -(r + 1):-1].float()  # the logits that predicted each reply token
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    logprobs = (picked - torch.logsumexp(logits, dim=-1)) * response_mask
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, -(r + 1):-1]) * response_mask
-    return PolicyOutput(logprobs, values, logits)
+    logprobs = token_logprobs(logits, response_ids) * response_mask
+    values = value_head(out.hidden_states[-1][:, -(r + 1):-1]) * response_mask if value_head is not None else None
+    ent = None
+    if entropy is not None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "loss"):
+            ent = entropy_from_logits(logits) * response_mask
+    return PolicyOutput(_pad_to(logprobs, width), _pad_to(values, width), _pad_to(ent, width))
 
+
+class ActorCritic(nn.Module):
+    """The policy and its value head as one module: what a training forward calls, and what
+    several processes wrap together (DDP averages the gradients of both)."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0,
+                entropy: str | None = None) -> PolicyOutput:
+        return policy_forward(self.policy, query_ids, query_mask, response_ids, response_mask, temperature,
+                              self.value_head, entropy)
+
+
+@torch.no_grad()
+def episode_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                    response_mask: torch.Tensor, temperature: float, max_rows: int, overhead_positions: float | None,
+                    value_head: ValueHead | None = None) -> PolicyOutput:
+    """``policy_forward`` over a whole batch of episodes, without gradients, in length-grouped chunks
+    of at most ``max_rows`` (rows are independent, so chunking is exact). Outputs [B, R]."""
+    b, width = response_ids.shape
+    logprobs = torch.zeros(b, width, device=response_ids.device)
+    values = torch.zeros(b, width, device=response_ids.device) if value_head is not None else None
+    for rows in length_chunks(query_mask, response_mask, max_rows, overhead_positions):
+        out = policy_forward(model, query_ids[rows], query_mask[rows], response_ids[rows], response_mask[rows],
+                             temperature, value_head)
+        logprobs[rows] = out.logprobs
+        if values is not None:
+            values[rows] = out.values
+    return PolicyOutput(logprobs, values, None)
 
 
 # A forward + backward has a fixed cost (Python, module calls, kernel launches) on top of its work

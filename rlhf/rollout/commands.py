@@ -13,6 +13,7 @@ from rlhf.config import config_command, opt
 from rlhf.data.context import LONG_PROMPT_HELP, LongPromptPolicy, fit_prompts, prompt_budget
 from rlhf.data.io import read_records, write_records
 from rlhf.data.records import CompletionsRecord, PromptRecord
+from rlhf.engine.config import EngineConfig
 
 
 @dataclass
@@ -29,11 +30,11 @@ class GenerateConfig:
     top_k: int = opt(0, help="Keep only the k most likely tokens (0 = off).")
     batch_size: int = opt(32, help="Sequences decoded together.")
     seed: int = opt(0, help="Random seed for sampling.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
     index: str = opt("", help="RAG: an index folder (rlhf index build); retrieved passages go in the prompt with their ids.")
     passages: int = opt(3, help="RAG: passages retrieved per prompt (--top-k is the sampling option).")
     index_mode: Literal["bm25", "dense", "hybrid"] = opt("hybrid", help="RAG: ranking used to retrieve (bm25, dense or hybrid).")
     long_prompts: LongPromptPolicy = opt("truncate", help=LONG_PROMPT_HELP)
+    engine: EngineConfig = opt(factory=EngineConfig, help="How sampling runs (device, rollout backend, threads, ...).")
 
     def validate(self) -> None:
         from rlhf.errors import ConfigError
@@ -53,12 +54,15 @@ class GenerateConfig:
 def generate_file(cfg: GenerateConfig) -> int:
     """Sample ``cfg.num_completions`` replies for every prompt in ``cfg.prompts`` and write the
     completions file atomically. Returns the number of prompts."""
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhf.engine.runtime import start
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.rollout.backends import make_backend
     from rlhf.rollout.generate import SamplingParams, generate_completions
 
+    rt = start(cfg.engine)
     prompts = read_records(cfg.prompts, PromptRecord)
     tok = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
+    model = load_causal_lm(cfg.model, device=rt.device, dtype=rt.dtype)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     # RAG first (passages go in front of the question), then every prompt is fitted to the model's
     # context (rlhf/data/context.py): cut from the left, so passages go before the question does.
@@ -76,7 +80,7 @@ def generate_file(cfg: GenerateConfig) -> int:
     if cfg.index:  # the prompt as the model saw it, after any cut
         grounding = [{**g, "model_prompt": t} for g, t in zip(grounding, texts)]
     outs = generate_completions(model, tok, texts, cfg.num_completions, params,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
+                                batch_size=cfg.batch_size, seed=cfg.seed, backend=make_backend(rt.engine, model, tok))
     # Without RAG the record's prompt is the text the model saw (truncated where it was cut); with
     # RAG it is the user's question, and model_prompt holds what the model saw.
     write_records(cfg.out, [{**CompletionsRecord(p.id, p.prompt if cfg.index else t, c).to_json(), **g}

@@ -14,12 +14,17 @@ This loop does one model forward and a handful of tensor ops per token:
   sorted vocabulary, and the draw is inverse-CDF (``torch.multinomial`` and ``torch.sort`` cost more
   than the model step on a small CPU model);
 * "has every row finished?" is checked only every ``check_every`` steps (a host sync on GPUs);
-* decoding runs with ``torch.inference_mode`` and, by default, one intra-op thread: the per-step
-  matmuls at rollout batch sizes are too small to split, and on a shared 2-core machine a second
-  spinning OpenMP thread costs far more than it gains (measured: benchmarks/results/bench_generate.md);
-* optionally (``RLHF_DECODE_COMPILE=1``) the one-token forward is compiled with torch.compile
-  (inductor, C++ wrapper), which removes most remaining Python overhead but costs tens of seconds
-  of compilation per new (batch, cache length) shape; any compile failure falls back to eager.
+* decoding runs with ``torch.inference_mode`` and, by default, one intra-op thread (``--rollout-threads``):
+  the per-step matmuls at rollout batch sizes are too small to split, and on a shared 2-core machine
+  a second spinning OpenMP thread costs far more than it gains (measured: benchmarks/results/bench_generate.md);
+* optionally (``--compile``) the one-token forward is compiled with torch.compile (inductor, C++
+  wrapper), which removes most remaining Python overhead but costs tens of seconds of compilation
+  per new (batch, cache length) shape; any compile failure falls back to eager;
+* the random numbers of a draw can be given per episode (``uniforms``, from per-episode seeds), so
+  an episode's reply does not depend on which batch or process sampled it.
+
+The settings come from the ``engine`` section of the running stage (``DecodeSettings``), never
+from the environment.
 
 Models whose cache is not a plain full-attention static cache (sliding windows, linear attention,
 encoder-decoders, ...) are not handled here: ``sample_response_ids`` returns None and the caller
@@ -31,39 +36,32 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+from rlhf.algos import token_logprobs
 from rlhf.models.loading import unwrap_peft
 
 log = logging.getLogger(__name__)
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
 @dataclass
 class DecodeSettings:
-    """Process-wide knobs (environment variables give the defaults, so a run can be tuned without code)."""
+    """How the loop runs (from the engine section: --compile, --rollout-threads)."""
 
-    enabled: bool = True          # RLHF_FAST_DECODE=0 → always use model.generate
-    compile: bool = False         # RLHF_DECODE_COMPILE=1 → torch.compile the one-token step
-    threads: int = 1              # RLHF_DECODE_THREADS; 0 = leave torch's thread count alone
+    compile: bool = False         # torch.compile the one-token step
+    threads: int = 1              # intra-op threads while decoding; 0 = leave torch's thread count alone
     check_every: int = 8          # steps between "all rows finished?" checks
     cache_bucket: int = 32        # cache length is rounded up to a multiple of this
 
-    @classmethod
-    def from_env(cls) -> "DecodeSettings":
-        return cls(enabled=_env_int("RLHF_FAST_DECODE", 1) != 0, compile=_env_int("RLHF_DECODE_COMPILE", 0) != 0,
-                   threads=_env_int("RLHF_DECODE_THREADS", 1))
 
-
-SETTINGS = DecodeSettings.from_env()
+def episode_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, steps] uniform numbers in [0, 1), row b drawn from its own generator seeded ``seeds[b]``
+    (float64, as the inverse-CDF draw uses them): an episode's draws depend on its seed alone."""
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device) if rows else torch.empty(0, steps, dtype=torch.float64, device=device)
 
 
 class _ModelState:
@@ -214,19 +212,22 @@ def candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return values, ids
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: argmax when temperature is 0, else a draw from the filtered distribution.
 
     Drawing is inverse-CDF with one uniform number per row (cumsum + searchsorted): the same
     distribution as ``torch.multinomial`` at a small fraction of its CPU cost (measured 0.44 ms vs
     ~0.03 ms for 16 x 1570). The CDF is float64 so that u < 1 can never land past the last token
-    with nonzero probability; zero-probability (removed) tokens can never be drawn.
+    with nonzero probability; zero-probability (removed) tokens can never be drawn. ``u`` [B, 1]:
+    the uniform numbers to draw with (per-episode streams); None draws them from torch's generator.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     values, ids = candidates(logits, temperature, top_k, top_p)
     cdf = values.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand(values.shape[0], 1, dtype=torch.float64, device=values.device)
+    if u is None:
+        u = torch.rand(values.shape[0], 1, dtype=torch.float64, device=values.device)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=values.shape[-1] - 1)
     return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
 
@@ -254,7 +255,8 @@ class Decoded:
 
 def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor, params,
                         eos_token_id: int | list[int], pad_token_id: int,
-                        settings: DecodeSettings | None = None, record: bool = False) -> Decoded | None:
+                        settings: DecodeSettings | None = None, record: bool = False,
+                        uniforms: torch.Tensor | None = None) -> Decoded | None:
     """Sampled reply tokens [B, R] for left-padded prompts (R ≤ max_new_tokens: the loop stops early
     once every row has produced an EOS, as ``generate`` does); after a row's EOS it holds ``pad_token_id``.
 
@@ -266,23 +268,25 @@ def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor
     caller's mask to hide.
 
     Returns None when this model needs ``model.generate`` instead (see ``unsupported_reason``).
-    ``params`` is a ``SamplingParams`` (max_new_tokens, temperature, top_p, top_k).
+    ``params`` is a ``SamplingParams`` (max_new_tokens, temperature, top_p, top_k). ``uniforms``
+    [B, max_new_tokens]: the numbers each row draws with (see ``episode_uniforms``); None = torch's RNG.
     """
-    settings = settings or SETTINGS
-    if not settings.enabled or params.max_new_tokens < 1:
+    settings = settings or DecodeSettings()
+    if params.max_new_tokens < 1:
         return None
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("fast decoding unavailable for %s: %s; using model.generate", type(model).__name__, reason)
         return None
     with _threads(settings.threads), torch.inference_mode():
-        out = _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings, record)
+        out = _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings, record, uniforms)
     # Clone outside inference mode: inference tensors cannot be saved for backward, and PPO feeds
     # these ids through the policy with gradients on.
     return Decoded(*(None if t is None else t.clone() for t in out))
 
 
-def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings, record: bool):
+def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings, record: bool,
+            uniforms: torch.Tensor | None):
     state = _state(model)
     batch, prompt_len = query_ids.shape
     device = query_ids.device
@@ -326,10 +330,10 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
             real_slots[:, prompt_len + t - 1] = 1  # the token fed now is written to this slot
             logits, hidden = step(produced[-1].unsqueeze(1), step_mask, next_pos, cache)
             next_pos += 1
-        token = torch.where(done, pad, _pick(logits, temperature, top_k, top_p))
+        u = None if uniforms is None else uniforms[:, t:t + 1]
+        token = torch.where(done, pad, _pick(logits, temperature, top_k, top_p, u))
         if record:
-            scaled = logits / scale if scale != 1.0 else logits
-            logprobs.append(scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
+            logprobs.append(token_logprobs(logits / scale if scale != 1.0 else logits, token))
             hiddens.append(hidden)
         done |= torch.isin(token, eos)
         produced.append(token)

@@ -1,7 +1,9 @@
-"""Sampling completions: batched, left-padded, with a static KV cache, stopping at EOS.
+"""Sampling completions: batched, left-padded, stopping at EOS, through a rollout backend.
 
-``sample_tokens`` is the rollout primitive PPO builds on (token ids and masks); ``generate_completions``
-wraps it for the ``rlhf generate`` verb (K texts per prompt).
+``sample_tokens`` is the rollout primitive PPO builds on: it formats and tokenizes the prompts,
+lets a backend (rlhf/rollout/backends.py: our fast loop, transformers' generate, or vLLM) sample,
+and returns the rollout part of an :class:`~rlhf.rollout.experience.Experience`.
+``generate_completions`` wraps it for the ``rlhf generate`` verb (K texts per prompt).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.models.loading import format_prompt, stop_token_ids
-from rlhf.rollout.decode import Decoded, sample_response_ids
+from rlhf.rollout.backends import HFGenerate, RolloutBackend, default_backend
+from rlhf.rollout.decode import Decoded
+from rlhf.rollout.experience import Experience
 
 
 @dataclass
@@ -23,19 +27,8 @@ class SamplingParams:
     top_k: int = 0
 
 
-@dataclass
-class SampledBatch:
-    """One batch of rollouts. B = batch, P = prompt length (left-padded), R = response length."""
-
-    query_ids: torch.Tensor       # [B, P] prompt tokens, left-padded
-    query_mask: torch.Tensor      # [B, P] 1 on real prompt tokens
-    response_ids: torch.Tensor    # [B, R] sampled tokens; pad after the first EOS
-    response_mask: torch.Tensor   # [B, R] 1 up to and including the first EOS
-    ended_with_eos: torch.Tensor  # [B] bool: False when the reply hit max_new_tokens unfinished
-    # Recorded while sampling when asked for (``record=True``) and the fast loop served the batch;
-    # else None. 0 / junk where response_mask is 0 (see rlhf.rollout.decode.sample_response_ids).
-    logprobs: torch.Tensor | None = None  # [B, R] log π(y_t) at the sampling temperature, before top-k/top-p
-    hidden: torch.Tensor | None = None    # [B, R, H] final hidden state that predicted y_t
+# What sampling returns is the rollout part of an Experience (the name evaluation code knows it by).
+SampledBatch = Experience
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +42,17 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | list[
     return (positions[None, :] <= first[:, None]).long(), ended
 
 
-def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, record: bool = False) -> SampledBatch:
+def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, record: bool = False,
+                  backend: RolloutBackend | None = None, seeds: list[int] | None = None) -> Experience:
     """Sample one reply per prompt (prompts are raw user texts; the chat template is applied here).
 
-    Decoding uses our static-cache loop (rlhf/rollout/decode.py) and falls back to ``model.generate``
-    for models that loop cannot handle; both give the same SampledBatch contract. ``record`` asks for
-    each token's log-probability and final hidden state as well (only the fast loop records them).
+    ``backend``: how to sample (default: the fast loop on CPU, ``generate`` elsewhere); every backend
+    gives the same contract. ``record`` asks for each token's log-probability and final hidden state
+    as well (the fast loop records both, vLLM the log-probabilities). ``seeds`` [B]: one seed per
+    episode, so that an episode's reply depends on its seed, not on the batch it was sampled in
+    (honoured per row by the fast loop and vLLM; ``generate`` seeds the batch with the first one).
     """
+    backend = backend or default_backend(next(model.parameters()).device)
     texts = [format_prompt(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     device = next(model.parameters()).device
@@ -65,34 +62,28 @@ def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, 
     was_training = model.training
     model.eval()
     try:
-        decoded = sample_response_ids(model, query_ids, query_mask, params, eos, pad, record=record)
-        if decoded is None:
-            decoded = Decoded(_generate_with_hf(model, query_ids, query_mask, params, eos, pad))
+        decoded = backend.decode(model, query_ids, query_mask, params, eos, pad, record=record, seeds=seeds)
     finally:
         model.train(was_training)
-    response_ids = decoded.tokens
+    response_ids = decoded.tokens.to(device)
     if response_ids.shape[1] == 0:  # max_new_tokens=0 or immediate stop: keep one pad column for shapes
         response_ids = torch.full((query_ids.shape[0], 1), pad, device=device)
         decoded = Decoded(response_ids)
     mask, ended = response_mask_from_ids(response_ids, eos)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad))
-    logprobs = None if decoded.logprobs is None else decoded.logprobs * mask
-    return SampledBatch(query_ids, query_mask, response_ids, mask, ended, logprobs, decoded.hidden)
+    logprobs = None if decoded.logprobs is None else decoded.logprobs.to(device) * mask
+    batch = Experience(query_ids, query_mask, response_ids, mask, ended, prompts=list(prompts), logprobs=logprobs,
+                       hidden=decoded.hidden)
+    batch.texts = decode_responses(tokenizer, batch)
+    return batch
 
 
-@torch.no_grad()
 def _generate_with_hf(model, query_ids, query_mask, params: SamplingParams, eos, pad) -> torch.Tensor:
     """The reference path: transformers' ``generate`` with its KV cache (reply tokens only)."""
-    gen_kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True)
-    if params.temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    else:
-        gen_kwargs.update(do_sample=False)
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, **gen_kwargs)
-    return out[:, query_ids.shape[1]:]
+    return HFGenerate().decode(model, query_ids, query_mask, params, eos, pad).tokens
 
 
-def decode_responses(tokenizer, batch: SampledBatch) -> list[str]:
+def decode_responses(tokenizer, batch: Experience) -> list[str]:
     """Reply texts without the EOS token or padding."""
     texts = []
     for ids, mask, ended in zip(batch.response_ids, batch.response_mask, batch.ended_with_eos):
@@ -102,7 +93,8 @@ def decode_responses(tokenizer, batch: SampledBatch) -> list[str]:
 
 
 def generate_completions(model, tokenizer, prompts: list[str], num_completions: int, params: SamplingParams,
-                         batch_size: int = 16, seed: int = 0, progress: bool = True) -> list[list[str]]:
+                         batch_size: int = 16, seed: int = 0, progress: bool = True,
+                         backend: RolloutBackend | None = None) -> list[list[str]]:
     """``num_completions`` sampled replies for each prompt, in prompt order."""
     torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(num_completions)]
@@ -110,7 +102,7 @@ def generate_completions(model, tokenizer, prompts: list[str], num_completions: 
     bar = tqdm(total=len(flat), desc="generating", unit="completion", disable=not progress)
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
-        replies.extend(decode_responses(tokenizer, sample_tokens(model, tokenizer, chunk, params)))
+        replies.extend(sample_tokens(model, tokenizer, chunk, params, backend=backend).texts)
         bar.update(len(chunk))
     bar.close()
     return [replies[i * num_completions:(i + 1) * num_completions] for i in range(len(prompts))]

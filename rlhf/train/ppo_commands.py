@@ -17,6 +17,8 @@ def ppo(cfg: PPOConfig) -> None:
     from rlhf.train.ppo_loop import run_ppo
 
     summary = run_ppo(cfg)
+    if summary is None:  # not the main process of a multi-process run: it prints nothing
+        return
     click.echo(f"stopped: {summary['stop_reason']} after {summary['steps']} steps; "
                f"score {summary['score_first']:.3f} → {summary['score_last']:.3f}, KL {summary['kl_last']:.2f}", err=True)
     click.echo(json.dumps(summary))

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from rlhf.config import opt
 from rlhf.data.context import LONG_PROMPT_HELP, LongPromptPolicy
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 
 
@@ -26,7 +27,7 @@ class PPOConfig:
     score_threshold: float | None = opt(None, help="Stop once a step's mean score reaches this value (unset = never).")
     kl_ceiling: float | None = opt(None, help="Stop once a step's mean KL from the reference (nats per reply) exceeds this (unset = never).")
     # rollouts
-    batch_size: int = opt(32, help="Episodes (prompt + sampled reply) per PPO step.")
+    batch_size: int = opt(32, help="Episodes (prompt + sampled reply) per PPO step, over all processes.")
     max_new_tokens: int = opt(32, help="Longest reply in tokens.")
     temperature: float = opt(1.0, help="Sampling temperature; logprobs are computed at the same temperature.")
     top_p: float = opt(1.0, help="Nucleus sampling mass (1 = off). Below 1 the sampled and scored distributions differ.")
@@ -34,14 +35,11 @@ class PPOConfig:
     long_prompts: LongPromptPolicy = opt("truncate", help=LONG_PROMPT_HELP)
     missing_eos_penalty: float = opt(1.0, help="Subtracted from the score of a reply that hit --max-new-tokens without EOS.")
     score_clip: float | None = opt(None, help="Clip scores to ±this before shaping (unset = no clipping).")
-    sampler_logprobs: bool = opt(True, help="Take the old logprobs and values from the sampling loop (recorded per "
-                                            "token while decoding) instead of a second forward pass over the replies. "
-                                            "Off = recompute them with a full forward (for decoders whose cached steps "
-                                            "differ numerically from a full pass, e.g. low precision on accelerators).")
     # optimisation
     ppo_epochs: int = opt(4, help="Passes over each batch of experience.")
-    mini_batch_size: int = opt(16, help="Episodes per optimizer step.")
-    micro_batch_size: int = opt(16, help="Episodes per forward/backward; gradients accumulate up to --mini-batch-size.")
+    mini_batch_size: int = opt(16, help="Episodes per optimizer step, over all processes.")
+    micro_batch_size: int = opt(16, help="Episodes per forward/backward in each process; gradients accumulate up to "
+                                         "--mini-batch-size.")
     lr: float = opt(5e-5, help="AdamW learning rate (constant).")
     weight_decay: float = opt(0.0, help="AdamW weight decay.")
     max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
@@ -73,12 +71,11 @@ class PPOConfig:
     save_every: int = opt(10, help="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed: prompt order, sampling, minibatch shuffles.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     progress: bool = opt(True, help="Show a progress bar.")
     # May change on resume (rlhf/utils/checkpoint.py): how far to go and when to stop, not what a step does.
     resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every", "score_threshold", "kl_ceiling", "stop_on_hacking")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, rollout backend, ...).")
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "mini_batch_size": self.mini_batch_size,

@@ -8,6 +8,10 @@ Exact resume: a checkpoint holds the policy (or its LoRA adapter), the value hea
 the KL controller, the watch, the RNG state and the step (the data position is a function of the
 step). Killed at any point and started again with the same command, a run continues from its last
 checkpoint and ends with the same weights and metrics as an uninterrupted one.
+
+Under ``accelerate launch`` every process runs this loop on its share of each step's episodes;
+the stop criteria and the watch see global statistics, so all processes stop at the same step,
+and only the main process writes checkpoints, metrics and models.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import config_to_dict
+from rlhf.engine.distributed import Distributed
+from rlhf.engine.runtime import Runtime, start
 from rlhf.errors import ConfigError, TrainingError
-from rlhf.train.ppo import PPOTrainer, Rollout
+from rlhf.rollout.backends import make_backend
+from rlhf.rollout.experience import Experience
+from rlhf.train.ppo import PPOTrainer
 from rlhf.train.ppo_config import PPOConfig
 from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
@@ -47,11 +55,12 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return out
 
 
-def _load_models(cfg: PPOConfig, device):
+def _load_models(cfg: PPOConfig, rt: Runtime):
     from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 
+    device = rt.device
     tok = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy, device=device)
+    policy = load_causal_lm(cfg.policy, device=device, dtype=rt.dtype)
     disable_dropout(policy)  # PPO's ratio needs the same function at sampling and update time
     reference = None
     if cfg.lora:
@@ -60,7 +69,7 @@ def _load_models(cfg: PPOConfig, device):
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
     if not cfg.lora or cfg.reference:
-        reference = load_causal_lm(cfg.reference or cfg.policy, device=device)
+        reference = load_causal_lm(cfg.reference or cfg.policy, device=device, dtype=rt.dtype)
         disable_dropout(reference)
         if cfg.reference and len(load_tokenizer(cfg.reference)) != len(tok):
             raise ConfigError(f"--reference {cfg.reference} has another vocabulary than --policy {cfg.policy}")
@@ -83,14 +92,16 @@ class _Watcher:
     def due(self, step: int) -> bool:
         return step % self.cfg.watch_every == 0
 
-    def observe(self, step: int, rollout: Rollout, stats: dict) -> tuple[str | None, bool]:
-        """Score with the gold judge; returns (flag or None, whether this is the best gold so far)."""
+    def observe(self, step: int, exp: Experience, stats: dict, dist: Distributed) -> tuple[str | None, bool]:
+        """Score with the gold judge; returns (flag or None, whether this is the best gold so far).
+        Means are over the global batch, so every process's watch takes the same decisions."""
         from rlhf.eval.watch import WatchPoint
         from rlhf.judges import score_checked
 
-        gold = score_checked(self.gold, rollout.prompts, rollout.texts)
+        local = torch.stack([score_checked(self.gold, exp.prompts, exp.texts),
+                             score_checked(self.repetition, exp.prompts, exp.texts)], dim=1)
+        gold, rep = dist.gather(local.to(exp.scores.device)).unbind(dim=1)
         sign = 1.0 if self.gold.higher_is_better else -1.0  # the watch treats higher gold as better
-        rep = score_checked(self.repetition, rollout.prompts, rollout.texts)
         best_before = self.watch.best_gold
         point = WatchPoint(step=step, kl=stats["kl"], proxy=stats["score_mean"], gold=sign * float(gold.mean()),
                            length=stats["response_length"], repetition=float(rep.mean()))
@@ -99,27 +110,30 @@ class _Watcher:
         return flag, point.gold > best_before
 
 
-def run_ppo(cfg: PPOConfig) -> dict:
-    """Run PPO to a stop criterion; returns the summary also written to ``out/summary.json``."""
+def run_ppo(cfg: PPOConfig) -> dict | None:
+    """Run PPO to a stop criterion; returns the summary also written to ``out/summary.json`` (on the
+    main process; the others return None)."""
     from rlhf.data.context import fit_prompts, prompt_budget
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
     from rlhf.judges import load_scorer
-    from rlhf.models.loading import load_model_weights, pick_device, shipped_prompts
+    from rlhf.models.loading import load_model_weights, shipped_prompts
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
+    dist, device = rt.dist, rt.device
+    for name in ("batch_size", "mini_batch_size"):
+        dist.local_rows(getattr(cfg, name), f"--{name.replace('_', '-')}")  # each must split evenly over processes
     out = Path(cfg.out)
-    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("train"), PromptRecord)]
     if not prompts:
         raise ConfigError(f"{cfg.prompts or shipped_prompts('train')}: no prompts")
-    policy, tok, reference = _load_models(cfg, device)
+    policy, tok, reference = _load_models(cfg, rt)
     prompts, cuts = fit_prompts(tok, prompts, prompt_budget(policy, tok, cfg.max_new_tokens), cfg.long_prompts,
                                 source=cfg.prompts or str(shipped_prompts("train")))
     cuts.report("ppo")
-    trainer = PPOTrainer(cfg, policy, tok, load_scorer(cfg.reward, str(device)), reference, device)
+    trainer = PPOTrainer(cfg, policy, tok, load_scorer(cfg.reward, str(device)), reference, device, dist=dist,
+                         backend=make_backend(rt.engine, policy, tok))
     watcher = _Watcher(cfg, device) if cfg.gold else None
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
 
@@ -137,7 +151,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         trainer.step, stop_reason, wall_before = state["step"], state.get("stop_reason"), state.get("wall_seconds", 0.0)
         if watcher is not None and state.get("watch"):
             watcher.watch.load_state_dict(state["watch"])
-        print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
+        if dist.is_main:
+            print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
 
     t_start = time.perf_counter() - wall_before
 
@@ -146,24 +161,32 @@ def run_ppo(cfg: PPOConfig) -> dict:
             policy.save_pretrained(str(folder / "model"), safe_serialization=True)
             _save_value_head(trainer, folder / VALUE_HEAD_FILE)
 
-        ckpts.save(trainer.step, write,
-                   {"stop_reason": stop_reason, "wall_seconds": time.perf_counter() - t_start, "config": config_to_dict(cfg),
-                    "watch": watcher.watch.state_dict() if watcher else None},
-                   {"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_ctl.state_dict(), "rng": rng_state()})
+        with dist.main_first() as main:  # one writer; the others wait until the checkpoint is in place
+            if main:
+                ckpts.save(trainer.step, write,
+                           {"stop_reason": stop_reason, "wall_seconds": time.perf_counter() - t_start,
+                            "config": config_to_dict(cfg), "processes": dist.world_size,
+                            "watch": watcher.watch.state_dict() if watcher else None},
+                           {"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_ctl.state_dict(),
+                            "rng": rng_state()})
 
     best_gold_dir = out / "best-gold"
 
-    def before_update(rollout: Rollout, stats: dict) -> bool:
-        """Stop criteria and the watch, on this step's rollouts; False vetoes the update."""
+    def before_update(exp: Experience, stats: dict) -> bool:
+        """Stop criteria and the watch, on this step's rollouts; False vetoes the update. Every input
+        is a global statistic, so every process decides the same."""
         nonlocal stop_reason
         step = trainer.step + 1
         if watcher is not None and (watcher.due(trainer.step) or stop_reason is None and step >= cfg.max_steps):
-            flag, best = watcher.observe(step, rollout, stats)
+            flag, best = watcher.observe(step, exp, stats, dist)
             if best:  # these rollouts came from the current weights: keep them as the best-gold policy
-                _publish_policy(policy, tok, best_gold_dir)
+                with dist.main_first() as main:
+                    if main:
+                        _publish_policy(policy, tok, best_gold_dir)
             if flag:
                 stats["hacking_flag"] = flag
-                print(f"over-optimisation watch: {flag}", file=sys.stderr)
+                if dist.is_main:
+                    print(f"over-optimisation watch: {flag}", file=sys.stderr)
                 if cfg.stop_on_hacking:
                     stop_reason = "reward_hacking"
                     return False
@@ -175,15 +198,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
             return False
         return True
 
-    logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None)
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="ppo", unit="step", disable=not cfg.progress)
-    first_stats = None
+    logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None) if dist.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="ppo", unit="step", disable=not (cfg.progress and dist.is_main))
     try:
         while stop_reason is None and trainer.step < cfg.max_steps:
             batch = step_prompts(prompts, trainer.step, cfg.batch_size, cfg.seed)
             stats, _ = trainer.ppo_step(batch, before_update)
-            first_stats = first_stats or stats
-            logger.log(trainer.step, {**stats, "stop_reason": stop_reason} if stop_reason else stats)
+            if logger is not None:
+                logger.log(trainer.step, {**stats, "stop_reason": stop_reason} if stop_reason else stats)
             bar.update(1)
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
             if stop_reason is None and trainer.step >= cfg.max_steps:
@@ -192,20 +214,24 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 checkpoint()
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     if stop_reason is None:  # resumed a run that had already finished its steps
         stop_reason = "max_steps"
 
     # The final policy: the best-gold one when the watch stopped the run, else the last.
-    if stop_reason == "reward_hacking" and best_gold_dir.is_dir():
-        load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
-    final = out / "model"
-    _publish_policy(policy, tok, final)
-    _save_value_head(trainer, out / VALUE_HEAD_FILE)
-    summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
-    atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
-    if watcher is not None:
-        atomic_write_json(out / "watch.json", watcher.watch.summary())
+    summary = None
+    with dist.main_first() as main:
+        if main:
+            if stop_reason == "reward_hacking" and best_gold_dir.is_dir():
+                load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
+            _publish_policy(policy, tok, out / "model")
+            _save_value_head(trainer, out / VALUE_HEAD_FILE)
+            summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
+            summary["processes"] = dist.world_size
+            atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
+            if watcher is not None:
+                atomic_write_json(out / "watch.json", watcher.watch.summary())
     return summary
 
 

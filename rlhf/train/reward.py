@@ -9,6 +9,10 @@ Exact resume: each epoch's order is a function of (seed, epoch); checkpoints hol
 optimizer, scheduler, RNG and early-stopping state, so a killed run restarted with the same options
 ends with the same weights as an uninterrupted one. The validation split groups pairs by prompt, so
 pairs from one ranking never sit on both sides of it.
+
+Under ``accelerate launch`` each process takes a contiguous share of every batch of pairs, and
+gradients are averaged across processes (rlhf/engine/distributed.py); validation is split over
+the processes too, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.algos import bradley_terry_loss
+from rlhf.algos import bradley_terry_loss, pairwise_accuracy
 from rlhf.config import config_to_dict, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.distributed import Distributed
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError, DataError, TrainingError
-from rlhf.models.packing import pack, packed_rewards, packing_problem
-from rlhf.models.reward_model import (Encoded, RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
+from rlhf.models.packing import RewardForward, packing_problem
+from rlhf.models.reward_model import (Encoded, RewardEncoder, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model, score_encoded)
 from rlhf.train.optim import adamw
 from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
@@ -49,7 +56,7 @@ class RewardTrainConfig:
     val_pairs: str | None = opt(None, help="Validation comparisons; without it --val-fraction of the prompts is held out.")
     val_fraction: float = opt(0.1, help="Share of prompts held out for validation when --val-pairs is not given (0 = none).")
     epochs: float = opt(2.0, help="Passes over the training pairs (fractions allowed).")
-    batch_size: int = opt(16, help="Pairs per optimizer step (each pair is two sequences).")
+    batch_size: int = opt(16, help="Pairs per optimizer step, over all processes (each pair is two sequences).")
     lr: float = opt(3e-5, help="Peak learning rate (AdamW), reached after warmup, then linear decay to 0.")
     head_lr: float = opt(3e-3, help="Peak learning rate of the reward head (0 = --lr). The head starts at zero, so at "
                                    "the backbone's small rate the rewards stay near 0 for many steps.")
@@ -75,15 +82,11 @@ class RewardTrainConfig:
                                            "instead of stopping at the first.")
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed (split, data order, head initialisation, dropout).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
-    packing: bool = opt(True, help="Padding-free batches: pack the batch's sequences end to end in rows with a "
-                                   "block-diagonal attention mask (same rewards and gradients as padding, less work). "
-                                   "Checked on real inputs at the start; backbones it cannot reproduce are padded.")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
     # May change on resume (rlhf/utils/checkpoint.py): how far to go, and how (not what) to compute.
-    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "eval_batch_size", "packing")
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "eval_batch_size")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, packing, ...).")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -201,17 +204,16 @@ def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: list) 
     count of its two replies.
     """
     diff = (r_chosen - r_rejected).double()
-    won = (diff > 0).double() + 0.5 * (diff == 0).double()
     lengths = [(len(p.chosen.split()) + len(p.rejected.split())) / 2 for p in pairs]
     by_len = {}
     for lo, hi in LENGTH_BUCKETS:
         idx = [i for i, n in enumerate(lengths) if n >= lo and (hi is None or n < hi)]
         if idx:
             name = f"{lo}-{hi}" if hi is not None else f"{lo}+"
-            by_len[name] = {"pairs": len(idx), "accuracy": round(float(won[idx].mean()), 4)}
+            by_len[name] = {"pairs": len(idx), "accuracy": round(float(pairwise_accuracy(r_chosen[idx], r_rejected[idx])), 4)}
     shorter = [1.0 if len(p.chosen) < len(p.rejected) else 0.5 if len(p.chosen) == len(p.rejected) else 0.0 for p in pairs]
     return {
-        "accuracy": round(float(won.mean()), 4),
+        "accuracy": round(float(pairwise_accuracy(r_chosen, r_rejected)), 4),
         "pairs": len(pairs),
         "mean_margin": round(float(diff.mean()), 4),
         "ties": int((diff == 0).sum()),
@@ -220,9 +222,16 @@ def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: list) 
     }
 
 
-def evaluate_encoded(model, encoded: list[tuple[Encoded, Encoded]], pairs: list, pad_id: int, batch_size: int) -> dict:
+def evaluate_encoded(model, encoded: list[tuple[Encoded, Encoded]], pairs: list, pad_id: int, batch_size: int,
+                     dist: Distributed | None = None) -> dict:
+    """Pair metrics of ``model`` on ``encoded`` pairs; with several processes each scores its share."""
     flat = [e for pair in encoded for e in pair]
-    scores = score_encoded(model, flat, pad_id, batch_size)
+    if dist is None or dist.world_size == 1:
+        scores = score_encoded(model, flat, pad_id, batch_size)
+    else:
+        per = -(-len(flat) // dist.world_size)  # ceil: the last process may get fewer
+        mine = score_encoded(model, flat[dist.rank * per:(dist.rank + 1) * per], pad_id, batch_size) if flat else torch.empty(0)
+        scores = torch.tensor([x for part in dist.gather_objects(mine.tolist()) for x in part])
     return pair_metrics(scores[0::2], scores[1::2], pairs)
 
 
@@ -272,12 +281,14 @@ def freeze_lower(backbone, embeddings: bool, layers: int) -> int:
     return count
 
 
-def train_reward_model(cfg: RewardTrainConfig) -> dict:
-    """Run a whole training stage; returns the summary also written to ``out/summary.json``."""
-    from rlhf.models.loading import disable_dropout, pick_device
+def train_reward_model(cfg: RewardTrainConfig) -> dict | None:
+    """Run a whole training stage; returns the summary also written to ``out/summary.json`` (on the
+    main process; the others return None)."""
+    from rlhf.models.loading import disable_dropout
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
+    dist, device = rt.dist, rt.device
+    dist.local_rows(cfg.batch_size, "--batch-size")  # must split evenly over the processes
     out = Path(cfg.out)
     seed_everything(cfg.seed)
     pairs, skipped = read_pairs(cfg.pairs, cfg.skip_bad_pairs)
@@ -287,12 +298,12 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         train_pairs = pairs
     else:
         train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
     for msg in skipped[:5]:
-        print(f"skipped: {msg}", file=sys.stderr)
+        say(f"skipped: {msg}")
     if len(train_pairs) < cfg.batch_size:
         raise ConfigError(f"{cfg.pairs}: {len(train_pairs)} training pairs, fewer than --batch-size {cfg.batch_size}")
 
-    device = pick_device(cfg.device)
     model, tok, spec = new_reward_model(cfg.base, kind=cfg.backbone_kind, pooling=cfg.pooling,
                                         max_length=cfg.max_length, seed=cfg.seed, device=device)
     if not cfg.dropout:
@@ -304,11 +315,11 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     trunc = TruncationStats()
     train_enc = encode_pairs(encoder, train_pairs, trunc)
     val_enc = encode_pairs(encoder, val_pairs, trunc)
-    packing = cfg.packing
+    packing = cfg.engine.packing
     if packing:
         problem = packing_problem(model, [e for pair in train_enc[:4] for e in pair], pad_id)
         if problem:
-            print(f"padding-free batches off for this backbone: {problem}", file=sys.stderr)
+            say(f"padding-free batches off for this backbone: {problem}")
             packing = False
 
     steps_per_epoch = len(train_pairs) // cfg.batch_size
@@ -321,6 +332,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
               {"params": [p for p in params if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
     optim = adamw(groups, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(cfg.warmup_ratio * total_steps), total_steps))
+    forward, optim = dist.prepare(RewardForward(model, pad_id, packing), optim)
+    if dist.world_size > 1:  # the same weights everywhere (DDP broadcast them); dropout differs by process
+        seed_everything(cfg.seed + 1_000_003 * dist.rank)
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
     best_dir = out / "best"
 
@@ -337,48 +351,64 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         ts = ckpts.load_trainer_state(latest)
         optim.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
-        set_rng_state(ts["rng"])
+        per_process = ts.get("rng_per_process") or [ts["rng"]]
+        if len(per_process) != dist.world_size:
+            say(f"{latest} was written by {len(per_process)} process(es), this run has {dist.world_size}: the data "
+                "order and weights resume exactly, dropout's random streams start afresh")
+        set_rng_state(per_process[dist.rank] if len(per_process) == dist.world_size else ts["rng"])
         step, best_acc, since_best = state["step"], state["best_accuracy"], state["evals_since_best"]
         stopped_early = state.get("stopped_early", False)
-        print(f"resuming from {latest} (step {step} of {total_steps})", file=sys.stderr)
+        say(f"resuming from {latest} (step {step} of {total_steps})")
 
     def checkpoint(at: int) -> None:
-        ckpts.save(at, lambda d: save_reward_model(model, tok, d / "model"),
-                   {"total_steps": total_steps, "train_pairs": len(train_pairs), "best_accuracy": best_acc,
-                    "evals_since_best": since_best, "stopped_early": stopped_early, "config": config_to_dict(cfg)},
-                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+        rngs = dist.gather_objects(rng_state())  # every process's dropout stream, for an exact resume
+        with dist.main_first() as main:
+            if main:
+                ckpts.save(at, lambda d: save_reward_model(model, tok, d / "model"),
+                           {"total_steps": total_steps, "train_pairs": len(train_pairs), "best_accuracy": best_acc,
+                            "evals_since_best": since_best, "stopped_early": stopped_early, "config": config_to_dict(cfg),
+                            "processes": dist.world_size},
+                           {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rngs[0],
+                            "rng_per_process": rngs})
 
     def publish(folder: Path) -> None:
-        staged = staging_dir(folder)
-        try:
-            save_reward_model(model, tok, staged)
-            publish_dir(staged, folder)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
+        with dist.main_first() as main:
+            if not main:
+                return
+            staged = staging_dir(folder)
+            try:
+                save_reward_model(model, tok, staged)
+                publish_dir(staged, folder)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
 
-    logger = MetricsLogger(out, resume_step=step if latest is not None else None)
-    bar = tqdm(total=run_until, initial=step, desc="reward", unit="step")
+    def validate() -> dict:
+        return evaluate_encoded(model, val_enc, val_pairs, pad_id, cfg.eval_batch_size, dist)
+
+    logger = MetricsLogger(out, resume_step=step if latest is not None else None) if dist.is_main else None
+    bar = tqdm(total=run_until, initial=step, desc="reward", unit="step", disable=not dist.is_main)
     t0, pairs_seen, last_val = time.perf_counter(), 0, None
     if latest is None and val_enc:  # the starting point, so a run's log shows validation accuracy rise
-        first = evaluate_encoded(model, val_enc, val_pairs, pad_id, cfg.eval_batch_size)
-        logger.log(0, {"val_accuracy": first["accuracy"], "val_margin": first["mean_margin"]})
-    model.train()
+        first = validate()
+        if logger is not None:
+            logger.log(0, {"val_accuracy": first["accuracy"], "val_margin": first["mean_margin"]})
+    forward.train()
     while step < run_until and not stopped_early:
         epoch, within = divmod(step, steps_per_epoch)
         batch_ids = epoch_batches(train_enc, cfg.batch_size, cfg.seed, epoch)[within]
-        items = [e for i in batch_ids for e in train_enc[i]]  # chosen, rejected, chosen, ...
-        if packing:
-            rewards = packed_rewards(model, pack(items, pad_id, spec.backbone_kind == "causal").to(device))
-        else:
-            rewards = model(**{k: v.to(device) for k, v in collate(items, pad_id).items()})
+        mine = dist.shard(batch_ids, "--batch-size")  # this process's pairs of the batch
+        rewards = forward([e for i in mine for e in train_enc[i]])  # chosen, rejected, chosen, ...
         r_c, r_r = rewards[0::2], rewards[1::2]
         loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
+        dist.backward(loss / dist.world_size)  # this process's share of the batch mean
+        grad_norm = dist.clip_grad_norm_(forward, params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        with torch.no_grad():  # batch means over every process (equal shares)
+            stats = dist.sum(torch.stack([loss.detach(), pairwise_accuracy(r_c, r_r).float(), (r_c - r_r).mean(),
+                                          rewards.mean()]).float()) / dist.world_size
+        if not torch.isfinite(stats[0]):
+            raise TrainingError(f"non-finite loss ({float(stats[0])}) at step {step + 1}; the last good checkpoint "
                                 f"is kept in {ckpts.root}. Try a lower --lr.")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient norm at step {step + 1}; the last good checkpoint is kept in {ckpts.root}")
         optim.step()
@@ -388,14 +418,13 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         sched.step()
         step += 1
         pairs_seen += len(batch_ids)
-        with torch.no_grad():
-            metrics = {"loss": loss.item(), "accuracy": float((r_c > r_r).float().mean()),
-                       "margin": float((r_c - r_r).mean()), "reward_mean": float(rewards.mean()),
-                       "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0], "epoch": step / steps_per_epoch}
+        metrics = {"loss": float(stats[0]), "accuracy": float(stats[1]), "margin": float(stats[2]),
+                   "reward_mean": float(stats[3]), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                   "epoch": step / steps_per_epoch}
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if (step % eval_every == 0 or step == run_until) and val_enc:
-            last_val = evaluate_encoded(model, val_enc, val_pairs, pad_id, cfg.eval_batch_size)
+            last_val = validate()
             metrics.update({"val_accuracy": last_val["accuracy"], "val_margin": last_val["mean_margin"]})
             if last_val["accuracy"] > best_acc:
                 best_acc, since_best = last_val["accuracy"], 0
@@ -403,14 +432,17 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
             else:
                 since_best += 1
                 stopped_early = bool(cfg.patience) and since_best >= cfg.patience
-            logger.log(step, metrics)
+            if logger is not None:
+                logger.log(step, metrics)
             checkpoint(step)
         else:
-            logger.log(step, metrics)
+            if logger is not None:
+                logger.log(step, metrics)
             if step % eval_every == 0 or step == run_until:
                 checkpoint(step)
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     elapsed = time.perf_counter() - t0
 
     # The final model is the best on validation (what early stopping is for), else the last one;
@@ -421,11 +453,13 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     if cfg.lora:
         model.backbone = model.backbone.merge_and_unload()
     publish(final)
+    if not dist.is_main:
+        return None
     summary = {
         "model": str(final), "backbone": spec.base, "backbone_kind": spec.backbone_kind, "pooling": spec.pooling,
         "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_pairs": len(skipped),
-        "frozen_weights": frozen, "packing": packing,
+        "frozen_weights": frozen, "packing": packing, "processes": dist.world_size,
         "best_val_accuracy": best_acc if val_enc else None, "last_val": last_val,
         "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
         "seconds": round(elapsed, 2), "pairs_per_second": round(pairs_seen / elapsed, 2) if elapsed > 0 and pairs_seen else None,

@@ -22,7 +22,9 @@ def reward() -> None:
 @config_command(RewardTrainConfig, name="train")
 def train(cfg: RewardTrainConfig) -> None:
     """Train a reward model on preference pairs; prints a JSON summary (also in OUT/summary.json)."""
-    click.echo(json.dumps(train_reward_model(cfg)))
+    summary = train_reward_model(cfg)
+    if summary is not None:  # the main process of a multi-process run prints for all
+        click.echo(json.dumps(summary))
 
 
 @dataclass

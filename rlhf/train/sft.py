@@ -6,6 +6,10 @@ epoch is a function of (seed, epoch), and checkpoints hold the optimizer, schedu
 states, so a killed and restarted run ends with the same weights as an uninterrupted one.
 
 The same loop pre-trains the bundled model (``chat_template=False``, loss on every token).
+
+Under ``accelerate launch`` each process takes a contiguous share of every global batch; the loss
+is normalised by the global batch's label count and gradients are averaged across processes, so
+N processes take the same steps as one (rlhf/engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from tqdm.auto import tqdm
 from rlhf.agents.episode import encode_episode_file, is_episode_file
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.data.context import clip_chars, context_length
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.distributed import Distributed
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import load_model_weights
 from rlhf.train.optim import adamw
@@ -43,8 +50,8 @@ class SFTConfig:
     out: str = opt(help="Output folder: checkpoints/, metrics.jsonl, and the final model in model/.")
     model: str = opt("bundled", help="Local Hugging Face causal-LM folder to start from, or 'bundled'.")
     epochs: float = opt(1.0, help="Passes over the data (fractions allowed).")
-    batch_size: int = opt(16, help="Examples per optimizer step (before gradient accumulation).")
-    grad_accum: int = opt(1, help="Micro-batches accumulated per optimizer step.")
+    batch_size: int = opt(16, help="Examples per optimizer step, over all processes.")
+    grad_accum: int = opt(1, help="Micro-batches each process accumulates per optimizer step.")
     lr: float = opt(3e-4, help="Peak learning rate (AdamW), reached after warmup, then cosine decay.")
     warmup_steps: int = opt(20, help="Linear warmup steps.")
     weight_decay: float = opt(0.0, help="AdamW weight decay.")
@@ -57,11 +64,10 @@ class SFTConfig:
     save_every: int = opt(200, help="Checkpoint every N optimizer steps (0 = only at the end).")
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed (data order, initialisation of LoRA weights).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default; 1 is faster on a busy machine).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); for tests and budgets.")
     resume_free: ClassVar[tuple[str, ...]] = ("save_every",)  # may change on resume (rlhf/utils/checkpoint.py)
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, ...).")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -121,11 +127,16 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg: SFTConfig, out_dir: str | Path,
-                    desc: str = "sft") -> dict:
-    """The training loop shared by ``rlhf sft`` and the bundled model's build. Returns a summary."""
+                    desc: str = "sft", dist: Distributed | None = None) -> dict:
+    """The training loop shared by ``rlhf sft`` and the bundled model's build. Returns a summary.
+
+    ``dist``: the process group (default: this process alone); each process trains on its share of
+    every batch, and only the main one writes checkpoints and metrics."""
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    dist = dist or Distributed(device.type)
+    dist.local_rows(cfg.batch_size, "--batch-size")  # must split evenly over the processes
+    micro = max(1, cfg.batch_size // dist.world_size // cfg.grad_accum)
     steps_per_epoch = max(1, len(encoded) // cfg.batch_size)
     total_steps = max(1, int(steps_per_epoch * cfg.epochs))
     if cfg.max_steps:
@@ -133,6 +144,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     params = [p for p in model.parameters() if p.requires_grad]
     optim = adamw(params, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg.warmup_steps, total_steps))
+    train_model, optim = dist.prepare(model, optim)
     ckpts = CheckpointManager(out_dir, keep=cfg.keep_checkpoints)
 
     step = 0
@@ -145,16 +157,19 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
         sched.load_state_dict(ts["scheduler"])
         set_rng_state(ts["rng"])
         step = ckpts.load_state(latest)["step"]
-        click.echo(f"resuming from {latest} (step {step} of {total_steps})", err=True)
+        if dist.is_main:
+            click.echo(f"resuming from {latest} (step {step} of {total_steps})", err=True)
 
     def save(at: int) -> None:
-        ckpts.save(at, lambda d: model.save_pretrained(str(d / "model"), safe_serialization=True),
-                   {"total_steps": total_steps, "config": config_to_dict(cfg)},
-                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+        with dist.main_first() as main:
+            if main:
+                ckpts.save(at, lambda d: model.save_pretrained(str(d / "model"), safe_serialization=True),
+                           {"total_steps": total_steps, "config": config_to_dict(cfg), "processes": dist.world_size},
+                           {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
-    logger = MetricsLogger(out_dir, resume_step=step if latest is not None else None)
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step")
+    logger = MetricsLogger(out_dir, resume_step=step if latest is not None else None) if dist.is_main else None
+    train_model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not dist.is_main)
     t0, tokens = time.perf_counter(), 0
     last_loss = float("nan")
     while step < total_steps:
@@ -162,34 +177,43 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
         order = epoch_order(len(encoded), cfg.seed, epoch)
         batch_ids = order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
         optim.zero_grad(set_to_none=True)
+        # Token-level mean over the whole optimizer batch (every process's share), so accumulation
+        # and the number of processes give the same gradient.
         n_label = sum(sum(1 for lab in encoded[i][1][1:] if lab != -100) for i in batch_ids)
-        loss_sum = 0.0
-        for m in range(0, len(batch_ids), micro):
-            b = collate([encoded[i] for i in batch_ids[m:m + micro]], tok.pad_token_id)
+        mine = dist.shard(batch_ids, "--batch-size")
+        loss_sum = torch.zeros((), device=device)
+        for m in range(0, len(mine), micro):
+            b = collate([encoded[i] for i in mine[m:m + micro]], tok.pad_token_id)
             b = {k: v.to(device) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            # Token-level mean over the whole optimizer batch, so accumulation gives the same gradient.
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                                     ignore_index=-100, reduction="sum") / max(1, n_label)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss at step {step}; the last good checkpoint is kept in {ckpts.root}")
-            loss.backward()
-            loss_sum += loss.item()
+            with dist.no_sync(train_model, skip=m + micro < len(mine)):
+                logits = train_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                                         ignore_index=-100, reduction="sum") / max(1, n_label)
+                dist.backward(loss)  # a non-finite loss shows in the (global) gradient norm below
+            loss_sum += loss.detach()
             tokens += int(b["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = dist.clip_grad_norm_(train_model, params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        loss_sum = float(dist.sum(loss_sum))
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} at step {step}; "
+                                f"the last good checkpoint is kept in {ckpts.root}")
         optim.step()
         sched.step()
         step += 1
         last_loss = loss_sum
-        logger.log(step, {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0], "epoch": step / steps_per_epoch})
+        if logger is not None:
+            logger.log(step, {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                              "epoch": step / steps_per_epoch})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
     bar.close()
     save(step)
-    logger.close()
+    if logger is not None:
+        logger.close()
     elapsed = time.perf_counter() - t0
+    tokens = int(dist.sum(torch.tensor(tokens, device=device)))
     return {"steps": step, "final_loss": last_loss, "seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None}
 
@@ -221,14 +245,14 @@ def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[
     return encoded
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer, pick_device
+def run_sft(cfg: SFTConfig) -> dict | None:
+    """Run ``rlhf sft``; returns the summary (on the main process; the others return None)."""
+    from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.model, padding_side="right")
-    model = load_causal_lm(cfg.model, device=pick_device(cfg.device), train=True)
+    model = load_causal_lm(cfg.model, device=rt.device, dtype=rt.dtype, train=True)
     if (ctx := context_length(model, tok)) is not None and cfg.max_length > ctx:
         raise ConfigError(f"--max-length {cfg.max_length} exceeds the {ctx} positions {cfg.model} reads")
     disable_dropout(model)  # exact resume needs deterministic forward passes
@@ -238,21 +262,26 @@ def run_sft(cfg: SFTConfig) -> dict:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     encoded = load_sft_data(cfg.data, tok, cfg)
-    summary = train_causal_lm(model, tok, encoded, cfg, cfg.out)
-    if cfg.lora:
-        model = model.merge_and_unload()
-    final = Path(cfg.out) / "model"
-    staged = staging_dir(final)
-    model.save_pretrained(str(staged), safe_serialization=True)
-    tok.padding_side = "left"
-    tok.save_pretrained(str(staged))
-    publish_dir(staged, final)
-    summary.update(examples=len(encoded), model=str(final), peak_rss_mb=round(peak_rss_mb()))
-    atomic_write_json(Path(cfg.out) / "summary.json", {**summary, "config": config_to_dict(cfg)})
+    summary = train_causal_lm(model, tok, encoded, cfg, cfg.out, dist=rt.dist)
+    with rt.dist.main_first() as main:
+        if not main:
+            return None
+        if cfg.lora:
+            model = model.merge_and_unload()
+        final = Path(cfg.out) / "model"
+        staged = staging_dir(final)
+        model.save_pretrained(str(staged), safe_serialization=True)
+        tok.padding_side = "left"
+        tok.save_pretrained(str(staged))
+        publish_dir(staged, final)
+        summary.update(examples=len(encoded), model=str(final), peak_rss_mb=round(peak_rss_mb()), processes=rt.dist.world_size)
+        atomic_write_json(Path(cfg.out) / "summary.json", {**summary, "config": config_to_dict(cfg)})
     return summary
 
 
 @config_command(SFTConfig, name="sft")
 def sft_command(cfg: SFTConfig) -> None:
     """Fine-tune on prompt/completion data; loss on completion tokens; exact resume; optional LoRA."""
-    click.echo(json.dumps(run_sft(cfg)))
+    summary = run_sft(cfg)
+    if summary is not None:  # the main process of a multi-process run prints for all
+        click.echo(json.dumps(summary))

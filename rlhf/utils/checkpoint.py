@@ -42,7 +42,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 # Options that never change what a training step computes: where and how fast it runs, and
 # bookkeeping. A stage's config adds its own in a ``resume_free`` class attribute.
-ALWAYS_FREE = ("out", "resume", "device", "threads", "keep_checkpoints", "progress")
+# engine: how a run executes (device, threads, rollout backend, fast paths), never what it computes.
+ALWAYS_FREE = ("out", "resume", "device", "threads", "engine", "keep_checkpoints", "progress")
 
 
 def save_torch_state(path: str | Path, obj: Any) -> None:
