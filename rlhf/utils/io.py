@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def _sibling_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """Create a fresh sibling file with mode 0666 minus the umask, as open() would.
+
+    tempfile.mkstemp creates 0600 files, and os.replace keeps that mode: results in a shared
+    folder would then be unreadable to everyone else. O_EXCL keeps the name unique and safe.
+    """
+    while True:
+        tmp = _sibling_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -37,7 +55,13 @@ def staging_dir(final: str | Path) -> Path:
     """A fresh sibling folder to build ``final`` in before :func:`publish_dir` moves it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    while True:  # os.mkdir applies the umask (tempfile.mkdtemp would make it 0700)
+        staged = _sibling_name(final)
+        try:
+            staged.mkdir(mode=0o777)
+            return staged
+        except FileExistsError:
+            continue
 
 
 def publish_dir(staged: str | Path, final: str | Path) -> Path:
