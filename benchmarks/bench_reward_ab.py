@@ -41,7 +41,7 @@ def run(name: str, steps: int, threads: int, work: Path) -> dict:
     env = {**os.environ, "RLHF_CPU_GEMM": gemm, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["/usr/bin/time", "-f", "%M", str(REPO / ".venv" / "bin" / "rlhf"), "reward", "train", "--pairs", str(DATA),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", "16", "--max-length", "128", "--lr", "1e-4",
-           "--head-lr", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing]
+           "--head-lr", "0", "--freeze-layers", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

@@ -78,7 +78,7 @@ def worker_ours(a, train_path: str, val_path: str, out: Path) -> dict:
                             warmup_ratio=a.warmup_ratio,
                             weight_decay=0.01, max_grad_norm=1.0, max_length=a.max_length, dropout=False,
                             skip_bad_pairs=True, threads=a.threads, seed=a.seed, device="cpu", resume=False,
-                            keep_checkpoints=1)
+                            keep_checkpoints=1, freeze_layers=0)  # all layers train, as in TRL
     cfg.validate()
     summary = train_reward_model(cfg)
     after_train = _peak_rss_mb()
