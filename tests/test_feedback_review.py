@@ -2,9 +2,15 @@
 untouched, and timing figures for labelers who use the API (issue 16), through the HTTP API."""
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
+
+from rlhf.cli import app
 
 from rlhf.feedback.campaign import import_campaign
 from rlhf.feedback.export import campaign_summary, item_summaries, label_records
@@ -142,3 +148,34 @@ def test_median_seconds_is_not_rounded_to_zero_for_api_labelers(env):
         answer(client, tokens["ann"], f"ann-fast-{i:04d}")  # answers within milliseconds, as a script does
     entry = next(l for l in campaign_summary(store, camp)["labelers"] if l["labeler"] == "ann")
     assert 0 < entry["median_seconds"] < 5  # the browser test checks the admin page shows it as such
+
+
+def test_the_labeling_docs_commands_run_as_printed(tmp_path, monkeypatch):
+    """The import, link, export and pairs commands of docs/labeling.md run as printed (serve and
+    simulate need a running server; the demo test runs those), and gold labels are left out of the
+    pairs, as the docs say."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "labeling.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", docs, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(cmd, comments=True)
+            if args[:1] == ["rlhf"] and args[1:3] != ["label", "serve"] and args[1:3] != ["label", "simulate"]:
+                commands.append(args[1:])
+    assert [c[:2] for c in commands] == [["label", "import"], ["label", "add-admin"], ["label", "add-labeler"],
+                                         ["label", "export"], ["label", "export"], ["data", "pairs"]]
+    (tmp_path / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS), encoding="utf-8")
+    (tmp_path / "instructions.md").write_text("# Rank by helpfulness\n\nThe most helpful first.\n", encoding="utf-8")
+    (tmp_path / "gold.jsonl").write_text(json.dumps({"prompt": "say hi", "completions": ["Hello!", "hi", "go away"],
+                                                     "ranking": [0, 1, 2], "prompt_id": "g1"}) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for args in commands:
+        if args[:2] == ["label", "export"] and not (tmp_path / "rankings.jsonl").exists():
+            store = open_store("labels.sqlite")  # ann, just added, ranks everything, the gold item included
+            ann = store.labelers(store.campaigns()[0].id)[0]
+            while (a := store.next_assignment(ann)) is not None:
+                store.submit(ann, a.id, f"sub-{a.id:06d}", list(range(len(a.completions))), [], False, None)
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, (args, res.output)
+    pairs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pairs["gold_items_dropped"] == 1 and pairs["pairs"] == 3 * 6  # three items of K = 4, no gold pairs

@@ -200,6 +200,8 @@ def test_log_friendly_stream_turns_bar_redraws_into_occasional_lines():
     s.write("\n")
     s.write("[reward] done in 100 s\n")
     text = out.getvalue()
+    with pytest.raises(TypeError):
+        s.write(b"")  # a text stream: click must not mistake it for a binary one
     assert "\r" not in text
     assert text.splitlines() == ["reward: 0/100", "reward: 30/100", "reward: 60/100", "reward: 90/100", "reward: 99/100",
                                  "[reward] done in 100 s"]

@@ -91,7 +91,8 @@ def sample_rows(result, flat_prompts: list[str]) -> list[dict]:
 
 @config_command(EvalConfig, name="eval")
 def eval_command(cfg: EvalConfig) -> None:
-    """Before/after tables: mean ± std per judge per model, bootstrap CIs, % change, KL and perplexity."""
+    """Before/after tables: mean ± std per judge per model, bootstrap CIs, the change with its interval and
+    better / worse / no clear change by each judge's direction, KL and perplexity, and a report that opens with that."""
     _, text = run_eval(cfg)
     click.echo(text)
     click.echo(json.dumps({"out": cfg.out, "report": str(Path(cfg.out) / "report.html")}))

@@ -91,6 +91,8 @@ class LogFriendlyStream:
         self._last_bar_line = -float("inf")
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # as a text stream does; click probes streams with write(b"")
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         for ch in text:
             if ch == "\r":
                 if self._line.strip():  # a bar state is complete: keep one now and then

@@ -73,11 +73,11 @@ def reward_and_gold(rows: list[dict], story: GoldStory | None, reward_units: str
         if story is not None:
             handles += g.plot([story.peak_step], [story.peak], marker="*", markersize=18, color="tab:red", linestyle="none",
                               label=f"gold peak, step {story.peak_step}")
-        ax.legend(handles=handles, loc="upper left")
             caption += (f" The {gold_label} (orange, right axis; the policy never saw it) peaked at step {story.peak_step} "
                         f"(red star, {number(story.peak)}) and ended at {number(story.last)}"
                         + (" while the optimised reward kept rising: over-optimisation." if story.fell_after_peak and story.proxy_kept_rising
                            else "." if story.peak_step != story.last_step else ", its best."))
+        ax.legend(handles=handles, loc="upper left")
     ax.set_title("Optimised reward and the held-out gold judge")
     return Plot("reward_gold", "Optimised reward and gold judge", _png(plt, fig), caption)
 

@@ -18,6 +18,7 @@ prompts, same seeds) excludes zero; otherwise it is "no clear change".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ROLES = ("optimised", "gold", "independent", "drift")
@@ -33,10 +34,15 @@ GOLD_FALL_SHARE = 0.25
 
 
 def number(x: float | None) -> str:
-    """Three decimals for small values, fewer for large ones (lengths, perplexities)."""
+    """Three decimals, fewer for large values (lengths, perplexities), two significant digits below
+    0.01 (so an interval bound of 0.0004 never reads "0.000", nor −0.00002 "-0.000")."""
     if x is None:
         return "—"
     ax = abs(x)
+    if ax == 0:
+        return "0.000"
+    if ax < 0.01:
+        return f"{x:.{min(7, 1 - math.floor(math.log10(ax)))}f}"
     return f"{x:.0f}" if ax >= 1000 else f"{x:.1f}" if ax >= 10 else f"{x:.3f}"
 
 
@@ -112,7 +118,8 @@ def headline(verdicts: list[JudgeVerdict]) -> str:
     independent = [v for v in verdicts if v.role == "independent"]
     if not independent:
         return "No independent judge was run, so this report cannot say whether the model improved beyond its own reward."
-    counts = {w: [v.label for v in independent if v.word == w] for w in ("better", "worse", "no clear change")}
+    short = lambda v: v.label.split(" (")[0]  # noqa: E731  "toxicity (alt-profanity-check)" -> "toxicity"
+    counts = {w: [short(v) for v in independent if v.word == w] for w in ("better", "worse", "no clear change")}
     parts = [f"{len(names)} {w} ({', '.join(names)})" for w, names in counts.items() if names]
     return f"Independent judges, tuned against base model: {'; '.join(parts)}."
 
@@ -187,6 +194,14 @@ def watch_sentences(story: GoldStory | None, flags: list[str], best_gold_path: s
     if story.peak_step == story.last_step:
         out.append(f"{gold_label.capitalize()} was at its best at the last evaluation (step {story.last_step}: "
                    f"{number(story.first)} → {number(story.last)}): no sign that the policy over-optimised its reward.")
+        return out
+    if story.peak_step == story.first_step:
+        text = (f"{gold_label.capitalize()} never rose above its first evaluation (step {story.first_step}: "
+                f"{number(story.first)}) and ended at {number(story.last)} at step {story.last_step}")
+        if story.proxy_kept_rising:
+            text += (f", while the optimised score rose ({number(story.proxy_at_peak)} → {number(story.proxy_last)}): "
+                     "what PPO optimised did not carry the gold judge's preference")
+        out.append(text + ".")
         return out
     text = (f"{gold_label.capitalize()} peaked at step {story.peak_step} ({number(story.peak)}, up from "
             f"{number(story.first)}) and ended at {number(story.last)} at step {story.last_step}")

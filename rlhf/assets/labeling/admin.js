@@ -31,7 +31,7 @@
       const stats = [
         ["Items", c.items], ["Gold items", c.gold_items], ["Labels per item", c.labels_per_item],
         ["Labels stored", c.labels], ["Skipped", c.skipped], ["Items complete", c.items_complete + " of " + c.items],
-        ["Open assignments", c.open_assignments], ["Kendall's W", fmt(c.kendalls_w) + " (" + c.items_with_w + " items)"],
+        ["Open assignments", c.open_assignments], ["Kendall's W", fmt(c.kendalls_w) + " (" + c.items_with_w + (c.items_with_w === 1 ? " item)" : " items)")],
         ["Pairwise agreement", pct(c.pairwise_agreement)], ["Consensus", c.consensus_method]];
       $("campaign-stats").replaceChildren(...stats.flatMap(([k, v]) => [RLHF.el("dt", {text: k}), RLHF.el("dd", {text: String(v)})]));
       const rows = s.labelers.map(l => RLHF.el("tr", {},
@@ -42,7 +42,7 @@
         RLHF.el("td", {text: pct(l.agreement_with_consensus)}),
         RLHF.el("td", {text: String(l.gold_items)}),
         RLHF.el("td", {text: pct(l.gold_agreement)}),
-        RLHF.el("td", {class: l.as_shown > Math.max(1, 3 * l.as_shown_by_chance) ? "warn" : "",
+        RLHF.el("td", {class: l.as_shown > 0 && l.as_shown > 3 * l.as_shown_by_chance ? "warn" : "",
                        text: l.as_shown + " (" + l.as_shown_by_chance.toFixed(1) + ")"})));
       $("labelers").tBodies[0].replaceChildren(...rows);
       await loadItems();
