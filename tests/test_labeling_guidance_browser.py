@@ -22,14 +22,14 @@ from rlhf.feedback.store import open_store
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium")]
 
-# Replies about as long as the demo's (48 new tokens) and longer, so a naive layout would push the
-# submit button below a 900-pixel window.
+# Replies about as long as the demo's (48 new tokens) and one four times that, so the page is taller
+# than a 900-pixel window and only a docked submit row stays in view.
 LONG = ("Thank you for asking! The quickest relief is to open the windows on opposite sides of the house at night, "
         "close the curtains on the sunny side during the day, and run a fan so that it pushes the warm air out "
         "rather than around the room. ")
 ITEMS = [
     {"prompt_id": "hot", "prompt": "My house is too hot in the afternoon. What can I do without air conditioning?",
-     "completions": [LONG + "Drink water.", LONG * 2, "Whatever. Buy an air conditioner.", "I like turtles."]},
+     "completions": [LONG + "Drink water.", LONG * 4, "Whatever. Buy an air conditioner.", "I like turtles."]},
     {"prompt_id": "rice", "prompt": "How do I cook rice?",
      "completions": ["Rinse it, add twice the water, simmer 18 minutes, rest it covered.", "Boil it.",
                      "Rice is a grain.", "Use a rice cooker and follow the marks on the bowl."]},
