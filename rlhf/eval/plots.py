@@ -101,31 +101,37 @@ def kl(rows: list[dict], target: float | None, ceiling: float | None) -> Plot | 
     return Plot("kl", "KL from reference", _png(plt, fig), caption + ".")
 
 
-def beta(rows: list[dict]) -> Plot | None:
-    xs, ys = _series(rows, "beta")
+def _line(rows: list[dict], key: str, ylabel: str, title: str):
+    """(xs, ys, png) of one metric against the step, or None with fewer than two points."""
+    xs, ys = _series(rows, key)
     if len(xs) < 2:
         return None
     plt, fig, ax = _figure()
     ax.plot(xs, ys, marker=_marker(len(xs)), linewidth=1.5)
-    ax.set_ylabel("β (reward units per nat of KL)")
-    ax.set_title("KL penalty coefficient β")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return xs, ys, _png(plt, fig)
+
+
+def beta(rows: list[dict]) -> Plot | None:
+    drawn = _line(rows, "beta", "β (reward units per nat of KL)", "KL penalty coefficient β")
+    if drawn is None:
+        return None
+    _, ys, png = drawn
     trend = "rose" if ys[-1] > ys[0] else "fell" if ys[-1] < ys[0] else "stayed"
     why = (" because KL ran above the target" if trend == "rose" else " because KL stayed below the target"
            if trend == "fell" else "")
-    return Plot("beta", "KL penalty β", _png(plt, fig),
+    return Plot("beta", "KL penalty β", png,
                 f"β {trend} from {number(ys[0])} to {number(ys[-1])}{why}; a larger β holds the policy closer to the reference.")
 
 
 def reply_length(rows: list[dict]) -> Plot | None:
-    xs, ys = _series(rows, "response_length")
-    if len(xs) < 2:
+    drawn = _line(rows, "response_length", "reply length (tokens, mean)", "Reply length during PPO")
+    if drawn is None:
         return None
-    plt, fig, ax = _figure()
-    ax.plot(xs, ys, marker=_marker(len(xs)), linewidth=1.5)
-    ax.set_ylabel("reply length (tokens, mean)")
-    ax.set_title("Reply length during PPO")
+    _, ys, png = drawn
     ratio = ys[-1] / ys[0] if ys[0] else float("nan")
-    return Plot("response_length", "Reply length", _png(plt, fig),
+    return Plot("response_length", "Reply length", png,
                 f"Replies went from {number(ys[0])} to {number(ys[-1])} tokens on average (×{ratio:.2f}); length is a drift "
                 "signal: a reward model that likes long or short replies shows here first.")
 

@@ -85,7 +85,9 @@ def _verdict_section(data: ReportInput, verdicts: list[JudgeVerdict]) -> str:
     if verdicts:
         models = [m["name"] for m in data.eval_json["models"]]
         before, after = (data.model_labels.get(m, m) for m in (models[0], models[-1]))
-        parts.append(f"<p class='headline'>{_e(headline(verdicts))}</p>")
+        compared = ("tuned against base model" if (before, after) == ("base model", "tuned model")
+                    else f"{after} against {before}")
+        parts.append(f"<p class='headline'>{_e(headline(verdicts, compared))}</p>")
         parts.append(f"<p class='help'>{_e(after[:1].upper() + after[1:])} against {_e(before)}, on held-out prompts with the same sampling "
                      "seeds. “Better” or “worse” only where the 95% bootstrap interval of the paired change excludes "
                      "zero.</p>")

@@ -113,7 +113,7 @@ def judge_verdicts(eval_json: dict, labels: dict[str, str] | None = None) -> lis
     return sorted(out, key=lambda v: ROLES.index(v.role) if v.role in ROLES else len(ROLES))
 
 
-def headline(verdicts: list[JudgeVerdict]) -> str:
+def headline(verdicts: list[JudgeVerdict], compared: str = "tuned against base model") -> str:
     """One sentence over the independent judges: the answer to "did alignment work?"."""
     independent = [v for v in verdicts if v.role == "independent"]
     if not independent:
@@ -121,7 +121,7 @@ def headline(verdicts: list[JudgeVerdict]) -> str:
     short = lambda v: v.label.split(" (")[0]  # noqa: E731  "toxicity (alt-profanity-check)" -> "toxicity"
     counts = {w: [short(v) for v in independent if v.word == w] for w in ("better", "worse", "no clear change")}
     parts = [f"{len(names)} {w} ({', '.join(names)})" for w, names in counts.items() if names]
-    return f"Independent judges, tuned against base model: {'; '.join(parts)}."
+    return f"Independent judges, {compared}: {'; '.join(parts)}."
 
 
 def kl_sentence(kl: float | None, target_kl: float | None = None, kl_ceiling: float | None = None) -> str | None:
