@@ -218,3 +218,53 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn episodes: the policy's tokens are interleaved with observation tokens it did not write
+# ---------------------------------------------------------------------------------------------
+
+def pack_by_mask(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-align, row by row, the positions of ``x`` where ``mask`` is 1, keeping their order.
+
+    x, mask: [B, T]. Returns (packed [B, L], packed_mask [B, L]) with L the largest row count;
+    packed_mask is contiguous from position 0 and packed is 0 past each row's count.
+    """
+    keep = mask.bool()
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first, in order
+    packed_mask = (torch.arange(width, device=x.device)[None, :] < counts[:, None]).to(mask.dtype)
+    packed = torch.where(packed_mask.bool(), x.gather(1, order), torch.zeros((), dtype=x.dtype, device=x.device))
+    return packed, packed_mask
+
+
+def unpack_by_mask(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_by_mask`: packed [B, L] back to [B, T] at the positions where
+    ``mask`` [B, T] is 1, zeros elsewhere."""
+    keep = mask.bool()
+    out = torch.zeros(mask.shape, dtype=packed.dtype, device=packed.device)
+    width = packed.shape[1]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < keep.sum(dim=1)[:, None]
+    return out.scatter(1, order, torch.where(valid, packed, torch.zeros((), dtype=packed.dtype, device=packed.device)))
+
+
+def multi_turn_advantages(scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor, loss_mask: torch.Tensor,
+                          beta: float, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL-shaped rewards, GAE advantages and returns for episodes whose policy tokens are interleaved
+    with tokens the policy did not write (observations, chat-template text).
+
+    scores [B]; kl, values, loss_mask [B, T] with loss_mask 1 on the policy's tokens (any pattern).
+    Only the policy's tokens are steps of the decision process: the others are part of the next
+    state, not actions, so they get no reward, no KL and no advantage, and the value after a
+    turn's last token is the value at the next turn's first token. Computed by packing the policy's
+    tokens (:func:`pack_by_mask`), applying :func:`kl_shaped_rewards` and :func:`gae` (score on the
+    last policy token), and unpacking. Returns (rewards, advantages, returns), each [B, T] and 0
+    wherever loss_mask is 0, whatever kl or values hold there.
+    """
+    p_kl, p_mask = pack_by_mask(kl, loss_mask)
+    p_values, _ = pack_by_mask(values, loss_mask)
+    rewards = kl_shaped_rewards(scores, p_kl, p_mask, beta)
+    advantages, returns = gae(rewards, p_values, p_mask, gamma, lam)
+    return unpack_by_mask(rewards, loss_mask), unpack_by_mask(advantages, loss_mask), unpack_by_mask(returns, loss_mask)

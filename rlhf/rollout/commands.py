@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import click
 
@@ -28,6 +29,9 @@ class GenerateConfig:
     batch_size: int = opt(32, help="Sequences decoded together.")
     seed: int = opt(0, help="Random seed for sampling.")
     device: str = opt("auto", help="cpu, cuda, or auto.")
+    index: str = opt("", help="RAG: an index folder (rlhf index build); retrieved passages go in the prompt with their ids.")
+    passages: int = opt(3, help="RAG: passages retrieved per prompt (--top-k is the sampling option).")
+    index_mode: Literal["bm25", "dense", "hybrid"] = opt("hybrid", help="RAG: ranking used to retrieve (bm25, dense or hybrid).")
 
     def validate(self) -> None:
         from rlhf.errors import ConfigError
@@ -40,6 +44,8 @@ class GenerateConfig:
             raise ConfigError("--top-p must be in (0, 1]")
         if self.temperature < 0:
             raise ConfigError("--temperature must be 0 (greedy) or positive")
+        if self.index and self.passages < 1:
+            raise ConfigError("--passages must be at least 1")
 
 
 def generate_file(cfg: GenerateConfig) -> int:
@@ -52,9 +58,17 @@ def generate_file(cfg: GenerateConfig) -> int:
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=pick_device(cfg.device))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    outs = generate_completions(model, tok, [p.prompt for p in prompts], cfg.num_completions, params,
+    model_prompts, grounding = [p.prompt for p in prompts], [{} for _ in prompts]
+    if cfg.index:  # RAG: the record keeps which passages were shown (rlhf/retrieval/rag.py)
+        from rlhf.retrieval.index import Index
+        from rlhf.retrieval.rag import grounding_fields, rag_prompt
+
+        hits = Index.load(cfg.index).search_many(model_prompts, cfg.passages, cfg.index_mode)
+        model_prompts = [rag_prompt(p, h) for p, h in zip(model_prompts, hits)]
+        grounding = [grounding_fields(h, m, cfg.index, cfg.index_mode) for h, m in zip(hits, model_prompts)]
+    outs = generate_completions(model, tok, model_prompts, cfg.num_completions, params,
                                 batch_size=cfg.batch_size, seed=cfg.seed)
-    write_records(cfg.out, [CompletionsRecord(p.id, p.prompt, c) for p, c in zip(prompts, outs)])
+    write_records(cfg.out, [{**CompletionsRecord(p.id, p.prompt, c).to_json(), **g} for p, c, g in zip(prompts, outs, grounding)])
     return len(prompts)
 
 

@@ -20,6 +20,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.agents.episode import encode_episode_file, is_episode_file
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import load_model_weights
@@ -183,6 +184,14 @@ def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[
     from rlhf.data.io import read_records
     from rlhf.data.records import SFTRecord
 
+    if cfg.chat_template and Path(path).is_file() and is_episode_file(path):
+        # Multi-turn agent episodes (rlhf/agents/episode.py): loss on the tokens the model wrote only.
+        encoded, too_long = encode_episode_file(path, tok, cfg.max_length)
+        if too_long:
+            click.echo(f"{path}: {too_long} episodes longer than --max-length {cfg.max_length} left out", err=True)
+        if len(encoded) < cfg.batch_size:
+            raise ConfigError(f"{path}: {len(encoded)} usable episodes, fewer than --batch-size {cfg.batch_size}")
+        return encoded
     encoded = []
     for r in read_records(path, SFTRecord):
         e = encode_example(tok, r.prompt, r.completion, cfg.max_length, cfg.chat_template)
