@@ -205,3 +205,10 @@ def test_log_friendly_stream_turns_bar_redraws_into_occasional_lines():
     assert "\r" not in text
     assert text.splitlines() == ["reward: 0/100", "reward: 30/100", "reward: 60/100", "reward: 90/100", "reward: 99/100",
                                  "[reward] done in 100 s"]
+
+
+def test_a_kl_estimate_near_or_below_zero_is_not_called_a_move():
+    from rlhf.eval.verdict import kl_sentence
+
+    assert "has not measurably moved" in kl_sentence(-0.024) and "-0.024" in kl_sentence(-0.024)
+    assert kl_sentence(4.2, 4.0, 12.0).startswith("The tuned model moved 4.200 nats per reply")

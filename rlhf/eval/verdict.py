@@ -127,7 +127,11 @@ def headline(verdicts: list[JudgeVerdict], compared: str = "tuned against base m
 def kl_sentence(kl: float | None, target_kl: float | None = None, kl_ceiling: float | None = None) -> str | None:
     if kl is None:
         return None
-    text = f"The tuned model moved {number(kl)} nats per reply away from the reference (KL, on the held-out prompts)"
+    if kl < 0.01:  # the per-sequence k1 estimate dips below zero when the two models barely differ
+        text = (f"The tuned model has not measurably moved from the reference (KL estimate {number(kl)} nats per reply "
+                "on the held-out prompts)")
+    else:
+        text = f"The tuned model moved {number(kl)} nats per reply away from the reference (KL, on the held-out prompts)"
     if target_kl is not None:
         text += f"; the KL controller aimed at {number(target_kl)}"
     if kl_ceiling is not None:
