@@ -11,7 +11,6 @@ finished stages), prints the table and writes benchmarks/results/agent.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

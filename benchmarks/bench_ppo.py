@@ -112,7 +112,8 @@ def setup(work: Path) -> dict:
         pairs = work / "pairs.jsonl"
         pairs.write_text("".join(json.dumps(p) + "\n" for p in corpus_pairs()), encoding="utf-8")
         subprocess.run([str(REPO / ".venv" / "bin" / "rlhf"), "reward", "train", "--base", "bundled", "--pairs", str(pairs),
-                        "--out", str(work / "rm"), "--epochs", "1", "--lr", "3e-4", "--device", "cpu"], check=True,
+                        "--out", str(work / "rm"), "--epochs", "1", "--lr", "3e-4", "--device", "cpu",
+                        "--freeze-layers", "0", "--max-length", "256", "--eval-every", "0"], check=True,
                        stdout=subprocess.DEVNULL)
         if (rm_dir / "reward_head.safetensors").is_file():  # rlhf before causal reward models saved as seq-cls
             # No constant offset: LlamaForSequenceClassification's score layer has no bias.

@@ -42,7 +42,7 @@ def run(name: str, steps: int, threads: int, work: Path, data: Path = DATA) -> d
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "rlhf", "reward", "train", "--pairs", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", "16", "--max-length", "128", "--lr", "1e-4",
-           "--head-lr", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing,
+           "--head-lr", "0", "--freeze-layers", "0", "--val-fraction", "0", "--skip-bad-pairs", "--threads", str(threads), "--no-resume", "--no-dropout", packing,
            "--cpu-gemm", gemm, "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)  # `-m rlhf` imports from cwd first
     if proc.returncode:

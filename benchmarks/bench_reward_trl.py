@@ -58,7 +58,6 @@ def _encode(pairs: list, max_length: int):
 
 def _accuracy(score_fn, encoded: list) -> float:
     """Pairwise accuracy (ties count half) of score_fn(list of Encoded) -> tensor on encoded pairs."""
-    import torch
 
     flat = [e for pair in encoded for e in pair]
     s = score_fn(flat)
@@ -78,7 +77,8 @@ def worker_ours(a, train_path: str, val_path: str, out: Path) -> dict:
                             epochs=(a.steps - 0.5) / spe, batch_size=a.batch_size, lr=a.lr, head_lr=0.0,
                             warmup_ratio=a.warmup_ratio,
                             weight_decay=0.01, max_grad_norm=1.0, max_length=a.max_length, dropout=False,
-                            skip_bad_pairs=True, seed=a.seed, resume=False, keep_checkpoints=1,
+                            skip_bad_pairs=True, seed=a.seed, resume=False, keep_checkpoints=1, freeze_layers=0,  # all layers train, as in TRL
+                           
                             engine=EngineConfig(device="cpu", threads=a.threads, cpu_gemm=a.cpu_gemm))
     cfg.validate()
     summary = train_reward_model(cfg)

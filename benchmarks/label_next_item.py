@@ -34,7 +34,6 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -12,7 +12,6 @@ writes benchmarks/results/reward_hh.json. Target: ≥ 62% validation accuracy in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource

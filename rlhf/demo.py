@@ -25,19 +25,25 @@ import click
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
+from rlhf.eval.console import StageClock, log_friendly_stderr, quiet_library_bars, verdict_lines
+from rlhf.eval.verdict import ROLE_TITLES, judge_verdicts
 from rlhf.models.named import model_label, with_model_defaults
 
 # What the scripted labelers prefer: on-topic (MiniLM cosine to the prompt), not offensive
 # (alt-profanity-check probability, negated), friendly (VADER). See rlhf/judges/base.py: weighted.
 LABELER_PREFERENCE = "weighted:4*relevance+2*toxicity+sentiment"
 
-REAL_PEOPLE = """To put real people in their place:
-  rlhf label import --db {db} --completions {completions} --criterion helpfulness --labels-per-item 3
-  rlhf label add-labeler ann --db {db}        # prints ann's personal link; one per person
-  rlhf label add-admin you --db {db}          # the admin page: progress, agreement, gold checks
-  rlhf label serve --db {db}                  # people rank at the printed links
-  rlhf label export --db {db} --out rankings.jsonl
-then train on those rankings: rlhf reward train --pairs rankings.jsonl --out reward (see docs/labeling.md)."""
+# Printed at the end of a demo; tests/test_demo.py runs these lines in order on a copy of a demo's
+# database, so they must work exactly as printed (the demo's own campaign is already in it, hence
+# the explicit campaign name).
+REAL_PEOPLE = """To put real people in the scripted labelers' place (docs/labeling.md walks through it):
+  rlhf label import --db {db} --completions {completions} --name people --criterion helpfulness --labels-per-item 3
+  rlhf label add-admin you --db {db}                       # the admin page: progress, agreement, disagreements
+  rlhf label add-labeler ann --db {db} --campaign people   # ann's personal link; one per person
+  rlhf label serve --db {db}                               # people rank at their links; Ctrl-C when done
+  rlhf label status --db {db} --campaign people            # progress and agreement, as on the admin page
+  rlhf label export --db {db} --campaign people --out rankings.jsonl
+  rlhf reward train --pairs rankings.jsonl --out reward    # then PPO against reward/model (docs/ppo.md)"""
 
 
 @dataclass
@@ -103,16 +109,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages_file = out / "stages.json"
     stages: dict[str, float] = json.loads(stages_file.read_text()) if cfg.resume and stages_file.is_file() else {}
     t_all = time.perf_counter()
+    clock = _clock(cfg, prompts, eval_prompts)
+    order = ["generate", "label", "pairs", "reward", "ppo", "eval", "report"]
+    pending = [n for n in order if not (cfg.resume and n in stages)]
 
     def stage(name: str, done: Path, fn) -> None:
         if cfg.resume and done.exists():
             _say(f"[{name}] already done ({done}); skipping")
+            if name in pending:
+                pending.remove(name)
             return
-        _say(f"[{name}] ...")
+        eta = f": {clock.announce(name, pending)}" if clock else ""
+        _say(f"[{name} {order.index(name) + 1}/{len(order)}] started{eta}")
         t = time.perf_counter()
         fn()
         stages[name] = round(time.perf_counter() - t, 1)
         atomic_write_json(stages_file, stages)
+        if clock:
+            clock.finished(name, stages[name])
+        if name in pending:
+            pending.remove(name)
         _say(f"[{name}] done in {stages[name]} s")
 
     completions = out / "completions.jsonl"
@@ -142,6 +158,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def _clock(cfg: DemoConfig, prompts: str, eval_prompts: str) -> StageClock | None:
+    """Expected stage times, only for the models the reference timings were measured with."""
+    if cfg.policy != "bundled" or cfg.reward_base != "minilm":
+        return None
+    from rlhf.data.io import iter_jsonl
+
+    return StageClock.for_run(prompts=sum(1 for _ in iter_jsonl(prompts)), eval_prompts=sum(1 for _ in iter_jsonl(eval_prompts)),
+                              num_completions=cfg.num_completions, labelers=cfg.labelers, reward_epochs=cfg.reward_epochs,
+                              ppo_steps=cfg.ppo_steps, ppo_batch_size=cfg.ppo_batch_size, eval_samples=cfg.eval_samples)
+
+
 # --- stages ----------------------------------------------------------------------------------
 
 def _generate(cfg: DemoConfig, prompts: str, path: Path) -> None:
@@ -168,7 +195,6 @@ def _label(cfg: DemoConfig, completions: Path, db: Path, rankings: Path, labelin
     _, admin_token = store.add_user("demo-admin", "admin", None)
     _say(f"  scripted labelers stand in for people: {cfg.labelers} of them rank every item by "
          f"{cfg.labeler_scorer!r} plus noise σ={cfg.labeler_noise}, through the labeling app's HTTP API")
-    _say("  " + REAL_PEOPLE.format(db=db, completions=completions).replace("\n", "\n  "))
     with start_in_thread(store) as server:
         runs = simulate_labelers(server.url, admin_token, cfg.labeler_scorer, cfg.labelers, cfg.labeler_noise,
                                  seed=cfg.seed, campaign=camp.name)
@@ -191,7 +217,7 @@ def _reward(cfg: DemoConfig, pairs: Path, out: Path) -> None:
 
     rcfg = RewardTrainConfig(pairs=str(pairs), out=str(out), base=cfg.reward_base, epochs=cfg.reward_epochs,
                              lr=cfg.reward_lr, max_length=cfg.reward_max_length, val_fraction=0.15, seed=cfg.seed,
-                             engine=cfg.engine, skip_bad_pairs=True)
+                             engine=cfg.engine, skip_bad_pairs=True, freeze_layers=0, eval_every=0)
     rcfg.validate()
     train_reward_model(rcfg)
 
@@ -242,14 +268,22 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
     from rlhf.eval.commands import EvalConfig, run_eval
 
     ecfg = EvalConfig(out=str(out), model=[cfg.policy, str(tuned)], prompts=prompts,
-                      judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
-                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, engine=cfg.engine, temperature=cfg.temperature)
+                      judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], optimised=[f"rm:{reward_model}"],
+                      gold=[cfg.labeler_scorer], reference=cfg.policy, samples_per_prompt=cfg.eval_samples,
+                      seed=cfg.seed + 1, engine=cfg.engine, temperature=cfg.temperature)
     ecfg.validate()
-    _, text = run_eval(ecfg)
-    _say(text)
+    run_eval(ecfg)  # its table is in eval/table.txt; the verdict is printed once, at the end
 
 
 # --- summary and report ----------------------------------------------------------------------
+
+def judge_labels(cfg: DemoConfig, reward_model: Path) -> dict[str, str]:
+    """What a person reads for each judge of the demo's evaluation (eval.json keeps the specs)."""
+    return {"toxicity": "toxicity (alt-profanity-check)", "sentiment": "sentiment (VADER)",
+            "relevance": "relevance (MiniLM prompt–reply cosine)", "length": "reply length (words)",
+            "repetition": "repetition (zlib)", cfg.labeler_scorer: "labelers' preference (gold judge)",
+            f"rm:{reward_model}": "reward model (what PPO optimised)"}
+
 
 def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
     reward = json.loads((out / "reward" / "summary.json").read_text())
@@ -258,14 +292,17 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
     ev = json.loads((out / "eval" / "eval.json").read_text())
     labeling = json.loads((out / "labeling.json").read_text())
     before, after = ev["table"][0]["model"], ev["table"][1]["model"]
+    roles = ev.get("roles", {})
     judges = {}
     for row in ev["table"]:
         side = "before" if row["model"] == before else "after"
-        j = judges.setdefault(row["judge"], {"higher_is_better": row["higher_is_better"]})
+        j = judges.setdefault(row["judge"], {"higher_is_better": row["higher_is_better"], "role": roles.get(row["judge"])})
         j[side] = {"mean": row["mean"], "std": row["std"], "ci95": [row["ci_low"], row["ci_high"]], "n": row["n"]}
         if side == "after":
-            j["improvement_pct"] = row["improvement_pct"]
+            j["improvement_pct"] = row["improvement_pct"]  # kept for older readers; the change below is what to read
             j["ci_separated"] = row["ci_separated_from_first"]
+            j.update(change=row.get("change"), change_ci95=[row.get("change_ci_low"), row.get("change_ci_high")],
+                     verdict=row.get("verdict"))
     kl = {m["name"]: m["kl"]["mean"] if m["kl"] else None for m in ev["models"]}
     camp = labeling["campaign"]["campaign"]  # campaign_summary: {"campaign": {...}, "labelers": [...]}
     return {
@@ -280,7 +317,7 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
         "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg["reward"], "score_first": ppo["score_first"],
                 "score_last": ppo["score_last"], "kl_last": ppo["kl_last"], "episodes_per_second": ppo["episodes_per_second"],
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
-        "final_kl": kl.get(after), "judges": judges,
+        "final_kl": kl.get(after), "final_kl_unit": "nats per reply", "judges": judges,
         "paths": {"completions": str(out / "completions.jsonl"), "rankings": str(out / "rankings.jsonl"),
                   "pairs": str(out / "pairs.jsonl"), "reward_model": str(out / "reward" / "model"),
                   "policy": str(out / "ppo" / "model"), "eval": str(out / "eval")},
@@ -289,38 +326,58 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
 
 
 def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
-    from rlhf.eval.report import ReportInput, write_report
+    from rlhf.eval.report import write_report
+
+    return write_report(out, _report_input(cfg, out, summary))
+
+
+def _report_input(cfg: DemoConfig, out: Path, summary: dict):
+    from rlhf.eval.report import ReportInput, TrainingInfo
     from rlhf.utils.metrics import read_metrics
 
     ev = json.loads((out / "eval" / "eval.json").read_text())
     samples_path = out / "eval" / "samples.jsonl"
     rows = [json.loads(ln) for ln in samples_path.read_text().splitlines() if ln.strip()]
     samples = rows[:: cfg.eval_samples][:16]
-    flags = (summary["ppo"].get("watch") or {}).get("flags") or []
+    watch = summary["ppo"].get("watch") or {}
     stage_text = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
     notes = ["Scripted labelers stood in for people in this run: each ranked every item by "
              f"{summary['labeling']['preference']} plus noise. To put real people in their place, import the "
              "completions as a campaign (rlhf label import), send each person a link (rlhf label add-labeler), serve "
              "the app (rlhf label serve), export the rankings (rlhf label export) and train the reward model on them; "
-             "docs/labeling.md walks through it."]
+             "the demo prints the exact commands, and docs/labeling.md walks through it."]
     table = {"model": model_label(cfg.policy) + (" with a LoRA policy" if cfg.lora else ""),
              "reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
              "PPO steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
-             "final KL from reference (nats/reply)": summary["final_kl"],
+             "final KL from reference (nats per reply)": summary["final_kl"],
              "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
              "wall time per stage": stage_text}
     lineage = {"base model": cfg.policy, "completions": summary["paths"]["completions"],
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
                "labeling": summary["labeling"], "config": summary["config"]}
-    return write_report(out, ReportInput(title=f"rlhf demo: the whole loop on {model_label(cfg.policy)}", metrics=read_metrics(out / "ppo"), eval_json=ev,
-                                         samples=samples, lineage=lineage, flags=flags,
-                                         summary=table, notes=notes))
+    best_gold = out / "ppo" / "best-gold"
+    training = TrainingInfo(target_kl=cfg.target_kl, kl_ceiling=cfg.kl_ceiling, kl_last=summary["ppo"]["kl_last"],
+                            gold_judge=cfg.labeler_scorer, watch=watch, reward_units="reward-model score, unit spread",
+                            best_gold_path=str(best_gold) if best_gold.is_dir() else None)
+    models = [m["name"] for m in ev["models"]]
+    return ReportInput(title=f"rlhf demo: the whole loop on {model_label(cfg.policy)}", metrics=read_metrics(out / "ppo"), eval_json=ev,
+                       samples=samples, lineage=lineage, flags=watch.get("flags") or [],
+                       summary=table, notes=notes, judge_labels=judge_labels(cfg, out / "reward" / "model"),
+                       model_labels={models[0]: "base model", models[-1]: "tuned model"}, training=training)
+
+
+def verdict_text(cfg: DemoConfig, out: Path, summary: dict) -> list[str]:
+    """The report's verdict as plain text, for the terminal: the same judges, groups and sentences."""
+    from rlhf.eval.report import verdict_facts
+
+    data = _report_input(cfg, out, summary)
+    return [*verdict_lines(judge_verdicts(data.eval_json, data.judge_labels), ROLE_TITLES), *verdict_facts(data)]
 
 
 @config_command(DemoConfig, name="demo")
 def demo(cfg: DemoConfig) -> None:
-    """The whole loop on the bundled defaults; prints where the report is."""
+    """The whole loop on the bundled defaults; prints the verdict and where the report is."""
     if cfg.recipe == "agent":
         from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
 
@@ -330,11 +387,14 @@ def demo(cfg: DemoConfig) -> None:
         return
     if cfg.labelers < 1 or cfg.num_completions < 2:
         raise ConfigError("the demo needs at least one labeler and two completions per prompt")
-    summary = run_demo(cfg)
-    _say("scripted labelers stood in for people in this run; see the report for how to label with real people")
-    for name, j in summary["judges"].items():
-        _say(f"  {name:<44} {j['before']['mean']:8.3f} → {j['after']['mean']:8.3f}"
-             f"  ({'' if j.get('improvement_pct') is None else format(j['improvement_pct'], '+.1f') + '%'})")
+    cfg = with_model_defaults(cfg)  # as run_demo does, so the verdict below reads the same options
+    with log_friendly_stderr(), quiet_library_bars():
+        summary = run_demo(cfg)
+    out = Path(cfg.out)
+    _say("")
+    _say("\n".join(verdict_text(cfg, out, summary)))
     _say(f"report: {summary['report']}")
-    click.echo(json.dumps({"report": summary["report"], "summary": str(Path(cfg.out) / "summary.json")}))
+    _say("")
+    _say(REAL_PEOPLE.format(db=out / "labels.sqlite", completions=out / "completions.jsonl"))
+    click.echo(json.dumps({"report": summary["report"], "summary": str(out / "summary.json")}))
     sys.stdout.flush()

@@ -46,10 +46,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+def hh_missing_reason(folder: Path) -> str:
+    """Why a test that needs real human preference pairs skips, and where such pairs come from."""
+    return (f"real human preference pairs not found at {folder}: these tests read train.jsonl.gz and "
+            "validation.jsonl.gz of {chosen, rejected} dialogues taken from Anthropic's public hh-rlhf data, "
+            "harmless-base subset (MIT licence; https://huggingface.co/datasets/Anthropic/hh-rlhf or "
+            "https://github.com/anthropics/hh-rlhf), placed in ../shared/data/hh-harmless beside the repository")
+
+
 @pytest.fixture(scope="session")
 def hh_dir() -> Path:
     if not (HH_DIR / "train.jsonl.gz").is_file():
-        pytest.skip(f"real preference data not found at {HH_DIR} (see DEVELOPERS.md: ../shared/data/hh-harmless)")
+        pytest.skip(hh_missing_reason(HH_DIR))
     return HH_DIR
 
 

@@ -12,7 +12,7 @@ from rlhf.agents.episode import ChatRenderer, Episode
 from rlhf.agents.rewards import EpisodeReward, RewardConfig
 from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, agent_prompt
 from rlhf.agents.tools import ToolRegistry, tool_from_function
-from rlhf.agents.train import EpisodeBatch, EpisodePPOConfig, EpisodeTrainer, episode_stats
+from rlhf.agents.train import EpisodePPOConfig, EpisodeTrainer, episode_stats
 from rlhf.algos import gae, kl_shaped_rewards, multi_turn_advantages, pack_by_mask, unpack_by_mask
 
 

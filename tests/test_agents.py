@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf.agents.episode import ChatRenderer, Episode, encode_for_training, read_episodes, write_episodes
-from rlhf.agents.kb import documents, make_world, questions, react_trace, sft_examples
+from rlhf.agents.kb import documents, make_world, questions, sft_examples
 from rlhf.agents.protocol import decode_arguments, parse_turn
 from rlhf.agents.rewards import EpisodeReward, RewardConfig, exact_match, f1_score, normalize_answer
 from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, read_tasks

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import hh_missing_reason
 from rlhf.data import (PairStats, PromptRecord, RankingRecord, load_pairs, ranking_to_pairs, read_records,
                        records_to_dataset, dataset_to_records, write_records)
 from rlhf.data.pairs import rankings_to_pairs
@@ -179,3 +180,10 @@ def test_gzip_rankings_conversion(tmp_path):
     path = tmp_path / "r.jsonl.gz"
     path.write_bytes(gzip.compress((json.dumps(RANK) + "\n").encode()))
     assert len(rankings_to_pairs(read_records(path, "rankings"))) == 3
+
+
+def test_tests_needing_real_pairs_say_where_the_public_data_comes_from(tmp_path):
+    reason = hh_missing_reason(tmp_path / "hh-harmless")
+    assert str(tmp_path / "hh-harmless") in reason and "DEVELOPERS.md" not in reason
+    assert "Anthropic" in reason and "hh-rlhf" in reason and "harmless-base" in reason
+    assert "https://huggingface.co/datasets/Anthropic/hh-rlhf" in reason

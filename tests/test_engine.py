@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rlhf.config import config_command, config_to_dict, load_config, opt
+from rlhf.config import config_to_dict, load_config, opt
 from rlhf.engine.config import EngineConfig, with_legacy_env
 from rlhf.errors import ConfigError
 

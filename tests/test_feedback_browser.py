@@ -76,6 +76,12 @@ def arrange_by_buttons(page, target: list[str]) -> None:
     assert card_texts(page) == target
 
 
+def confirm_if_asked(page) -> None:
+    """An order left exactly as shuffled asks for confirmation (issue 16); the labeler means it here."""
+    if page.locator("#confirm-box").is_visible():
+        page.get_by_role("button", name="Yes, submit this order").click()
+
+
 def test_labeler_ranks_ties_skips_and_export_holds_exactly_that(server, browser):
     store, camp, url, admin, ann = server
     out = artifacts()
@@ -118,6 +124,7 @@ def test_labeler_ranks_ties_skips_and_export_holds_exactly_that(server, browser)
             arrange_by_buttons(page, target)
             expected["rice"] = (target, [], False)
             page.get_by_role("button", name="Submit ranking").click()
+            confirm_if_asked(page)
         elif prompt.startswith("asdf"):
             page.get_by_role("button", name="Skip this item…").click()
             page.select_option("#skip-kind", "unreadable")
@@ -126,8 +133,10 @@ def test_labeler_ranks_ties_skips_and_export_holds_exactly_that(server, browser)
             expected["skipme"] = ([], [], True)
         else:
             assert prompt == GOLD["prompt"]
-            expected["gold"] = (shown, [], False)  # submits the order as shown
+            expected["gold"] = (shown, [], False)  # submits the order as shown, and confirms it
             page.keyboard.press("Control+Enter")
+            page.get_by_role("alertdialog").wait_for()
+            page.get_by_role("button", name="Yes, submit this order").click()
         page.wait_for_function("s => document.querySelector('#prompt').textContent !== s || "
                                "!document.querySelector('#done').hidden", arg=prompt)
     page.get_by_role("heading", name="All done, thank you").wait_for()

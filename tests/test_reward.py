@@ -158,7 +158,7 @@ def test_cli_training_raises_validation_accuracy_then_eval_and_score(tiny_model_
     runner = CliRunner()
     res = runner.invoke(app, ["reward", "train", "--pairs", str(train), "--val-pairs", str(val), "--base", str(tiny_model_dir),
                               "--out", str(out), "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--max-length", "64",
-                              "--eval-every", "8", "--warmup-ratio", "0"])
+                              "--eval-every", "8", "--warmup-ratio", "0", "--freeze-layers", "0"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     vals = [m["val_accuracy"] for m in read_metrics(out) if "val_accuracy" in m]
@@ -189,7 +189,7 @@ def test_cli_training_raises_validation_accuracy_then_eval_and_score(tiny_model_
 def _cfg(tiny_model_dir, tmp_path, out: Path, **kw) -> RewardTrainConfig:
     train = write_jsonl(tmp_path / "train.jsonl", polite_pairs(32))
     base = dict(pairs=str(train), out=str(out), base=str(tiny_model_dir), val_fraction=0.25, epochs=2, batch_size=8,
-                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, seed=5)
+                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, seed=5, freeze_layers=0)
     base.update(kw)
     cfg = RewardTrainConfig(**base, engine=EngineConfig(device="cpu"))
     cfg.validate()

@@ -26,7 +26,6 @@ the value head, the KL coefficient and the RNG.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path

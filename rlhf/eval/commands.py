@@ -22,6 +22,10 @@ class EvalConfig:
     prompts: str = opt("", help="Prompts file (JSON Lines); empty = the shipped held-out prompts.")
     judge: list[str] = opt(help="Scorer spec(s) (repeat --judge): toxicity, sentiment, length, repetition, rm:DIR, ...",
                            factory=lambda: ["toxicity", "sentiment", "length", "repetition"])
+    optimised: list[str] = opt(help="Judge(s) among --judge that the tuned model was trained to maximise (its reward); "
+                                    "the report groups them apart from the independent judges.", factory=list)
+    gold: list[str] = opt(help="Judge(s) among --judge held out from the policy but used by the labelers (the watch's "
+                               "gold judge); grouped apart from the independent judges.", factory=list)
     reference: str = opt("bundled", help="Reference model for KL and perplexity ('' = skip both).")
     samples_per_prompt: int = opt(4, help="Completions sampled per prompt and model.")
     max_new_tokens: int = opt(48, help="Longest reply in tokens.")
@@ -37,6 +41,10 @@ class EvalConfig:
             raise ConfigError("give at least one --model")
         if not self.judge:
             raise ConfigError("give at least one --judge")
+        for flag, specs in (("--optimised", self.optimised), ("--gold", self.gold)):
+            missing = [j for j in specs if j not in self.judge]
+            if missing:
+                raise ConfigError(f"{flag} {', '.join(missing)}: not among the --judge specs ({', '.join(self.judge)})")
 
 
 def run_eval(cfg: EvalConfig):
@@ -58,6 +66,8 @@ def run_eval(cfg: EvalConfig):
     device = rt.device
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("eval"), PromptRecord)]
     judges = [load_scorer(spec) for spec in cfg.judge]
+    roles = {j.name: "optimised" if spec in cfg.optimised else "gold" for spec, j in zip(cfg.judge, judges)
+             if spec in cfg.optimised or spec in cfg.gold}
     models = {}
     for i, m in enumerate(cfg.model):
         name = m if m not in models else f"{m}#{i}"
@@ -68,24 +78,31 @@ def run_eval(cfg: EvalConfig):
         cuts.report("eval")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     result = evaluate(models, reference, prompts, judges, params, cfg.samples_per_prompt, cfg.batch_size, cfg.seed,
-                      cfg.bootstrap, backend=make_backend(rt.engine))
+                      cfg.bootstrap, roles, backend=make_backend(rt.engine))
     out = Path(cfg.out)
     payload = {**result.to_json(), "config": config_to_dict(cfg)}
     atomic_write_json(out / "eval.json", payload)
     text = format_table(result)
     atomic_write_text(out / "table.txt", text + "\n")
     flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    write_records(out / "samples.jsonl", [{"prompt": p, **{m.name: m.completions[i] for m in result.models}}
-                                          for i, p in enumerate(flat)])
-    samples = [{"prompt": p, **{m.name: m.completions[i] for m in result.models}}
-               for i, p in enumerate(flat) if i % cfg.samples_per_prompt == 0][:12]
-    write_report(out, ReportInput(title="rlhf eval", eval_json=payload, samples=samples, lineage={"config": config_to_dict(cfg)}))
+    rows = sample_rows(result, flat)
+    write_records(out / "samples.jsonl", rows)
+    write_report(out, ReportInput(title="rlhf eval", eval_json=payload, samples=rows[:: cfg.samples_per_prompt][:12],
+                                  lineage={"config": config_to_dict(cfg)}))
     return result, text
+
+
+def sample_rows(result, flat_prompts: list[str]) -> list[dict]:
+    """One row per sampled prompt: each model's reply, and under "scores" each judge's score of it."""
+    return [{"prompt": p, **{m.name: m.completions[i] for m in result.models},
+             "scores": {m.name: {j: round(m.scores[j][i], 4) for j in result.judges} for m in result.models}}
+            for i, p in enumerate(flat_prompts)]
 
 
 @config_command(EvalConfig, name="eval")
 def eval_command(cfg: EvalConfig) -> None:
-    """Before/after tables: mean ± std per judge per model, bootstrap CIs, % change, KL and perplexity."""
+    """Before/after tables: mean ± std per judge per model, bootstrap CIs, the change with its interval and
+    better / worse / no clear change by each judge's direction, KL and perplexity, and a report that opens with that."""
     _, text = run_eval(cfg)
     click.echo(text)
     click.echo(json.dumps({"out": cfg.out, "report": str(Path(cfg.out) / "report.html")}))

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.eval.stats import Summary, relative_change, summarise
+from rlhf.eval.stats import Summary, bootstrap_ci, relative_change, summarise
+from rlhf.eval.verdict import ROLES, arrow, change_word, magnitude_interval, number
 from rlhf.judges.base import Scorer, score_checked
 from rlhf.rollout.generate import SamplingParams, SampledBatch, decode_responses, sample_tokens
 from rlhf.rollout.logprobs import response_logprobs
@@ -32,23 +33,40 @@ class EvalResult:
     prompts: list[str]
     judges: dict[str, bool]                   # name -> higher_is_better
     models: list[ModelResult] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)  # name -> optimised | gold | independent | drift
+    n_boot: int = 2000
+    seed: int = 0
 
     def table(self) -> list[dict]:
-        """One row per (judge, model): mean, std, CI, and change relative to the first model."""
+        """One row per (judge, model): mean, std, CI, and the change from the first model.
+
+        The change's interval is a bootstrap of the paired differences (sample i of both models
+        answered the same prompt with the same seed), which is narrower and more honest than
+        asking whether the two models' own intervals overlap.
+        """
         rows = []
         base = self.models[0]
         for judge, higher in self.judges.items():
+            role = self.roles.get(judge, "independent")
             for m in self.models:
                 s = m.summaries[judge]
                 b = base.summaries[judge]
-                rows.append({"judge": judge, "model": m.name, "mean": s.mean, "std": s.std, "ci_low": s.ci_low,
-                             "ci_high": s.ci_high, "n": s.n, "higher_is_better": higher,
-                             "improvement_pct": None if m is base else relative_change(b.mean, s.mean, higher),
-                             "ci_separated_from_first": None if m is base else not s.overlaps(b)})
+                row = {"judge": judge, "model": m.name, "role": role, "mean": s.mean, "std": s.std, "ci_low": s.ci_low,
+                       "ci_high": s.ci_high, "n": s.n, "higher_is_better": higher,
+                       "improvement_pct": None if m is base else relative_change(b.mean, s.mean, higher),
+                       "ci_separated_from_first": None if m is base else not s.overlaps(b)}
+                if m is not base:
+                    diff = torch.tensor(m.scores[judge], dtype=torch.float64) - torch.tensor(base.scores[judge], dtype=torch.float64)
+                    lo, hi = bootstrap_ci(diff, n_boot=self.n_boot, seed=self.seed)
+                    change = s.mean - b.mean
+                    row.update(change=change, change_ci_low=lo, change_ci_high=hi,
+                               verdict=change_word(change, lo, hi, higher, role))
+                rows.append(row)
         return rows
 
     def to_json(self) -> dict:
-        return {"judges": self.judges, "table": self.table(),
+        return {"judges": self.judges, "roles": {j: self.roles.get(j, "independent") for j in self.judges},
+                "table": self.table(),
                 "models": [{"name": m.name, "kl": asdict(m.kl) if m.kl else None,
                             "ref_perplexity": asdict(m.ref_perplexity) if m.ref_perplexity else None,
                             "seconds": round(m.seconds, 2)} for m in self.models]}
@@ -75,11 +93,23 @@ def kl_and_perplexity(model, reference, batches: list[SampledBatch]) -> tuple[to
     return torch.cat(kls), torch.cat(ppls)
 
 
+def judge_roles(judges: list[Scorer], roles: dict[str, str] | None = None) -> dict[str, str]:
+    """Each judge's group: as given in ``roles`` (by name), else drift for drift signals, else independent."""
+    roles = roles or {}
+    bad = {r for r in roles.values() if r not in ROLES}
+    if bad:
+        raise ValueError(f"unknown judge roles {sorted(bad)}; known: {', '.join(ROLES)}")
+    return {j.name: roles.get(j.name) or ("drift" if getattr(j, "drift_signal", False) else "independent") for j in judges}
+
+
 def evaluate(models: dict[str, tuple], reference: tuple | None, prompts: list[str], judges: list[Scorer],
              params: SamplingParams, samples_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
-             n_boot: int = 2000, backend=None) -> EvalResult:
-    """``models``: name -> (model, tokenizer); ``reference``: (model, tokenizer) or None."""
-    result = EvalResult(prompts=prompts, judges={j.name: j.higher_is_better for j in judges})
+             n_boot: int = 2000, roles: dict[str, str] | None = None,
+             backend=None) -> EvalResult:
+    """``models``: name -> (model, tokenizer); ``reference``: (model, tokenizer) or None;
+    ``roles``: judge name -> optimised / gold / independent / drift (see rlhf/eval/verdict.py)."""
+    result = EvalResult(prompts=prompts, judges={j.name: j.higher_is_better for j in judges},
+                        roles=judge_roles(judges, roles), n_boot=n_boot, seed=seed)
     for name, (model, tok) in tqdm(models.items(), desc="evaluating", unit="model"):
         t0 = time.perf_counter()
         batches = sample_all(model, tok, prompts, params, samples_per_prompt, batch_size, seed, backend)
@@ -97,14 +127,32 @@ def evaluate(models: dict[str, tuple], reference: tuple | None, prompts: list[st
 
 
 def format_table(result: EvalResult) -> str:
-    """A plain-text table: judge, model, mean ± std, 95% CI, change vs the first model."""
-    lines = [f"{'judge':<12} {'model':<24} {'mean ± std':>20} {'95% CI':>22} {'change':>9}"]
+    """A plain-text table that never cuts a name: models are numbered with a legend above, and each
+    judge's full name heads its own rows, so long specs and paths cost no alignment.
+
+    A later model's row shows the raw change from model [1] with an arrow, its 95% interval in the
+    arrow's direction, and better / worse / no clear change by the judge's direction (rose / fell
+    for drift signals such as length).
+    """
+    models = result.models
+    index = {m.name: i + 1 for i, m in enumerate(models)}
+    lines = ["models: " + "\n        ".join(f"[{i + 1}] {m.name}" + (" (baseline)" if i == 0 else "")
+                                           for i, m in enumerate(models)),
+             f"{'':<6}{'mean ± std':>21}  {'95% CI':^20}  change from [1]"]
     for r in result.table():
-        change = "" if r["improvement_pct"] is None else f"{r['improvement_pct']:+.1f}%"
-        lines.append(f"{r['judge']:<12} {r['model'][-24:]:<24} {r['mean']:>10.3f} ± {r['std']:<7.3f} "
-                     f"[{r['ci_low']:>8.3f}, {r['ci_high']:>8.3f}] {change:>9}")
-    for m in result.models:
-        if m.kl is not None:
-            lines.append(f"{'KL(ref)':<12} {m.name[-24:]:<24} {m.kl.mean:>10.3f} ± {m.kl.std:<7.3f}   "
-                         f"ref perplexity {m.ref_perplexity.mean:.2f}")
+        if index[r["model"]] == 1:
+            how = "higher is better" if r["higher_is_better"] else "lower is better"
+            lines.append(f"{r['judge']} (" + ("a drift signal" if r["role"] == "drift" else f"{r['role']}; {how}") + ")")
+        change = ""
+        if "change" in r:
+            lo, hi = magnitude_interval(r["change"], r["change_ci_low"], r["change_ci_high"])
+            change = f"{arrow(r['change'])} {number(abs(r['change']))} [{number(lo)}, {number(hi)}] {r['verdict']}"
+        lines.append(f"  {'[' + str(index[r['model']]) + ']':<4}{number(r['mean']):>11} ± {number(r['std']):<7}  "
+                     f"[{number(r['ci_low']):>8}, {number(r['ci_high']):>8}]  {change}".rstrip())
+    kl_rows = [m for m in models if m.kl is not None]
+    if kl_rows:
+        lines.append("KL from reference (nats per reply)")
+        for m in kl_rows:
+            lines.append(f"  {'[' + str(index[m.name]) + ']':<4}{number(m.kl.mean):>11} ± {number(m.kl.std):<7}  "
+                         f"reference perplexity {number(m.ref_perplexity.mean)}")
     return "\n".join(lines)

@@ -53,6 +53,63 @@ def fit_gao_rl(points: list[WatchPoint]) -> tuple[float, float] | None:
     return float(solution[0]), float(solution[1])
 
 
+# When the fit counts as well determined (see gao_fit_report): enough points, a curvature β that is
+# at least twice its standard error, and a predicted peak no further out than this multiple of
+# the largest √KL seen (beyond it the peak is an extrapolation the data cannot support).
+GAO_MIN_POINTS = 4
+GAO_MIN_T = 2.0
+GAO_MAX_EXTRAPOLATION = 1.5
+
+
+def gao_fit_report(points: list[WatchPoint]) -> dict | None:
+    """The fit with what it takes to trust it: standard errors, R² on the gold scale, and a verdict.
+
+    ``peak_sqrt_kl`` / ``peak_kl`` (d* and d*² in nats per reply) are given only when the fit is
+    well determined; otherwise ``why`` says what is missing. A β near zero puts d* = exp(α/β − 1)
+    anywhere (the 25,750 a flat gold curve once gave), which is noise, not a prediction.
+    """
+    fit = fit_gao_rl(points)
+    if fit is None:
+        return None
+    alpha, beta = fit
+    base = points[0].gold
+    usable = [p for p in points if p.d > 1e-6]
+    n = len(usable)
+    x = torch.tensor([math.log(p.d) for p in usable], dtype=torch.float64)
+    y = torch.tensor([(p.gold - base) / p.d for p in usable], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), -x], dim=1)
+    resid = y - design @ torch.tensor([alpha, beta], dtype=torch.float64)
+    dof = n - 2
+    sigma2 = float(resid.pow(2).sum()) / dof if dof > 0 else math.inf
+    try:
+        cov = sigma2 * torch.linalg.inv(design.T @ design)
+        se_beta = math.sqrt(max(float(cov[1, 1]), 0.0))
+    except RuntimeError:  # singular: every point at the same KL
+        se_beta = math.inf
+    gold = torch.tensor([p.gold - base for p in usable], dtype=torch.float64)
+    pred = torch.tensor([p.d * (alpha - beta * math.log(p.d)) for p in usable], dtype=torch.float64)
+    ss_tot = float((gold - gold.mean()).pow(2).sum())
+    r2 = 1.0 - float((gold - pred).pow(2).sum()) / ss_tot if ss_tot > 0 else 0.0
+    max_d = max(p.d for p in usable)
+    peak = math.exp(alpha / beta - 1) if beta > 0 and alpha / beta - 1 < 50 else None
+    why = None
+    if n < GAO_MIN_POINTS:
+        why = f"{n} gold evaluations with KL > 0; it needs {GAO_MIN_POINTS}"
+    elif beta <= 0:
+        why = "the gold curve does not bend down (β ≤ 0), so it has no peak"
+    elif not beta > GAO_MIN_T * se_beta:
+        why = f"the curvature β = {beta:.3g} is within {GAO_MIN_T:g} standard errors ({se_beta:.3g}) of zero"
+    elif peak is None or peak > GAO_MAX_EXTRAPOLATION * max_d:
+        why = (f"the predicted peak lies far beyond the largest KL seen ({max_d ** 2:.3g} nats per reply), "
+               "an extrapolation the data cannot support")
+    out = {"alpha": alpha, "beta": beta, "se_beta": se_beta if math.isfinite(se_beta) else None, "r2": r2, "points": n, "max_sqrt_kl": max_d,
+           "well_determined": why is None, "peak_sqrt_kl": peak if why is None else None,
+           "peak_kl": peak ** 2 if why is None else None}
+    if why is not None:
+        out["why"] = why
+    return out
+
+
 @dataclass
 class OveroptimisationWatch:
     patience: int = 3
@@ -96,13 +153,11 @@ class OveroptimisationWatch:
         return flag
 
     def summary(self) -> dict:
-        fit = fit_gao_rl(self.points)
+        fit = gao_fit_report(self.points)
         out = {"points": [asdict(p) for p in self.points], "flags": self.flags, "best_gold_step": self.best_gold_step,
                "best_gold": None if self.best_gold == -math.inf else self.best_gold}
         if fit is not None:
-            alpha, beta = fit
-            out["gao_fit"] = {"alpha": alpha, "beta": beta,
-                              "peak_sqrt_kl": math.exp(alpha / beta - 1) if beta > 0 else None}
+            out["gao_fit"] = fit
         return out
 
     def state_dict(self) -> dict:

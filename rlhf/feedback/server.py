@@ -40,7 +40,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from rlhf.errors import ConfigError, DataError, brief
-from rlhf.feedback.export import campaign_summary, consensus_records, label_records
+from rlhf.feedback.export import campaign_summary, consensus_records, item_summaries, label_records
 from rlhf.feedback.pages import ASSETS, asset, markdown_blocks
 from rlhf.feedback.store import MAX_COMPLETIONS, Conflict, Invalid, NotFound, Store, User
 
@@ -181,6 +181,7 @@ class Submission(BaseModel):
     ties: list[list[StrictInt]] = Field(default_factory=list, max_length=MAX_COMPLETIONS, description="Groups of tied positions.")
     skipped: StrictBool = False
     skip_reason: str | None = Field(None, max_length=2000)
+    revise: StrictBool = Field(False, description="Replace the labeler's last answer to this item (GET /api/previous).")
 
 
 class NewLabeler(BaseModel):
@@ -314,7 +315,9 @@ def create_app(store: Store, allowed_hosts: Iterable[str] | None = None, max_bod
     def next_item(user: Annotated[User, Depends(labeler)]) -> dict[str, Any]:
         a = store.next_assignment(user)
         item = None if a is None else {"id": a.id, "prompt": a.prompt, "completions": a.shown_completions()}
-        return {"item": item, "progress": store.progress(user)}
+        last = store.last_label(user)  # issue 16: the page offers to change it while its item is open
+        return {"item": item, "progress": store.progress(user),
+                "previous": None if last is None else {"id": last["id"], "prompt": last["prompt"]}}
 
     @app.post("/api/submit")
     def submit(body: Submission, user: Annotated[User, Depends(labeler)]) -> dict[str, Any]:
@@ -337,9 +340,21 @@ def create_app(store: Store, allowed_hosts: Iterable[str] | None = None, max_bod
                 raise Invalid(str(exc)) from None
             ranking = [a.shown_order[s] for s in body.ranking]
             ties = [[a.shown_order[s] for s in group] for group in body.ties]
-        stored = store.submit(user, a.id, body.submission_id, ranking, ties, body.skipped,
-                              (body.skip_reason or "").strip() or None if body.skipped else None)
+        write = store.revise if body.revise else store.submit
+        stored = write(user, a.id, body.submission_id, ranking, ties, body.skipped,
+                       (body.skip_reason or "").strip() or None if body.skipped else None)
         return {"ok": True, "stored": stored, "progress": store.progress(user)}
+
+    # -- going back and the per-item admin view (issue 16) ------------------------------------------
+
+    @app.get("/api/previous")
+    def previous(user: Annotated[User, Depends(labeler)]) -> dict[str, Any]:
+        """The labeler's last answer in shown positions, while its item is not complete; else null."""
+        return {"item": store.last_label(user)}
+
+    @app.get("/api/admin/items")
+    def items(user: Annotated[User, Depends(admin)], campaign: str | None = None) -> dict[str, Any]:
+        return {"items": item_summaries(store, store.find_campaign(campaign))}
 
     # -- admin API -------------------------------------------------------------------------------
 

@@ -108,6 +108,12 @@ class LabelRow:
     gold_ranking: list[int] | None
     gold_ties: list[list[int]] | None
     submission_id: str
+    shown_order: list[int] | None = None  # the labeler's shuffled order (shown position -> original index)
+
+    @property
+    def as_shown(self) -> bool:
+        """Submitted in exactly the shuffled order the page showed, no ties: often a labeler who did not rank."""
+        return not self.skipped and not self.ties and self.shown_order is not None and self.ranking == self.shown_order
 
 
 def is_busy(exc: BaseException) -> bool:
@@ -545,7 +551,7 @@ class Store:
     def label_rows(self, campaign_id: int) -> list[LabelRow]:
         rows = self._q(self._read(),
             "SELECT i.id, i.position, i.prompt_id, i.prompt, i.completions, u.name, u.id, l.ranking, l.ties, l.skipped, "
-            "l.skip_reason, l.submitted_at - a.served_at, i.gold_ranking, i.gold_ties, l.submission_id "
+            "l.skip_reason, l.submitted_at - a.served_at, i.gold_ranking, i.gold_ties, l.submission_id, a.shown_order "
             "FROM labels l JOIN assignments a ON a.id = l.assignment_id JOIN items i ON i.id = a.item_id "
             "JOIN users u ON u.id = a.user_id WHERE i.campaign_id = ? ORDER BY i.position, u.name, u.id",
             (campaign_id,)).fetchall()
@@ -555,7 +561,8 @@ class Store:
                                 labeler=r[5], user_id=r[6], ranking=json.loads(r[7]), ties=json.loads(r[8]),
                                 skipped=bool(r[9]), skip_reason=r[10], seconds=float(r[11]),
                                 gold_ranking=None if r[12] is None else json.loads(r[12]),
-                                gold_ties=None if r[13] is None else json.loads(r[13]), submission_id=r[14]))
+                                gold_ties=None if r[13] is None else json.loads(r[13]), submission_id=r[14],
+                                shown_order=json.loads(r[15])))
         return out
 
     def counter_drift(self) -> list[str]:
@@ -580,6 +587,82 @@ class Store:
         open_ = self._q(conn, "SELECT count(*) FROM assignments a JOIN items i ON i.id = a.item_id "
                               "WHERE i.campaign_id = ? AND a.done = 0", (campaign_id,)).fetchone()[0]
         return {"items": items, "gold_items": gold, "open_assignments": open_}
+
+    # -- going back to the last answer, and the per-item admin view (issue 16) -------------------
+    # Kept together so a second backend adds them in one place. Portable SQL only.
+
+    def _item_complete(self, conn: sqlite3.Connection, item_id: int) -> bool:
+        """An item is complete once it has N non-skipped labels (N = the campaign's labels per item)."""
+        n, ranked = conn.execute(
+            "SELECT c.labels_per_item, (SELECT count(*) FROM assignments a JOIN labels l ON l.assignment_id = a.id "
+            "WHERE a.item_id = i.id AND l.skipped = 0) FROM items i JOIN campaigns c ON c.id = i.campaign_id "
+            "WHERE i.id = ?", (item_id,)).fetchone()
+        return ranked >= n
+
+    def _last_labeled(self, conn: sqlite3.Connection, user: User) -> int | None:
+        row = conn.execute("SELECT a.id FROM assignments a JOIN labels l ON l.assignment_id = a.id WHERE a.user_id = ? "
+                           "ORDER BY l.submitted_at DESC, a.id DESC LIMIT 1", (user.id,)).fetchone()
+        return None if row is None else row[0]
+
+    def last_label(self, user: User) -> dict[str, Any] | None:
+        """The labeler's most recent answer while it may still change (its item not yet complete), else None.
+
+        Returned in SHOWN positions, as the page works: item, prompt, completions, ranking, ties,
+        skipped, skip_reason.
+        """
+        conn = self._conn()
+        aid = self._last_labeled(conn, user)
+        if aid is None:
+            return None
+        a = self._assignment(conn, aid)
+        if self._item_complete(conn, a.item_id):
+            return None
+        ranking, ties, skipped, reason = conn.execute(
+            "SELECT ranking, ties, skipped, skip_reason FROM labels WHERE assignment_id = ?", (aid,)).fetchone()
+        shown = {orig: pos for pos, orig in enumerate(a.shown_order)}
+        return {"id": a.id, "prompt": a.prompt, "completions": a.shown_completions(),
+                "ranking": [shown[i] for i in json.loads(ranking)],
+                "ties": [[shown[i] for i in g] for g in json.loads(ties)], "skipped": bool(skipped), "skip_reason": reason}
+
+    def revise(self, user: User, assignment_id: int, submission_id: str, ranking: list[int], ties: list[list[int]],
+               skipped: bool, skip_reason: str | None) -> bool:
+        """Replace the labeler's LAST answer (ORIGINAL indices) while its item is not yet complete.
+
+        Returns False when this revision was already stored (a retried request with the same
+        submission id). Raises Conflict when the answer is not their last one, or the item has
+        meanwhile got its N rankings: those labels may already be in someone's export.
+        """
+        with self._write() as conn:
+            row = conn.execute("SELECT a.user_id, l.submission_id FROM assignments a LEFT JOIN labels l "
+                               "ON l.assignment_id = a.id WHERE a.id = ?", (assignment_id,)).fetchone()
+            if row is None or row[0] != user.id:
+                raise NotFound(f"no item {assignment_id} is assigned to you")
+            if row[1] is None:
+                raise Conflict(f"item {assignment_id} has no answer of yours to change; submit it instead")
+            if row[1] == submission_id:
+                return False
+            if self._last_labeled(conn, user) != assignment_id:
+                raise Conflict("only your last answer can be changed")
+            item_id = conn.execute("SELECT item_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()[0]
+            # Complete with this answer counted as it stands; a skip (not counted) turned into a
+            # ranking would need a free place, which is the same condition.
+            if self._item_complete(conn, item_id):
+                raise Conflict("this item has all its rankings now, so your answer can no longer be changed")
+            conn.execute("UPDATE labels SET submission_id = ?, ranking = ?, ties = ?, skipped = ?, skip_reason = ? "
+                         "WHERE assignment_id = ?", (submission_id, json.dumps(ranking), json.dumps(ties), int(skipped),
+                                                     skip_reason, assignment_id))
+        return True
+
+    def items(self, campaign_id: int) -> list[dict[str, Any]]:
+        """Every item of a campaign in queue order, with its open claims: what the per-item admin view lists."""
+        rows = self._conn().execute(
+            "SELECT i.id, i.prompt_id, i.prompt, i.completions, i.gold_ranking, i.gold_ties, "
+            "(SELECT count(*) FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id "
+            " WHERE a.item_id = i.id AND l.assignment_id IS NULL) FROM items i WHERE i.campaign_id = ? "
+            "ORDER BY i.position, i.id", (campaign_id,)).fetchall()
+        return [{"id": r[0], "prompt_id": r[1], "prompt": r[2], "completions": json.loads(r[3]),
+                 "gold_ranking": None if r[4] is None else json.loads(r[4]),
+                 "gold_ties": None if r[5] is None else json.loads(r[5]), "open_claims": r[6]} for r in rows]
 
 
 def open_store(url: str | Path, **kwargs: Any) -> Store:

@@ -53,6 +53,7 @@ class LengthScorer:
 
     name = "length"
     higher_is_better = True
+    drift_signal = True  # reports show its change as drift, never as "better" (rlhf/eval/verdict.py)
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         return torch.tensor([float(len(c.split())) for c in completions])

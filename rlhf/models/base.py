@@ -12,7 +12,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
 from rlhf.config import config_to_dict, opt

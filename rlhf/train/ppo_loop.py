@@ -153,6 +153,7 @@ def run_ppo(cfg: PPOConfig) -> dict | None:
             watcher.watch.load_state_dict(state["watch"])
         if dist.is_main:
             print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
+        stop_reason = _resume_note(out, trainer.step, stop_reason, cfg.max_steps, say=dist.is_main)
 
     t_start = time.perf_counter() - wall_before
 
@@ -262,6 +263,28 @@ def _summary(cfg: PPOConfig, out: Path, trainer: PPOTrainer, stop_reason: str, w
     if bad:
         raise TrainingError(f"non-finite summary values {bad}")
     return summary
+
+
+def _resume_note(out: Path, step: int, stop_reason: str | None, max_steps: int, say: bool = True) -> str | None:
+    """Say what resuming a finished run does: a higher --max-steps extends it, anything else is a no-op.
+
+    A run stopped by its step limit continues where it stopped when asked for more steps (nothing in
+    a step depends on --max-steps, so the policy follows the same path as a longer run). One stopped
+    by another criterion, or asked for no more steps, stays as it is, and the message says how to
+    train further. Returns the stop reason that still holds (None when the run goes on).
+    """
+    if stop_reason is None:
+        return None
+    if stop_reason == "max_steps" and max_steps > step:
+        if say:
+            print(f"{out} holds a run that finished its {step} steps; extending it to --max-steps {max_steps}",
+                  file=sys.stderr)
+        return None
+    how = (f"raise --max-steps above {step} to extend it, or " if stop_reason == "max_steps" else "")
+    if say:
+        print(f"{out} already holds a finished run (stopped: {stop_reason} after {step} steps), so there is nothing to "
+              f"train; {how}use another --out (or --no-resume) to start a new run", file=sys.stderr)
+    return stop_reason
 
 
 def _save_value_head(trainer: PPOTrainer, path: Path) -> None:

@@ -47,7 +47,12 @@ from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
 
 @dataclass
 class RewardTrainConfig:
-    """Train a reward model on preference pairs (pairs files, HH dialogues, or rankings files)."""
+    """Train a reward model on preference pairs (pairs files, HH dialogues, or rankings files).
+
+    The defaults are the recipe benchmarks/reward_hh.py measured best for the packaged MiniLM on
+    real human pairs (hh-harmless: 64.3% held-out accuracy in 3.4 min and 2.6 GB on 2 cores):
+    lr 1e-4 with a 3e-3 head, 128 tokens, the lowest 2 layers frozen, validation every 25 steps.
+    """
 
     pairs: str = opt(help="Training comparisons: a pairs file (ours, TRL or Anthropic-HH layout) or a rankings file.")
     out: str = opt(help="Output folder: model/ (the reward model), checkpoints/, metrics.jsonl, summary.json.")
@@ -57,15 +62,17 @@ class RewardTrainConfig:
     val_fraction: float = opt(0.1, help="Share of prompts held out for validation when --val-pairs is not given (0 = none).")
     epochs: float = opt(2.0, help="Passes over the training pairs (fractions allowed).")
     batch_size: int = opt(16, help="Pairs per optimizer step, over all processes (each pair is two sequences).")
-    lr: float = opt(3e-5, help="Peak learning rate (AdamW), reached after warmup, then linear decay to 0.")
+    lr: float = opt(1e-4, help="Peak learning rate (AdamW), reached after warmup, then linear decay to 0.")
     head_lr: float = opt(3e-3, help="Peak learning rate of the reward head (0 = --lr). The head starts at zero, so at "
                                    "the backbone's small rate the rewards stay near 0 for many steps.")
     freeze_embeddings: bool = opt(False, help="Keep the token embeddings fixed (fewer trainable weights, faster steps).")
-    freeze_layers: int = opt(0, help="Keep the lowest N transformer layers fixed too (no backward through them).")
+    freeze_layers: int = opt(2, help="Keep the lowest N transformer layers (and the embeddings) fixed: no backward "
+                                     "through them, a third less memory. 2 suits the 6-layer MiniLM; use 0 for a "
+                                     "backbone with few layers, where freezing all of them leaves only the head to train.")
     warmup_ratio: float = opt(0.1, help="Share of the optimizer steps spent warming the learning rate up.")
     weight_decay: float = opt(0.01, help="AdamW weight decay.")
     max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
-    max_length: int = opt(256, help="Tokens per (prompt, reply); longer inputs lose the left end of the prompt, never the reply.")
+    max_length: int = opt(128, help="Tokens per (prompt, reply); longer inputs lose the left end of the prompt, never the reply.")
     margin: float = opt(0.0, help="Margin the chosen reward should beat the rejected one by (0 = plain Bradley-Terry).")
     center_coef: float = opt(0.0, help="Weight of the reward-centering term E[(r_c + r_r)^2] (0 = off).")
     backbone_kind: str = opt("auto", help="auto, causal (reward at the last token) or encoder (pooled states).")
@@ -75,7 +82,7 @@ class RewardTrainConfig:
     lora_r: int = opt(16, help="LoRA rank.")
     lora_alpha: int = opt(32, help="LoRA scaling numerator (alpha / r scales the update).")
     dropout: bool = opt(True, help="Keep the backbone's dropout during training (off: deterministic forward passes).")
-    eval_every: int = opt(0, help="Validate (and checkpoint) every N optimizer steps; 0 = at the end of each epoch.")
+    eval_every: int = opt(25, help="Validate (and checkpoint) every N optimizer steps, keeping the best; 0 = at the end of each epoch.")
     patience: int = opt(0, help="Stop after this many validations without a better accuracy (0 = never stop early).")
     eval_batch_size: int = opt(64, help="Sequences per forward pass when validating.")
     skip_bad_pairs: bool = opt(False, help="Skip and count malformed pairs (empty or one-sided, identical replies) "

@@ -5,16 +5,35 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+
+def _sibling_name(path: Path) -> Path:
+    # The maker's process id in the name lets remove_stale_staging tell a killed run's leftovers.
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """Create a fresh sibling file with mode 0666 minus the umask, as open() would.
+
+    tempfile.mkstemp creates 0600 files, and os.replace keeps that mode: results in a shared
+    folder would then be unreadable to everyone else. O_EXCL keeps the name unique and safe.
+    """
+    while True:
+        tmp = _sibling_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -38,7 +57,13 @@ def staging_dir(final: str | Path) -> Path:
     """A fresh sibling folder to build ``final`` in before :func:`publish_dir` moves it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+    while True:  # os.mkdir applies the umask (tempfile.mkdtemp would make it 0700)
+        staged = _sibling_name(final)
+        try:
+            staged.mkdir(mode=0o777)
+            return staged
+        except FileExistsError:
+            continue
 
 
 _STAGING = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp$|^\..+\.old-(\d+)$")

@@ -4,7 +4,10 @@
   const $ = id => document.getElementById(id);
   // order: shown positions (indices into item.completions) from best to worst.
   // tieNext: positions tied with the completion directly below them.
-  const state = {item: null, order: [], tieNext: new Set(), submissionId: null, busy: false, dragFrom: null};
+  // touched: the labeler moved or tied something (an untouched shuffle asks for confirmation).
+  // revising: the item on screen is the labeler's last answer, brought back to be changed.
+  const state = {item: null, order: [], tieNext: new Set(), submissionId: null, busy: false, dragFrom: null,
+                 touched: false, revising: false, progress: null, previous: null};
 
   function newId() {
     const a = new Uint8Array(12);
@@ -13,12 +16,30 @@
   }
 
   function showProgress(p) {
+    state.progress = p;
     $("progress").textContent = p.done + " of " + p.total;
   }
 
   function show(section) {
     for (const id of ["instructions", "task", "done"]) $(id).hidden = id !== section;
     $("show-instructions").hidden = section === "instructions";
+    if (section !== "task") $("saved").hidden = true;
+  }
+
+  function excerpt(text, n) {
+    const t = text.replace(/\s+/g, " ").trim();
+    return t.length > n ? t.slice(0, n - 1) + "…" : t;
+  }
+
+  // After a submit the next item must look new: a green banner names what was saved, and the
+  // prompt box flashes once (no motion for people who asked for less).
+  function announceSaved(text) {
+    $("saved-text").textContent = text;
+    $("saved").hidden = false;
+    const box = $("prompt");
+    box.classList.remove("fresh");
+    void box.offsetWidth;  // restart the animation
+    box.classList.add("fresh");
   }
 
   function tieGroups() {
@@ -89,6 +110,8 @@
     state.order.splice(to, 0, slot);
     clearTiesAround(to);
     if (to + 1 < state.order.length) state.tieNext.delete(state.order[to + 1]);
+    state.touched = true;
+    hideConfirm();
     renderCards(slot);
   }
 
@@ -98,6 +121,8 @@
     if (p >= state.order.length - 1) return;
     const slot = state.order[p];
     if (state.tieNext.has(slot)) state.tieNext.delete(slot); else state.tieNext.add(slot);
+    state.touched = true;
+    hideConfirm();
     renderCards(slot);
   }
 
@@ -135,11 +160,14 @@
     if (state.busy || !state.item) return;
     state.busy = true;
     RLHF.status("Saving…");
+    const prompt = state.item.prompt, revised = state.revising;
     try {
-      const r = await post(Object.assign({item: state.item.id, submission_id: state.submissionId}, body));
+      const r = await post(Object.assign({item: state.item.id, submission_id: state.submissionId, revise: revised}, body));
       showProgress(r.progress);
-      RLHF.status(body.skipped ? "Skipped." : "Saved.");
+      RLHF.status("");
       await loadNext();
+      const what = revised ? "Changed your answer" : body.skipped ? "Skipped" : "Saved your ranking";
+      announceSaved(what + " for “" + excerpt(prompt, 60) + "”." + (state.item ? " Next prompt below." : ""));
     } catch (e) {
       RLHF.status("Not saved: " + e.message, true);
     } finally {
@@ -147,7 +175,17 @@
     }
   }
 
-  function submitRanking() {
+  function hideConfirm() { $("confirm-box").hidden = true; }
+
+  function submitRanking(confirmed) {
+    if (!state.touched && !confirmed && state.order.length > 1) {
+      // The page's random order, untouched: most often a hurried click, so ask before storing it.
+      $("skip-box").hidden = true;
+      $("confirm-box").hidden = false;
+      $("rank-first").focus();
+      return;
+    }
+    hideConfirm();
     send({ranking: state.order.slice(), ties: tieGroups(), skipped: false});
   }
 
@@ -159,19 +197,60 @@
     send({ranking: [], ties: [], skipped: true, skip_reason: reason});
   }
 
+  function showItem(item, order, ties, revising) {
+    state.item = item;
+    state.order = order;
+    state.tieNext = new Set(ties.flatMap(g => g.slice(0, -1)));  // ties arrive as contiguous groups
+    state.submissionId = newId();
+    state.touched = revising;  // an answer brought back was ranked once already
+    state.revising = revising;
+    $("prompt").textContent = item.prompt;
+    const p = state.progress;
+    $("prompt-title").textContent = revising ? "Prompt of your last answer"
+      : p ? "Prompt " + Math.min(p.done + 1, p.total) + " of " + p.total : "Prompt";
+    $("revising").hidden = !revising;
+    $("skip-box").hidden = true;
+    hideConfirm();
+    $("skip-note").value = "";
+    $("back").hidden = revising || !state.previous;
+    show("task");
+    renderCards(state.order[0]);
+  }
+
   async function loadNext() {
     const r = await api("GET", "/api/next");
     showProgress(r.progress);
-    if (!r.item) { state.item = null; show("done"); return; }
-    state.item = r.item;
-    state.order = r.item.completions.map((_, i) => i);
-    state.tieNext = new Set();
-    state.submissionId = newId();
-    $("prompt").textContent = r.item.prompt;
-    $("skip-box").hidden = true;
-    $("skip-note").value = "";
-    show("task");
-    renderCards(state.order[0]);
+    state.previous = r.previous;
+    if (!r.item) {
+      state.item = null;
+      show("done");
+      $("done-back").hidden = !state.previous;
+      return;
+    }
+    showItem(r.item, r.item.completions.map((_, i) => i), [], false);
+  }
+
+  async function goBack() {
+    if (state.busy) return;
+    try {
+      const r = await api("GET", "/api/previous");
+      if (!r.item) {
+        state.previous = null;
+        $("back").hidden = true;
+        RLHF.status("Your last answer can no longer be changed: its item has all its rankings now.", true);
+        return;
+      }
+      const it = r.item;
+      $("revising-note").textContent = it.skipped
+        ? "You skipped it (" + (it.skip_reason || "no reason") + "). Rank it, or skip it again."
+        : "It is shown as you ranked it. Change it and submit again.";
+      RLHF.status("");
+      $("saved").hidden = true;
+      const order = it.skipped ? it.completions.map((_, i) => i) : it.ranking;
+      showItem(it, order, it.skipped ? [] : it.ties, true);
+    } catch (e) {
+      RLHF.status(e.message, true);
+    }
   }
 
   async function init() {
@@ -183,7 +262,14 @@
       const me = await api("GET", "/api/me");
       $("campaign").textContent = me.campaign.name + " — " + me.labeler;
       $("criterion").textContent = me.campaign.criterion;
-      RLHF.renderBlocks($("instructions-body"), me.campaign.instructions);
+      // An instructions file that opens with its own title gives the page its heading, rather
+      // than sitting under a generic "Instructions" with a second title of its own.
+      let blocks = me.campaign.instructions;
+      if (blocks.length && blocks[0].t === "h" && blocks[0].level === 1) {
+        $("instructions-title").textContent = blocks[0].spans.map(sp => sp.s).join("");
+        blocks = blocks.slice(1);
+      }
+      RLHF.renderBlocks($("instructions-body"), blocks);
       showProgress(me.progress);
       show("instructions");
       $("start").focus();
@@ -194,14 +280,20 @@
 
   $("start").addEventListener("click", () => loadNext().catch(e => RLHF.status(e.message, true)));
   $("show-instructions").addEventListener("click", () => { show("instructions"); $("start").textContent = "Back to labeling"; $("start").focus(); });
-  $("submit").addEventListener("click", submitRanking);
-  $("skip").addEventListener("click", () => { $("skip-box").hidden = false; $("skip-kind").focus(); });
+  $("submit").addEventListener("click", () => submitRanking(false));
+  $("confirm-as-shown").addEventListener("click", () => submitRanking(true));
+  $("rank-first").addEventListener("click", () => { hideConfirm(); renderCards(state.order[0]); });
+  $("back").addEventListener("click", goBack);
+  $("done-back").addEventListener("click", goBack);
+  $("cancel-revise").addEventListener("click", () => loadNext().catch(e => RLHF.status(e.message, true)));
+  $("skip").addEventListener("click", () => { hideConfirm(); $("skip-box").hidden = false; $("skip-kind").focus(); });
   $("cancel-skip").addEventListener("click", () => { $("skip-box").hidden = true; $("skip").focus(); });
   $("confirm-skip").addEventListener("click", confirmSkip);
   document.addEventListener("keydown", ev => {
-    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !$("task").hidden && $("skip-box").hidden) {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !$("task").hidden && $("skip-box").hidden
+        && $("confirm-box").hidden) {
       ev.preventDefault();
-      submitRanking();
+      submitRanking(false);
     }
   });
   init();
