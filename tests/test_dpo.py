@@ -180,3 +180,45 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, pairs_f
     with pytest.raises(TrainingError, match="non-finite DPO loss or gradient at step 3"):
         run_dpo(cfg(tiny_model_dir, pairs_file, tmp_path / "nan", val_fraction=0.0))
     assert [c.name for c in sorted((tmp_path / "nan" / "checkpoints").iterdir())] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_pairs_equal_padded_rows_and_gradients(tiny_model_dir, lora):
+    """Prompt once, both replies under a tree mask: the same log-probabilities and gradients as 2B
+    padded rows, for pairs of very different lengths packed several to a row."""
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.train.dpo_packing import pack_pairs, pair_packing_problem
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():  # a non-zero adapter, so that the adapter's path is exercised
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    raw = polite_pairs(3) + [{"prompt": "hi", "chosen": "ok", "rejected": "no"}] * 3 + [
+        {"prompt": "hi there", "chosen": "Thank you for asking! " * 4, "rejected": "Whatever. " * 8}]
+    pairs = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], 64) for r in raw]
+    packed = pack_pairs(pairs, tok.pad_token_id)
+    assert packed.input_ids.shape[0] < len(pairs)                  # several pairs share a row
+    assert packed.input_ids.numel() < 2 * len(pairs) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                                           for p in pairs)
+    cpu = torch.device("cpu")
+    grads = []
+    for packing in (False, True):
+        model.zero_grad()
+        c, r = pair_logprobs(model, pairs, tok.pad_token_id, False, cpu, 64, packing)
+        (c.sum() - 2 * r.sum()).backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, c.detach(), r.detach()))
+        mean_c, _ = pair_logprobs(model, pairs, tok.pad_token_id, True, cpu, 64, packing)
+        assert torch.allclose(mean_c, c.detach() / torch.tensor([len(p.chosen_ids) for p in pairs]), atol=1e-5)
+    (g_pad, c_pad, r_pad), (g_pack, c_pack, r_pack) = grads
+    assert torch.allclose(c_pad, c_pack, atol=1e-4) and torch.allclose(r_pad, r_pack, atol=1e-4)
+    assert all(torch.allclose(g_pad[n], g_pack[n], atol=1e-4) for n in g_pad)
+    padded = lambda m, ps: pair_logprobs(m, ps, tok.pad_token_id, False, cpu, 64)
+    assert pair_packing_problem(model, pairs, tok.pad_token_id, padded) is None
+    off = lambda m, ps: tuple(x + 0.1 for x in padded(m, ps))     # a model the packed path would not reproduce
+    assert "differ by" in pair_packing_problem(model, pairs, tok.pad_token_id, off)

@@ -43,6 +43,7 @@ from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import (disable_dropout, format_prompt, load_causal_lm, load_model_weights, load_tokenizer,
                                  pick_device, resolve_model_path)
 from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward, trim_padding
+from rlhf.train.dpo_packing import pack_pairs, packed_pair_logprobs, pair_packing_problem
 from rlhf.train.optim import adamw
 from rlhf.train.ppo_loop import _publish_policy
 from rlhf.train.reward import epoch_batches, read_pairs, split_by_prompt
@@ -55,7 +56,7 @@ REFERENCE_CACHE, REFERENCE_CACHE_VAL = "reference_logprobs.safetensors", "refere
 # Options a checkpoint must share with the run resuming it: anything that changes what a step does.
 RESUME_KEYS = ("pairs", "val_pairs", "val_fraction", "policy", "reference", "loss", "beta", "label_smoothing", "aggregation",
                "epochs", "batch_size", "micro_batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "lora",
-               "lora_r", "lora_alpha", "seed", "skip_bad_pairs")
+               "lora_r", "lora_alpha", "seed", "skip_bad_pairs", "packing")
 
 
 @dataclass
@@ -98,6 +99,10 @@ class DPOConfig:
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
     progress: bool = opt(True, help="Show a progress bar.")
+    packing: bool = opt(True, help="Padding-free batches that read each prompt once: a pair's prompt, chosen and rejected "
+                                   "reply share one segment under a tree-shaped attention mask (same log-probabilities "
+                                   "as padded rows, fewer positions). Checked on real pairs at the start; models it "
+                                   "cannot reproduce are padded.")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 0 or self.eval_batch_size < 1:
@@ -176,10 +181,13 @@ def step_batches(encoded: list[EncodedPair], batch_size: int, seed: int, epoch: 
 # ---------------------------------------------------------------------------------------------
 
 def pair_logprobs(model, pairs: list[EncodedPair], pad_id: int, average: bool, device: torch.device,
-                  max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_rows: int, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_c|x), log π(y_r|x) of each pair under ``model``: ([B], [B]), differentiable unless
-    called under no_grad. Rows run in length-grouped chunks of at most ``max_rows`` (each padded only
-    to its own longest prompt and reply); only reply positions reach the LM head."""
+    called under no_grad. With ``packing``, one pass over tree-masked rows that hold each prompt once
+    (rlhf/train/dpo_packing.py); else 2B padded rows in length-grouped chunks of at most ``max_rows``
+    (each padded only to its own longest prompt and reply). Only reply positions reach the LM head."""
+    if packing:
+        return packed_pair_logprobs(model, pack_pairs(pairs, pad_id).to(device), average)
     q, qm, r, rm = (t.to(device) for t in collate_pairs(pairs, pad_id))
     overhead = CPU_CHUNK_OVERHEAD_POSITIONS if device.type == "cpu" else None
     parts, order = [], []
@@ -193,60 +201,61 @@ def pair_logprobs(model, pairs: list[EncodedPair], pad_id: int, average: bool, d
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, average: bool, device: torch.device,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``pair_logprobs`` over many pairs without gradients, ``batch_size`` pairs at a time, in length
     order (less padding); returns ([N], [N]) in the pairs' own order, on the CPU."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        c, r = pair_logprobs(model, [pairs[i] for i in idx], pad_id, average, device, 2 * batch_size)
+        c, r = pair_logprobs(model, [pairs[i] for i in idx], pad_id, average, device, 2 * batch_size, packing)
         chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     return chosen, rejected
 
 
-def _fingerprint(cfg: DPOConfig, reference: str, encoded: list[EncodedPair]) -> str:
-    """What the cached reference log-probabilities depend on: the reference's files, the aggregation
-    and every token id of every pair."""
+def _fingerprint(cfg: DPOConfig, reference: str, encoded: list[EncodedPair], packing: bool) -> str:
+    """What the cached reference log-probabilities depend on: the reference's files, the aggregation,
+    the batch layout (packed or padded rows round differently) and every token id of every pair."""
     h = hashlib.sha256()
     folder = resolve_model_path(reference)
     for f in sorted(folder.glob("*.safetensors")):
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    h.update(f"average={cfg.average_logprobs}\n".encode())
+    h.update(f"average={cfg.average_logprobs} packing={packing} batch={cfg.eval_batch_size}\n".encode())
     for p in encoded:
         h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return h.hexdigest()
 
 
 def reference_logprobs(cfg: DPOConfig, policy, encoded: list[EncodedPair], pad_id: int, device: torch.device,
-                       path: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+                       path: Path, packing: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The reference's log-probabilities of every pair's replies, computed once and cached in
     ``path`` (a safetensors file, reused when its fingerprint matches). The reference is
     --reference, else ``policy`` as it starts (adapter off with LoRA) — so call this before training,
-    or with the cache in place. Returns ([N], [N], seconds spent computing)."""
+    or with the cache in place. Returns ([N], [N], wall and CPU seconds spent computing)."""
     from safetensors.torch import load_file, save
 
     reference = cfg.reference or cfg.policy
-    key = _fingerprint(cfg, reference, encoded)
+    key = _fingerprint(cfg, reference, encoded, packing)
     if path.is_file():
         cached = load_file(str(path))
         if "fingerprint" in cached and bytes(cached["fingerprint"].tolist()).decode() == key:
-            return cached["chosen"], cached["rejected"], 0.0
-    t0 = time.perf_counter()
+            return cached["chosen"], cached["rejected"], 0.0, 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
     if cfg.reference:
         model = load_causal_lm(cfg.reference, device=device)
-        chosen, rejected = score_pairs(model, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size)
+        chosen, rejected = score_pairs(model, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
         del model
     elif cfg.lora:
         with policy.disable_adapter():  # the adapter off: the base weights, whatever training did
-            chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size)
+            chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
     else:
-        chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size)
+        chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     atomic_write_bytes(path, save({"chosen": chosen, "rejected": rejected,
                                    "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
-    return chosen, rejected, seconds
+    return chosen, rejected, seconds, cpu_seconds
 
 
 def preference_loss(cfg: DPOConfig, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor):
@@ -257,11 +266,11 @@ def preference_loss(cfg: DPOConfig, chosen_logratios: torch.Tensor, rejected_log
 
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, policy, encoded: list[EncodedPair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, packing: bool) -> dict[str, float]:
     """Loss, implicit rewards, margin and accuracy of the current policy on held-out pairs."""
     was_training = policy.training
     policy.eval()
-    chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size)
+    chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
     policy.train(was_training)
     loss, stats = preference_loss(cfg, chosen - ref[0], rejected - ref[1])
     return {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in stats.items()}}
@@ -333,9 +342,16 @@ def run_dpo(cfg: DPOConfig) -> dict:
     # The reference scores every pair before the policy's weights move (or comes from the cache).
     # Validation pairs are scored on their own, batched exactly as ``evaluate`` batches them, so the
     # starting policy's implicit rewards there are exactly 0 (accuracy 0.5), not float noise.
-    ref_c, ref_r, ref_seconds = reference_logprobs(cfg, policy, train_enc, pad_id, device, out / REFERENCE_CACHE)
-    ref_val = reference_logprobs(cfg, policy, val_enc, pad_id, device, out / REFERENCE_CACHE_VAL) if val_enc else None
-    ref_seconds += ref_val[2] if ref_val else 0.0
+    packing = cfg.packing
+    if packing:
+        problem = pair_packing_problem(policy, train_enc[:4], pad_id,
+                                       lambda m, ps: pair_logprobs(m, ps, pad_id, False, device, 2 * len(ps)))
+        if problem:
+            print(f"packed pairs off for this model: {problem}", file=sys.stderr)
+            packing = False
+    ref_c, ref_r, ref_seconds, ref_cpu = reference_logprobs(cfg, policy, train_enc, pad_id, device, out / REFERENCE_CACHE,
+                                                            packing)
+    ref_val = reference_logprobs(cfg, policy, val_enc, pad_id, device, out / REFERENCE_CACHE_VAL, packing) if val_enc else None
     if latest is not None:
         load_model_weights(policy, latest / "model")
         ts = ckpts.load_trainer_state(latest)
@@ -353,12 +369,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     logger = MetricsLogger(out, resume_step=step if latest is not None else None)
     first_val = None
     if latest is None and val_enc:  # the starting point: accuracy 0.5, loss log 2 (sigmoid) — every reward is 0
-        first_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device)
+        first_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing)
         logger.log(0, first_val)
     bar = tqdm(total=run_until, initial=step, desc=f"dpo ({cfg.loss})", unit="step", disable=not cfg.progress)
     micro = cfg.micro_batch_size or cfg.batch_size
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    t0, pairs_seen, last_val = time.perf_counter(), 0, None
+    t0, c0, pairs_seen, last_val = time.perf_counter(), time.process_time(), 0, None
     policy.train()
     epochs: dict[int, list[list[int]]] = {}
     try:
@@ -371,7 +387,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
             for m in range(0, len(batch_ids), micro):
                 ids = batch_ids[m:m + micro]
                 chosen, rejected = pair_logprobs(policy, [train_enc[i] for i in ids], pad_id, cfg.average_logprobs, device,
-                                                 2 * micro)
+                                                 2 * micro, packing)
                 loss, stats = preference_loss(cfg, chosen - ref_c[ids].to(device), rejected - ref_r[ids].to(device))
                 share = len(ids) / len(batch_ids)  # micro-batch losses are pair means: weight by share of pairs
                 (loss * share).backward()
@@ -390,7 +406,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
             metrics = {k: float(v) for k, v in sums.items()}
             metrics.update(grad_norm=float(grad_norm), lr=sched.get_last_lr()[0], epoch=step / steps_per_epoch)
             if val_enc and (step % eval_every == 0 or step == run_until):
-                last_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device)
+                last_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing)
                 metrics.update(last_val)
             logger.log(step, metrics)
             bar.update(1)
@@ -400,18 +416,18 @@ def run_dpo(cfg: DPOConfig) -> dict:
     finally:
         bar.close()
         logger.close()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     # A LoRA policy is published merged into its base weights (plain HF folder), its adapter in model/adapter.
     _publish_policy(policy, tok, out / "model")
-    summary = _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, elapsed,
-                       pairs_seen, ref_seconds)
+    summary = _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, pairs_seen,
+                       elapsed, cpu, ref_seconds, ref_cpu, packing)
     atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
     return summary
 
 
-def _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, elapsed, pairs_seen,
-             ref_seconds) -> dict:
+def _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, pairs_seen, elapsed, cpu,
+             ref_seconds, ref_cpu, packing) -> dict:
     from rlhf.utils.metrics import read_metrics
 
     rows = [r for r in read_metrics(out) if "loss" in r]
@@ -427,7 +443,10 @@ def _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val
         "train_accuracy_first": rows[0]["accuracy"] if rows else None, "train_accuracy_last": rows[-1]["accuracy"] if rows else None,
         "val_accuracy_first": first_val and first_val.get("val_accuracy"), "val_accuracy_last": last_val and last_val["val_accuracy"],
         "val_margin_last": last_val and last_val["val_margin"],
-        "seconds": round(elapsed, 2), "reference_seconds": round(ref_seconds, 2),
+        # Wall and CPU seconds of the training loop (validation and checkpoints included) and of scoring
+        # the training pairs with the reference (0 when read from the cache).
+        "packing": packing, "seconds": round(elapsed, 2), "cpu_seconds": round(cpu, 2),
+        "reference_seconds": round(ref_seconds, 2), "reference_cpu_seconds": round(ref_cpu, 2),
         "pairs_per_second": round(pairs_seen / elapsed, 2) if elapsed > 0 and pairs_seen else None,
         "peak_rss_mb": round(peak_rss_mb()),
     }
