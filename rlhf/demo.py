@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -63,6 +64,10 @@ class DemoConfig:
     score_threshold: float | None = opt(None, help="Stop PPO once the reward model's mean score reaches this (unset = never).")
     watch_every: int = opt(5, help="Gold-judge evaluations every N PPO steps.")
     eval_samples: int = opt(8, help="Completions per held-out prompt and model in the evaluation.")
+    algo: Literal["ppo", "dpo", "grpo"] = opt("ppo", help="How the policy is trained: ppo (against the reward model), "
+                                                          "dpo (straight from the pairs) or grpo (against the reward "
+                                                          "model, G replies per prompt, no critic). Shares the earlier "
+                                                          "stages' outputs in --out with the other algorithms.")
     seed: int = opt(0, help="Seed for every stage.")
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     device: str = opt("auto", help="cpu, cuda, or auto.")
@@ -110,9 +115,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("pairs", pairs, lambda: _pairs(rankings, pairs))
     reward_dir = out / "reward"
     stage("reward", reward_dir / "summary.json", lambda: _reward(cfg, pairs, reward_dir))
-    ppo_dir = out / "ppo"
-    stage("ppo", ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir))
-    eval_dir = out / "eval"
+    ppo_dir = out / cfg.algo  # the training stage: rlhf/train/demo_algos.py for dpo and grpo
+    stage(cfg.algo, ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir)
+          if cfg.algo == "ppo" else _other_algo(cfg, prompts, pairs, reward_dir / "model", completions, ppo_dir))
+    eval_dir = _eval_dir(cfg, out)
     stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, ppo_dir / "model", reward_dir / "model", eval_dir))
 
     t = time.perf_counter()
@@ -220,6 +226,19 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
     run_ppo(pcfg)
 
 
+def _eval_dir(cfg: DemoConfig, out: Path) -> Path:
+    return out / "eval" if cfg.algo == "ppo" else out / f"eval-{cfg.algo}"  # one per algorithm in a shared --out
+
+
+def _other_algo(cfg: DemoConfig, prompts: str, pairs: Path, reward_model: Path, completions: Path, out: Path) -> None:
+    from rlhf.train.demo_algos import dpo_stage, grpo_stage
+
+    if cfg.algo == "dpo":
+        dpo_stage(cfg, pairs, out)
+    else:
+        grpo_stage(cfg, prompts, f"weighted:{reward_scale(reward_model, completions):.6g}*rm:{reward_model}", out)
+
+
 JUDGES = ["toxicity", "sentiment", "relevance", "length", "repetition"]
 
 
@@ -238,9 +257,9 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
 
 def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
     reward = json.loads((out / "reward" / "summary.json").read_text())
-    ppo = json.loads((out / "ppo" / "summary.json").read_text())
+    ppo = json.loads((out / cfg.algo / "summary.json").read_text())
     ppo_cfg = ppo["config"]
-    ev = json.loads((out / "eval" / "eval.json").read_text())
+    ev = json.loads((_eval_dir(cfg, out) / "eval.json").read_text())
     labeling = json.loads((out / "labeling.json").read_text())
     before, after = ev["table"][0]["model"], ev["table"][1]["model"]
     judges = {}
@@ -262,13 +281,14 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
                                                   for r in labeling["campaign"]["labelers"]}},
         "reward_model": {"val_accuracy": reward.get("best_val_accuracy"), "train_pairs": reward["train_pairs"],
                          "val_pairs": reward["val_pairs"], "backbone": reward["backbone"]},
-        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg["reward"], "score_first": ppo["score_first"],
+        "algo": cfg.algo,
+        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg.get("reward"), "score_first": ppo["score_first"],
                 "score_last": ppo["score_last"], "kl_last": ppo["kl_last"], "episodes_per_second": ppo["episodes_per_second"],
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
         "final_kl": kl.get(after), "judges": judges,
         "paths": {"completions": str(out / "completions.jsonl"), "rankings": str(out / "rankings.jsonl"),
                   "pairs": str(out / "pairs.jsonl"), "reward_model": str(out / "reward" / "model"),
-                  "policy": str(out / "ppo" / "model"), "eval": str(out / "eval")},
+                  "policy": str(out / cfg.algo / "model"), "eval": str(_eval_dir(cfg, out))},
         "config": config_to_dict(cfg),
     }
 
@@ -277,8 +297,8 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
     from rlhf.eval.report import ReportInput, write_report
     from rlhf.utils.metrics import read_metrics
 
-    ev = json.loads((out / "eval" / "eval.json").read_text())
-    samples_path = out / "eval" / "samples.jsonl"
+    ev = json.loads((_eval_dir(cfg, out) / "eval.json").read_text())
+    samples_path = _eval_dir(cfg, out) / "samples.jsonl"
     rows = [json.loads(ln) for ln in samples_path.read_text().splitlines() if ln.strip()]
     samples = rows[:: cfg.eval_samples][:16]
     flags = (summary["ppo"].get("watch") or {}).get("flags") or []
@@ -289,7 +309,7 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
              "the app (rlhf label serve), export the rankings (rlhf label export) and train the reward model on them; "
              "docs/labeling.md walks through it."]
     table = {"reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
-             "PPO steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
+             f"{cfg.algo.upper()} steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
              "final KL from reference (nats/reply)": summary["final_kl"],
              "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
              "wall time per stage": stage_text}
@@ -297,7 +317,7 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
                "labeling": summary["labeling"], "config": summary["config"]}
-    return write_report(out, ReportInput(title="rlhf demo: the whole loop", metrics=read_metrics(out / "ppo"), eval_json=ev,
+    return write_report(out, ReportInput(title="rlhf demo: the whole loop", metrics=read_metrics(out / cfg.algo), eval_json=ev,
                                          samples=samples, lineage=lineage, flags=flags,
                                          summary=table, notes=notes))
 
