@@ -187,7 +187,8 @@ def test_packed_pairs_equal_padded_rows_and_gradients(tiny_model_dir, lora):
     """Prompt once, both replies under a tree mask: the same log-probabilities and gradients as 2B
     padded rows, for pairs of very different lengths packed several to a row."""
     from rlhf.models.loading import load_causal_lm, load_tokenizer
-    from rlhf.train.dpo_packing import pack_pairs, pair_packing_problem
+    from rlhf.train.branch_packing import pack_branches, packing_problem
+    from rlhf.train.dpo import padded_token_logprobs, segments
 
     tok = load_tokenizer(tiny_model_dir)
     model = load_causal_lm(tiny_model_dir)
@@ -202,7 +203,7 @@ def test_packed_pairs_equal_padded_rows_and_gradients(tiny_model_dir, lora):
     raw = polite_pairs(3) + [{"prompt": "hi", "chosen": "ok", "rejected": "no"}] * 3 + [
         {"prompt": "hi there", "chosen": "Thank you for asking! " * 4, "rejected": "Whatever. " * 8}]
     pairs = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], 64) for r in raw]
-    packed = pack_pairs(pairs, tok.pad_token_id)
+    packed = pack_branches(segments(pairs), tok.pad_token_id)
     assert packed.input_ids.shape[0] < len(pairs)                  # several pairs share a row
     assert packed.input_ids.numel() < 2 * len(pairs) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
                                                            for p in pairs)
@@ -218,7 +219,7 @@ def test_packed_pairs_equal_padded_rows_and_gradients(tiny_model_dir, lora):
     (g_pad, c_pad, r_pad), (g_pack, c_pack, r_pack) = grads
     assert torch.allclose(c_pad, c_pack, atol=1e-4) and torch.allclose(r_pad, r_pack, atol=1e-4)
     assert all(torch.allclose(g_pad[n], g_pack[n], atol=1e-4) for n in g_pad)
-    padded = lambda m, ps: pair_logprobs(m, ps, tok.pad_token_id, False, cpu, 64)
-    assert pair_packing_problem(model, pairs, tok.pad_token_id, padded) is None
-    off = lambda m, ps: tuple(x + 0.1 for x in padded(m, ps))     # a model the packed path would not reproduce
-    assert "differ by" in pair_packing_problem(model, pairs, tok.pad_token_id, off)
+    padded = lambda m: padded_token_logprobs(m, pairs, tok.pad_token_id, cpu)
+    assert packing_problem(model, segments(pairs), tok.pad_token_id, padded) is None
+    off = lambda m: padded(m) + 0.1                                 # a model the packed path would not reproduce
+    assert "differ by" in packing_problem(model, segments(pairs), tok.pad_token_id, off)

@@ -43,7 +43,8 @@ from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import (disable_dropout, format_prompt, load_causal_lm, load_model_weights, load_tokenizer,
                                  pick_device, resolve_model_path)
 from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward, trim_padding
-from rlhf.train.dpo_packing import pack_pairs, packed_pair_logprobs, pair_packing_problem
+from rlhf.train.branch_packing import (Segment, pack_branches, packed_logits, packing_problem, per_sequence_sums,
+                                       token_logprobs)
 from rlhf.train.optim import adamw
 from rlhf.train.ppo_loop import _publish_policy
 from rlhf.train.reward import epoch_batches, read_pairs, split_by_prompt
@@ -184,10 +185,12 @@ def pair_logprobs(model, pairs: list[EncodedPair], pad_id: int, average: bool, d
                   max_rows: int, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y_c|x), log π(y_r|x) of each pair under ``model``: ([B], [B]), differentiable unless
     called under no_grad. With ``packing``, one pass over tree-masked rows that hold each prompt once
-    (rlhf/train/dpo_packing.py); else 2B padded rows in length-grouped chunks of at most ``max_rows``
+    (rlhf/train/branch_packing.py); else 2B padded rows in length-grouped chunks of at most ``max_rows``
     (each padded only to its own longest prompt and reply). Only reply positions reach the LM head."""
     if packing:
-        return packed_pair_logprobs(model, pack_pairs(pairs, pad_id).to(device), average)
+        packed = pack_branches(segments(pairs), pad_id).to(device)
+        sums = per_sequence_sums(token_logprobs(packed_logits(model, packed), packed), packed, average)
+        return sums[:len(pairs)], sums[len(pairs):]
     q, qm, r, rm = (t.to(device) for t in collate_pairs(pairs, pad_id))
     overhead = CPU_CHUNK_OVERHEAD_POSITIONS if device.type == "cpu" else None
     parts, order = [], []
@@ -197,6 +200,18 @@ def pair_logprobs(model, pairs: list[EncodedPair], pad_id: int, average: bool, d
         order.append(rows)
     logps = torch.cat(parts)[torch.argsort(torch.cat(order))]
     return logps[:len(pairs)], logps[len(pairs):]
+
+
+def segments(pairs: list[EncodedPair]) -> list[Segment]:
+    """Each pair as a prompt with two branches; pair i's chosen reply is sequence i, its rejected one B + i."""
+    return [Segment(p.prompt_ids, [(i, p.chosen_ids), (len(pairs) + i, p.rejected_ids)]) for i, p in enumerate(pairs)]
+
+
+def padded_token_logprobs(model, pairs: list[EncodedPair], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Per-token log-probabilities [2B, R] of both replies from plain padded rows (chosen rows first):
+    what the packed layout must reproduce."""
+    q, qm, r, rm = (t.to(device) for t in collate_pairs(pairs, pad_id))
+    return policy_forward(model, q, qm, r, rm).logprobs
 
 
 @torch.no_grad()
@@ -344,8 +359,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     # starting policy's implicit rewards there are exactly 0 (accuracy 0.5), not float noise.
     packing = cfg.packing
     if packing:
-        problem = pair_packing_problem(policy, train_enc[:4], pad_id,
-                                       lambda m, ps: pair_logprobs(m, ps, pad_id, False, device, 2 * len(ps)))
+        probe = train_enc[:4]
+        problem = packing_problem(policy, segments(probe), pad_id, lambda m: padded_token_logprobs(m, probe, pad_id, device))
         if problem:
             print(f"packed pairs off for this model: {problem}", file=sys.stderr)
             packing = False
