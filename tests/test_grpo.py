@@ -144,3 +144,31 @@ def test_config_errors_and_resume_refusal(tiny_model_dir, prompts_file, tmp_path
     run_grpo(cfg(tiny_model_dir, prompts_file, tmp_path / "r", max_steps=2))
     with pytest.raises(ConfigError, match="--group-size"):
         run_grpo(cfg(tiny_model_dir, prompts_file, tmp_path / "r", max_steps=4, group_size=2))
+
+
+def test_packed_groups_give_the_padded_experience_and_update(tiny_model_dir, prompts_file, tmp_path):
+    """A prompt read once with its G replies as branches: the same reference log-probabilities,
+    statistics and updated weights as one padded row per reply (up to float summation order)."""
+    from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+
+    results = []
+    for packing in (False, True):
+        c = cfg(tiny_model_dir, prompts_file, tmp_path / f"p{packing}", packing=packing, micro_batch_size=4, temperature=0.8)
+        torch.manual_seed(0)
+        tok, policy, ref = load_tokenizer(c.policy), load_causal_lm(c.policy), load_causal_lm(c.policy)
+        disable_dropout(policy)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        trainer = GRPOTrainer(c, policy, tok, LetterScorer(), ref)
+        rollout = trainer.generate(PROMPTS[:2])
+        exp = trainer.make_experience(rollout, trainer.score(rollout))
+        assert trainer.packing is packing
+        results.append((exp, trainer.update(exp), {k: v.detach().clone() for k, v in policy.state_dict().items()}))
+    (e1, s1, w1), (e2, s2, w2) = results
+    assert torch.equal(e1.response_ids, e2.response_ids)
+    for name in ("logprobs", "ref_logprobs", "advantages"):
+        assert torch.allclose(getattr(e1, name), getattr(e2, name), atol=1e-5), name
+    for k in ("policy_loss", "clipfrac", "kl_k3", "entropy", "grad_norm"):
+        assert abs(s1[k] - s2[k]) < 1e-4, k
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5

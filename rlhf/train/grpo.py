@@ -47,6 +47,7 @@ from rlhf.judges import load_scorer, score_checked
 from rlhf.models.loading import load_model_weights, pick_device, shipped_prompts
 from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward, trim_padding
 from rlhf.rollout.generate import SamplingParams, decode_responses, sample_tokens
+from rlhf.train.branch_packing import Segment, pack_branches, packed_logits, packing_problem, to_rows, token_logprobs
 from rlhf.train.dpo import check_resumable
 from rlhf.train.optim import adamw
 from rlhf.train.ppo import Rollout, timed
@@ -56,7 +57,7 @@ from rlhf.utils.io import atomic_write_json
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb, read_metrics
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
 
-RESUME_KEYS = ("policy", "reward", "prompts", "reference", "group_size", "estimator", "scale_std", "batch_size",
+RESUME_KEYS = ("policy", "reward", "prompts", "reference", "group_size", "estimator", "scale_std", "batch_size", "packing",
                "mini_batch_size", "micro_batch_size", "ppo_epochs", "lr", "max_new_tokens", "temperature", "top_p", "top_k",
                "kl_coef", "kl_in", "loss_aggregation", "cliprange", "seed", "lora", "gold", "watch_every")
 
@@ -124,6 +125,10 @@ class GRPOConfig:
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     progress: bool = opt(True, help="Show a progress bar.")
+    packing: bool = opt(True, help="Padding-free forwards that read each prompt once: a prompt and its G replies share "
+                                   "one segment under a tree-shaped attention mask (same log-probabilities as padded "
+                                   "rows, fewer positions). Checked on the first step's replies; models it cannot "
+                                   "reproduce are padded.")
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "mini_batch_size": self.mini_batch_size,
@@ -164,6 +169,7 @@ class GroupExperience:
     scores: torch.Tensor         # [B] scorer output after the missing-EOS penalty and clipping
     rewards: torch.Tensor        # [B] what the baselines see: the scores, minus β·Σ KL with --kl-in reward
     advantages: torch.Tensor     # [B] one per reply, broadcast over its tokens in the loss
+    group: torch.Tensor          # [B] which prompt's group the reply belongs to (episode index // G)
 
     def select(self, idx: torch.Tensor) -> "GroupExperience":
         return GroupExperience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
@@ -183,6 +189,7 @@ class GRPOTrainer:
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, self.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
+        self.packing: bool | None = None if cfg.packing else False  # decided on the first rollout
 
     # --- stages ------------------------------------------------------------------------------
 
@@ -213,16 +220,19 @@ class GRPOTrainer:
         baselines see, and one advantage per reply from its group."""
         cfg = self.cfg
         q, qm, r, rm = rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask
+        group = torch.arange(len(q), device=q.device) // cfg.group_size
+        if self.packing is None:
+            self.packing = self._check_packing(q, qm, r, rm, group)
         width = r.shape[1]
         recorded = rollout.logprobs is not None
         logprobs = rollout.logprobs * rm if recorded else torch.zeros(r.shape, device=r.device)
         ref_logprobs = torch.zeros(r.shape, device=r.device)
-        for rows in self._chunks(qm, rm):  # rows are independent here: chunking by length is exact
-            tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
+        for rows in self._chunks(qm, rm, group):  # rows are independent here: any chunking is exact
             if not recorded:
-                logprobs[rows] = _pad_to(policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature).logprobs, width)
+                logprobs[rows] = _pad_to(self._forward(self.policy, q[rows], qm[rows], r[rows], rm[rows], group[rows])[0], width)
             with self._reference() as ref_model:
-                ref_logprobs[rows] = _pad_to(policy_forward(ref_model, tq, tqm, tr, trm, cfg.temperature).logprobs, width)
+                ref_logprobs[rows] = _pad_to(self._forward(ref_model, q[rows], qm[rows], r[rows], rm[rows], group[rows])[0],
+                                             width)
         rewards = scores
         if cfg.kl_in == "reward" and cfg.kl_coef:
             rewards = kl_penalised_scores(scores, kl_k1(logprobs, ref_logprobs), rm, cfg.kl_coef)
@@ -231,7 +241,7 @@ class GRPOTrainer:
             advantages = rloo_advantages(groups)
         else:
             advantages = group_advantages(groups, scale_std=cfg.scale_std)
-        return GroupExperience(q, qm, r, rm, logprobs, ref_logprobs, scores, rewards, advantages.reshape(-1))
+        return GroupExperience(q, qm, r, rm, logprobs, ref_logprobs, scores, rewards, advantages.reshape(-1), group)
 
     def update(self, exp: GroupExperience) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; micro-batches accumulate gradients so that a
@@ -250,7 +260,7 @@ class GRPOTrainer:
                 normaliser = exp.response_mask[mb_idx].sum() if cfg.loss_aggregation == "token" else len(mb_idx)
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
-                for rows in self._chunks(exp.query_mask[mb_idx], exp.response_mask[mb_idx]):
+                for rows in self._chunks(exp.query_mask[mb_idx], exp.response_mask[mb_idx], exp.group[mb_idx]):
                     loss, stats = self._micro_step(exp.select(mb_idx[rows]), normaliser)
                     finite &= torch.isfinite(loss)
                     for k, v in stats.items():
@@ -266,21 +276,51 @@ class GRPOTrainer:
 
     def _micro_step(self, mb: GroupExperience, normaliser) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        tq, tqm, tr, trm = trim_padding(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-        width = tr.shape[1]
-        out = policy_forward(self.policy, tq, tqm, tr, trm, cfg.temperature)
+        logprobs, logits = self._forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, mb.group)
+        width = logprobs.shape[1]
+        trm = mb.response_mask[:, :width]
         beta = cfg.kl_coef if cfg.kl_in == "loss" else 0.0
-        loss, stats = grpo_policy_loss(out.logprobs, mb.logprobs[:, :width], mb.advantages, trm, cfg.cliprange,
+        loss, stats = grpo_policy_loss(logprobs, mb.logprobs[:, :width], mb.advantages, trm, cfg.cliprange,
                                        mb.ref_logprobs[:, :width], beta, cfg.loss_aggregation, normaliser)
         loss.backward()  # a non-finite loss is reported by update(), before any optimizer step
         with torch.no_grad():
             # the loss is already this micro-batch's share; per-token statistics are weighted by token share
             share = trm.sum() / max(float(normaliser), 1.0) if cfg.loss_aggregation == "token" else len(trm) / float(normaliser)
-            stats = {"policy_loss": loss.detach(), **{k: share * v for k, v in stats.items()},
-                     "entropy": share * masked_mean(entropy_from_logits(out.logits.detach()), trm)}
+            # padded path: logits [n, width, V] with junk past each reply; packed: [T, V], reply tokens only
+            entropy = entropy_from_logits(logits.detach())
+            entropy = masked_mean(entropy, trm) if entropy.dim() == 2 else entropy.mean()
+            stats = {"policy_loss": loss.detach(), **{k: share * v for k, v in stats.items()}, "entropy": share * entropy}
         return loss.detach(), stats
 
-    def _chunks(self, query_mask: torch.Tensor, response_mask: torch.Tensor) -> list[torch.Tensor]:
+    def _forward(self, model, q, qm, r, rm, group) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities [n, w] of the replies (w = the longest reply here) and the logits
+        behind them: packed (one segment per group, [T, V] logits) or padded rows ([n, w, V])."""
+        if self.packing:
+            packed = pack_branches(_segments(q, qm, r, rm, group), self.tok.pad_token_id).to(self.device)
+            logits = packed_logits(model, packed, self.cfg.temperature)
+            return to_rows(token_logprobs(logits, packed), packed, int(rm.sum(dim=1).max())), logits
+        tq, tqm, tr, trm = trim_padding(q, qm, r, rm)
+        out = policy_forward(model, tq, tqm, tr, trm, self.cfg.temperature)
+        return out.logprobs, out.logits
+
+    @torch.no_grad()
+    def _check_packing(self, q, qm, r, rm, group) -> bool:
+        rows = torch.arange(min(len(q), 2 * self.cfg.group_size), device=q.device)  # two groups' replies
+        tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
+        problem = packing_problem(self.policy, _segments(q[rows], qm[rows], r[rows], rm[rows], group[rows]),
+                                  self.tok.pad_token_id,
+                                  lambda m: policy_forward(m, tq, tqm, tr, trm, self.cfg.temperature).logprobs,
+                                  self.cfg.temperature)
+        if problem:
+            print(f"packed groups off for this model: {problem}", file=sys.stderr)
+        return problem is None
+
+    def _chunks(self, query_mask: torch.Tensor, response_mask: torch.Tensor, group: torch.Tensor) -> list[torch.Tensor]:
+        """Forward chunks of at most ``micro_batch_size`` rows. Packed: consecutive rows in group order
+        (a group's replies share their prompt); padded: grouped by length, as PPO chunks."""
+        if self.packing:
+            order = torch.sort(group, stable=True).indices
+            return list(order.split(self.cfg.micro_batch_size))
         overhead = CPU_CHUNK_OVERHEAD_POSITIONS if self.device.type == "cpu" else None
         return length_chunks(query_mask, response_mask, self.cfg.micro_batch_size, overhead)
 
@@ -332,6 +372,18 @@ class GRPOTrainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.step += 1
         return stats, updated
+
+
+def _segments(q: torch.Tensor, qm: torch.Tensor, r: torch.Tensor, rm: torch.Tensor, group: torch.Tensor) -> list[Segment]:
+    """Rows as packing segments: one per group present, its prompt (the real tokens of its first row)
+    followed by its rows' replies; sequence k is row k."""
+    q, qm, r, rm, group = (t.tolist() for t in (q, qm, r, rm, group))  # one host transfer
+    segments: dict[int, Segment] = {}
+    for k, g in enumerate(group):
+        if g not in segments:
+            segments[g] = Segment([t for t, m in zip(q[k], qm[k]) if m], [])
+        segments[g].replies.append((k, r[k][:sum(rm[k])]))
+    return list(segments.values())
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
