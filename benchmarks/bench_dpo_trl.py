@@ -44,6 +44,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "rlhf" / "assets" / "base-model"
 SIDES = ("ours", "trl", "trl-precompute")
+# ours-blas: our trainer with every linear layer on torch's default BLAS instead of the oneDNN routing
+# that rlhf/models/cpu_gemm.py picks on non-Intel CPUs (slower on CPUs without AVX-512, e.g. Zen 3).
+SIDE_ENV = {"ours-blas": {"RLHF_CPU_GEMM": "blas"}}
 
 # One setting per model size, the same for every side.
 SETTINGS = {
@@ -192,9 +195,9 @@ def run_eval(a) -> dict:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def sub(python: str, mode: str, **kw) -> dict:
+def sub(python: str, mode: str, extra_env: dict | None = None, **kw) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", mode] + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(kw["threads"]), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(kw["threads"]), "PYTHONPATH": str(REPO), **(extra_env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if res.returncode:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-4000:]}")
@@ -212,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=[*SIDES, "eval"])
     ap.add_argument("--models", default="bundled,30m")
-    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--sides", default=",".join(SIDES), help="ours, trl, trl-precompute, ours-blas")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(REPO / "out" / "bench_dpo"))
@@ -240,8 +243,9 @@ def main() -> None:
             order = sides[r % len(sides):] + sides[:r % len(sides)]
             for side in order:
                 out = work / "runs" / f"{size}-{side}-{r}"
-                python = sys.executable if side == "ours" else a.trl_python
-                row = sub(python, side, size=size, policy=policies[size], out=out, round=r, threads=a.threads, **data)
+                python = a.trl_python if side.startswith("trl") else sys.executable
+                row = sub(python, "ours" if side == "ours-blas" else side, SIDE_ENV.get(side), size=size, policy=policies[size],
+                          out=out, round=r, threads=a.threads, **data)
                 row.update(sub(sys.executable, "eval", size=size, policy=row["policy"], reference=policies[size],
                                threads=a.threads, **data))
                 row["load_average"] = os.getloadavg()[0]

@@ -45,6 +45,9 @@ SETTINGS = {
     "30m": dict(group_size=4, batch_size=32, micro_batch_size=16, response_length=32, lr=3e-5, kl_coef=0.04, steps=4),
 }
 COMMON = dict(temperature=1.0, cliprange=0.2, seed=0)
+# ours-blas: our trainer with every linear layer on torch's default BLAS instead of the oneDNN routing
+# that rlhf/models/cpu_gemm.py picks on non-Intel CPUs (slower on CPUs without AVX-512, e.g. Zen 3).
+SIDE_ENV = {"ours-blas": {"RLHF_CPU_GEMM": "blas"}}
 KEYS = ("episodes_per_second", "episodes_per_cpu_second", "seconds", "cpu_seconds", "peak_rss_mb", "score", "eos_fraction")
 
 
@@ -128,9 +131,9 @@ def run_trl(a) -> dict:
             "episodes_per_cpu_second": episodes / cpu, "peak_rss_mb": peak_rss_mb(), "stages": {}}
 
 
-def sub(python: str, script: Path, mode: str, **kw) -> dict:
+def sub(python: str, script: Path, mode: str, extra_env: dict | None = None, **kw) -> dict:
     cmd = [python, str(script), "--worker", mode] + [x for k, v in kw.items() for x in (f"--{k}", str(v))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(kw["threads"]), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(kw["threads"]), "PYTHONPATH": str(REPO), **(extra_env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if res.returncode:
         raise SystemExit(f"{mode} failed:\n{res.stderr[-4000:]}")
@@ -142,6 +145,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["ours", "trl"])
     ap.add_argument("--models", default="bundled,30m")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sides", default="ours,trl", help="ours, trl, and ours-blas (ours with RLHF_CPU_GEMM=blas)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(REPO / "out" / "bench_grpo"))
     ap.add_argument("--trl-python", default=str(REPO / ".venv-trl" / "bin" / "python"))
@@ -162,12 +166,14 @@ def main() -> None:
                "load_average_at_start": os.getloadavg(), "threads": a.threads, "rounds": a.rounds, "settings": COMMON,
                "models": {}}
     for size in a.models.split(","):
-        runs = {"ours": [], "trl": []}
+        sides = a.sides.split(",")
+        runs = {side: [] for side in sides}
         base = sub(sys.executable, ppo_bench, "eval", size=size, policy=policies[size], **common)
         for r in range(a.rounds):
-            for side in (["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:
                 out = work / "runs" / f"{size}-{side}-{r}"
-                row = sub(sys.executable if side == "ours" else a.trl_python, me, side, size=size, policy=policies[size],
+                python = a.trl_python if side == "trl" else sys.executable
+                row = sub(python, me, "trl" if side == "trl" else "ours", SIDE_ENV.get(side), size=size, policy=policies[size],
                           out=out, round=r, **common)
                 row.update(sub(sys.executable, ppo_bench, "eval", size=size, policy=out / "policy", **common))
                 row["load_average"] = os.getloadavg()[0]
@@ -187,12 +193,15 @@ def main() -> None:
 
 def print_table(size: str, s: dict, base: dict, m: dict) -> None:
     eps = s["steps"] * s["batch_size"]
+    ours = [x for x in m if x != "trl"]
     print(f"\n## {size}: {eps} episodes, {s['batch_size'] // s['group_size']} prompts × G={s['group_size']} a step, "
           f"{s['response_length']} tokens, β {s['kl_coef']} (base policy score {base['score']:.3f})")
-    print("| median | ours | TRL 1.16 | ours/TRL |\n| --- | --- | --- | --- |")
+    print("| median | " + " | ".join(ours) + " | TRL 1.16 | " + " | ".join(f"{x}/TRL" for x in ours) + " |")
+    print("| --- " * (2 * len(ours) + 2) + "|")
     for key in KEYS:
-        o, t = m["ours"][key], m["trl"][key]
-        print(f"| {key} | {o:.3f} | {t:.3f} | {o / t if t else float('nan'):.2f} |")
+        t = m["trl"][key]
+        print(f"| {key} | " + " | ".join(f"{m[x][key]:.3f}" for x in ours) + f" | {t:.3f} | "
+              + " | ".join(f"{m[x][key] / t if t else float('nan'):.2f}" for x in ours) + " |")
 
 
 if __name__ == "__main__":
