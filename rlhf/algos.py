@@ -1,4 +1,4 @@
-"""The math of RLHF as pure tensor functions (torch only): reward-model and PPO losses.
+"""The math of RLHF as pure tensor functions (torch only): reward-model, PPO, DPO/IPO and GRPO/RLOO losses.
 
 Every function documents its tensor shapes and the paper it follows. Nothing here knows about
 models, tokenizers or files, so each piece is tested by hand-computed cases, loop-vs-vectorised
@@ -165,15 +165,24 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     where stats hold the clip fraction and the approximate KL(π_old‖π) ½·E[(log ρ)²].
     """
     log_ratio = logprobs - old_logprobs
+    per_token, was_clipped = clipped_surrogate(log_ratio, advantages, clip)
+    loss = token_mean(per_token, response_mask, normaliser)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean(was_clipped.float(), response_mask),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, response_mask)}
+    return loss, stats
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −min(ρA, clip(ρ, 1−ε, 1+ε)A) with ρ = exp(log_ratio), and where the clipped term won.
+
+    log_ratio, advantages: [B, R] (advantages may be [B, 1] to broadcast one per sequence). The one
+    copy of the clipped objective, shared by PPO's ``policy_loss`` and GRPO's ``grpo_policy_loss``.
+    """
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    per_token = torch.maximum(unclipped, clipped)
-    loss = token_mean(per_token, response_mask, normaliser)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
-                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, response_mask)}
-    return loss, stats
+    return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor,
@@ -299,3 +308,157 @@ def multi_turn_advantages(scores: torch.Tensor, kl: torch.Tensor, values: torch.
     rewards = kl_shaped_rewards(scores, p_kl, p_mask, beta)
     advantages, returns = gae(rewards, p_values, p_mask, gamma, lam)
     return unpack_by_mask(rewards, loss_mask), unpack_by_mask(advantages, loss_mask), unpack_by_mask(returns, loss_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline preference optimisation from pairs: DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+# A "log-ratio" is log π(y|x) − log π_ref(y|x) of a whole reply, one per pair and side: [B].
+# ---------------------------------------------------------------------------------------------
+
+def sequence_logprobs(logprobs: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log π(y|x) of each reply from its per-token log-probabilities: [B, R] → [B].
+
+    The sum over the masked tokens (the sequence's log-likelihood), or with ``average`` their mean
+    (a length-normalised log-likelihood; a reply without tokens gives 0 either way).
+    """
+    total = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(dim=-1)
+    if not average:
+        return total
+    return total / response_mask.sum(dim=-1).clamp(min=1).to(total.dtype)
+
+
+def implicit_reward_stats(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+                          beta: float) -> dict[str, torch.Tensor]:
+    """DPO's implicit rewards β·log(π/π_ref) of each side, their margin and the pairwise accuracy (no gradient)."""
+    with torch.no_grad():
+        chosen, rejected = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+        return {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
+                "margin": (chosen - rejected).mean(), "accuracy": pairwise_accuracy(chosen, rejected)}
+
+
+def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO's sigmoid loss −log σ(β·h), h = log-ratio(chosen) − log-ratio(rejected), averaged over pairs.
+
+    chosen_logratios, rejected_logratios: [B]. ``label_smoothing`` ε treats each label as wrong with
+    probability ε (conservative DPO, Mitchell 2023): −(1−ε)·log σ(βh) − ε·log σ(−βh). Returns
+    (scalar loss, implicit-reward statistics). ``logsigmoid`` keeps large margins finite.
+    """
+    h = beta * (chosen_logratios - rejected_logratios)
+    per_pair = -F.logsigmoid(h)
+    if label_smoothing:
+        per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-h)
+    return per_pair.mean(), implicit_reward_stats(chosen_logratios, rejected_logratios, beta)
+
+
+def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO's squared loss (h − 1/(2β))², h = log-ratio(chosen) − log-ratio(rejected), averaged over pairs.
+
+    chosen_logratios, rejected_logratios: [B]. Unlike DPO's sigmoid, the loss has a finite target
+    margin 1/(2β), so deterministic preferences cannot push the policy arbitrarily far from the
+    reference (Azar et al. 2023, eq. 17; β plays the role of their τ). Returns (loss, statistics).
+    """
+    h = chosen_logratios - rejected_logratios
+    return ((h - 1.0 / (2.0 * beta)) ** 2).mean(), implicit_reward_stats(chosen_logratios, rejected_logratios, beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free online RL: G sampled replies per prompt, each reply's baseline from its group.
+# Scores are laid out [N, G] (N prompts, G replies each); ``mask`` [N, G] marks the replies that
+# count (1) and padding (0), so groups of unequal size share one tensor.
+# ---------------------------------------------------------------------------------------------
+
+def group_advantages(scores: torch.Tensor, mask: torch.Tensor | None = None, scale_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantages: (r − mean of the group) / (std of the group + eps).
+
+    scores, mask: [N, G] → advantages [N, G], 0 on padding (Shao et al. 2024, DeepSeekMath §4.1).
+    The std is Bessel-corrected over the group's real members. ``scale_std=False`` only centres
+    (Liu et al. 2025, "Dr. GRPO": dividing by the std weights near-unanimous groups up). A group
+    whose members all score the same gets advantage 0 whatever eps is.
+    """
+    mask = torch.ones_like(scores) if mask is None else mask.to(scores.dtype)
+    n = mask.sum(dim=1, keepdim=True)
+    mean = (scores * mask).sum(dim=1, keepdim=True) / n.clamp(min=1.0)
+    centred = torch.where(mask.bool(), scores - mean, torch.zeros_like(scores))
+    if not scale_std:
+        return centred
+    std = ((centred ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1.0)).sqrt()
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+def rloo_advantages(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out: each reply's baseline is the mean score of the other replies of its group.
+
+    scores, mask: [N, G] → advantages [N, G], 0 on padding and in groups with one real member
+    (nothing to compare with). A_i = r_i − (Σ_j r_j − r_i)/(n − 1) = n/(n − 1)·(r_i − mean), an
+    unbiased baseline because it never uses r_i itself (Kool et al. 2019; Ahmadian et al. 2024).
+    """
+    mask = torch.ones_like(scores) if mask is None else mask.to(scores.dtype)
+    n = mask.sum(dim=1, keepdim=True)
+    total = (scores * mask).sum(dim=1, keepdim=True)
+    baseline = (total - scores) / (n - 1).clamp(min=1.0)
+    return torch.where(mask.bool() & (n > 1), scores - baseline, torch.zeros_like(scores))
+
+
+def kl_penalised_scores(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """The KL penalty in the reward instead of the loss: r − β·Σ_t KL_t per reply.
+
+    scores [B]; kl, response_mask [B, R] → [B]. The sequence-level counterpart of
+    ``kl_shaped_rewards`` (its per-token rewards summed over a reply give the same number), for
+    estimators that need one reward per reply (RLOO as in Ahmadian et al. 2024).
+    """
+    return scores - beta * torch.where(response_mask.bool(), kl, torch.zeros_like(kl)).sum(dim=-1)
+
+
+LOSS_AGGREGATIONS = ("token", "sequence")
+
+
+def aggregate_loss(per_token: torch.Tensor, response_mask: torch.Tensor, level: str = "token",
+                   normaliser: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [B, R] to a scalar, at the token or the sequence level.
+
+    ``token``: sum over every real token / number of tokens, so each token weighs the same and a
+    long reply counts more (Yu et al. 2025, DAPO). ``sequence``: each reply's token mean, then the
+    mean over replies, so each reply weighs the same (GRPO as Shao et al. 2024 write it).
+    ``normaliser``: the whole minibatch's token count (token level) or reply count (sequence level),
+    so that gradient-accumulated micro-batches add up to the minibatch's loss.
+    """
+    masked = torch.where(response_mask.bool(), per_token, torch.zeros_like(per_token))
+    if level == "token":
+        denominator = response_mask.sum() if normaliser is None else normaliser
+        return masked.sum() / max(float(denominator), 1.0)
+    if level == "sequence":
+        per_reply = masked.sum(dim=-1) / response_mask.sum(dim=-1).clamp(min=1).to(masked.dtype)
+        denominator = per_token.shape[0] if normaliser is None else normaliser
+        return per_reply.sum() / max(float(denominator), 1.0)
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {level!r}")
+
+
+def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                     response_mask: torch.Tensor, clip: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                     beta: float = 0.0, level: str = "token",
+                     normaliser: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective per token: the clipped surrogate with one advantage per reply, plus β·k3 KL.
+
+    logprobs, old_logprobs, ref_logprobs, response_mask: [B, R]; advantages: [B], broadcast over
+    each reply's tokens. The KL to the reference sits in the loss as the k3 estimator
+    (r − 1) − log r, r = π_ref/π, whose gradient pulls π toward π_ref (Shao et al. 2024, eq. 4).
+    Reduced by ``aggregate_loss`` (``level``, ``normaliser``). Returns (loss, stats) where stats
+    hold the clip fraction, ½·E[(log ρ)²] and the mean k3 per token (when ``ref_logprobs`` is given).
+    """
+    log_ratio = logprobs - old_logprobs
+    per_token, was_clipped = clipped_surrogate(log_ratio, advantages.unsqueeze(-1), clip)
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None:
+        k3 = kl_k3(logprobs, ref_logprobs)
+        if beta:
+            per_token = per_token + beta * k3
+        with torch.no_grad():
+            stats["kl_k3"] = masked_mean(k3.detach(), response_mask)
+    loss = aggregate_loss(per_token, response_mask, level, normaliser)
+    with torch.no_grad():
+        stats["clipfrac"] = masked_mean(was_clipped.float(), response_mask)
+        stats["approx_kl"] = masked_mean(0.5 * log_ratio.detach() ** 2, response_mask)
+    return loss, stats

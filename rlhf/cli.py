@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "generate": ("rlhf.rollout.commands", "generate", "Sample K completions per prompt into a completions file."),
     "reward": ("rlhf.train.reward_commands", "reward", "Reward models: train from pairs, evaluate, score."),
     "ppo": ("rlhf.train.ppo_commands", "ppo", "PPO with a per-token KL penalty against the frozen reference."),
+    "dpo": ("rlhf.train.dpo", "dpo_command", "DPO or IPO: train a policy straight from preference pairs."),
+    "grpo": ("rlhf.train.grpo", "grpo_command", "GRPO or RLOO: critic-free online RL, G replies per prompt."),
     "label": ("rlhf.feedback.commands", "label", "The labeling web app: campaigns, labelers, export, simulate."),
     "eval": ("rlhf.eval.commands", "eval_command", "Judge models with independent scorers; before/after tables."),
     "demo": ("rlhf.demo", "demo", "The whole loop on the bundled defaults, in one command."),

@@ -83,6 +83,10 @@ class DemoConfig:
     score_threshold: float | None = opt(None, help="Stop PPO once the reward model's mean score reaches this (unset = never).")
     watch_every: int = opt(5, help="Gold-judge evaluations every N PPO steps.")
     eval_samples: int | None = opt(None, help="Completions per held-out prompt and model in the evaluation (unset: 8 for bundled).")
+    algo: Literal["ppo", "dpo", "grpo"] = opt("ppo", help="How the policy is trained: ppo (against the reward model), "
+                                                          "dpo (straight from the pairs) or grpo (against the reward "
+                                                          "model, G replies per prompt, no critic). Shares the earlier "
+                                                          "stages' outputs in --out with the other algorithms.")
     seed: int = opt(0, help="Seed for every stage.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
     recipe: Literal["rlhf", "agent"] = opt("rlhf", help="rlhf (the loop above) or agent (index → SFT on ReAct traces → RL over episodes → eval; rlhf/agents/demo.py).")
@@ -139,9 +143,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("pairs", pairs, lambda: _pairs(rankings, pairs))
     reward_dir = out / "reward"
     stage("reward", reward_dir / "summary.json", lambda: _reward(cfg, pairs, reward_dir))
-    ppo_dir = out / "ppo"
-    stage("ppo", ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir))
-    eval_dir = out / "eval"
+    ppo_dir = out / cfg.algo  # the training stage: rlhf/train/demo_algos.py for dpo and grpo
+    stage(cfg.algo, ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir)
+          if cfg.algo == "ppo" else _other_algo(cfg, prompts, pairs, reward_dir / "model", completions, ppo_dir))
+    eval_dir = _eval_dir(cfg, out)
     stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, ppo_dir / "model", reward_dir / "model", eval_dir))
 
     t = time.perf_counter()
@@ -261,6 +266,19 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
     run_ppo(pcfg)
 
 
+def _eval_dir(cfg: DemoConfig, out: Path) -> Path:
+    return out / "eval" if cfg.algo == "ppo" else out / f"eval-{cfg.algo}"  # one per algorithm in a shared --out
+
+
+def _other_algo(cfg: DemoConfig, prompts: str, pairs: Path, reward_model: Path, completions: Path, out: Path) -> None:
+    from rlhf.train.demo_algos import dpo_stage, grpo_stage
+
+    if cfg.algo == "dpo":
+        dpo_stage(cfg, pairs, out)
+    else:
+        grpo_stage(cfg, prompts, f"weighted:{reward_scale(reward_model, completions):.6g}*rm:{reward_model}", out)
+
+
 JUDGES = ["toxicity", "sentiment", "relevance", "length", "repetition"]
 
 
@@ -287,9 +305,9 @@ def judge_labels(cfg: DemoConfig, reward_model: Path) -> dict[str, str]:
 
 def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
     reward = json.loads((out / "reward" / "summary.json").read_text())
-    ppo = json.loads((out / "ppo" / "summary.json").read_text())
+    ppo = json.loads((out / cfg.algo / "summary.json").read_text())
     ppo_cfg = ppo["config"]
-    ev = json.loads((out / "eval" / "eval.json").read_text())
+    ev = json.loads((_eval_dir(cfg, out) / "eval.json").read_text())
     labeling = json.loads((out / "labeling.json").read_text())
     before, after = ev["table"][0]["model"], ev["table"][1]["model"]
     roles = ev.get("roles", {})
@@ -314,13 +332,14 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
                                                   for r in labeling["campaign"]["labelers"]}},
         "reward_model": {"val_accuracy": reward.get("best_val_accuracy"), "train_pairs": reward["train_pairs"],
                          "val_pairs": reward["val_pairs"], "backbone": reward["backbone"]},
-        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg["reward"], "score_first": ppo["score_first"],
+        "algo": cfg.algo,
+        "ppo": {"steps": ppo["steps"], "stop_reason": ppo["stop_reason"], "reward": ppo_cfg.get("reward"), "score_first": ppo["score_first"],
                 "score_last": ppo["score_last"], "kl_last": ppo["kl_last"], "episodes_per_second": ppo["episodes_per_second"],
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
         "final_kl": kl.get(after), "final_kl_unit": "nats per reply", "judges": judges,
         "paths": {"completions": str(out / "completions.jsonl"), "rankings": str(out / "rankings.jsonl"),
                   "pairs": str(out / "pairs.jsonl"), "reward_model": str(out / "reward" / "model"),
-                  "policy": str(out / "ppo" / "model"), "eval": str(out / "eval")},
+                  "policy": str(out / cfg.algo / "model"), "eval": str(_eval_dir(cfg, out))},
         "config": config_to_dict(cfg),
     }
 
@@ -335,8 +354,8 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
     from rlhf.eval.report import ReportInput, TrainingInfo
     from rlhf.utils.metrics import read_metrics
 
-    ev = json.loads((out / "eval" / "eval.json").read_text())
-    samples_path = out / "eval" / "samples.jsonl"
+    ev = json.loads((_eval_dir(cfg, out) / "eval.json").read_text())
+    samples_path = _eval_dir(cfg, out) / "samples.jsonl"
     rows = [json.loads(ln) for ln in samples_path.read_text().splitlines() if ln.strip()]
     samples = rows[:: cfg.eval_samples][:16]
     watch = summary["ppo"].get("watch") or {}
@@ -348,7 +367,7 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
              "the demo prints the exact commands, and docs/labeling.md walks through it."]
     table = {"model": model_label(cfg.policy) + (" with a LoRA policy" if cfg.lora else ""),
              "reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
-             "PPO steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
+             f"{cfg.algo.upper()} steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
              "final KL from reference (nats per reply)": summary["final_kl"],
              "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
              "wall time per stage": stage_text}
@@ -356,12 +375,12 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
                "labeling": summary["labeling"], "config": summary["config"]}
-    best_gold = out / "ppo" / "best-gold"
+    best_gold = out / cfg.algo / "best-gold"
     training = TrainingInfo(target_kl=cfg.target_kl, kl_ceiling=cfg.kl_ceiling, kl_last=summary["ppo"]["kl_last"],
                             gold_judge=cfg.labeler_scorer, watch=watch, reward_units="reward-model score, unit spread",
                             best_gold_path=str(best_gold) if best_gold.is_dir() else None)
     models = [m["name"] for m in ev["models"]]
-    return ReportInput(title=f"rlhf demo: the whole loop on {model_label(cfg.policy)}", metrics=read_metrics(out / "ppo"), eval_json=ev,
+    return ReportInput(title=f"rlhf demo: the whole loop on {model_label(cfg.policy)}", metrics=read_metrics(out / cfg.algo), eval_json=ev,
                        samples=samples, lineage=lineage, flags=watch.get("flags") or [],
                        summary=table, notes=notes, judge_labels=judge_labels(cfg, out / "reward" / "model"),
                        model_labels={models[0]: "base model", models[-1]: "tuned model"}, training=training)
