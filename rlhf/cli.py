@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "label": ("rlhf.feedback.commands", "label", "The labeling web app: campaigns, labelers, export, simulate."),
     "eval": ("rlhf.eval.commands", "eval_command", "Judge models with independent scorers; before/after tables."),
     "demo": ("rlhf.demo", "demo", "The whole loop on the bundled defaults, in one command."),
+    "personal": ("rlhf.personal.commands", "personal", "Personalization: chat feedback, per-user rewards, reranking, adapters, the loop."),
 }
 
 

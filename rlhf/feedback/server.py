@@ -283,15 +283,16 @@ class RunningServer:
         self.stop()
 
 
-def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
-    """Serve ``store`` from a background thread; ``port=0`` picks a free port. Returns once it answers."""
+def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0, app: FastAPI | None = None) -> RunningServer:
+    """Serve ``store`` from a background thread; ``port=0`` picks a free port. Returns once it answers.
+    ``app``: serve this app instead of ``create_app(store)`` (e.g. with the chat routes mounted)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(store), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(app or create_app(store), log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rlhf-label-server")
     thread.start()
@@ -303,8 +304,8 @@ def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> Run
     return RunningServer(f"http://{host}:{bound}", server, thread)
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True, app: FastAPI | None = None) -> None:
     """Run until interrupted (Ctrl-C). The store commits every label before it is acknowledged."""
     import uvicorn
 
-    uvicorn.run(create_app(store), host=host, port=port, log_level="info", access_log=access_log, lifespan="off")
+    uvicorn.run(app or create_app(store), host=host, port=port, log_level="info", access_log=access_log, lifespan="off")
