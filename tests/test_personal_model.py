@@ -180,7 +180,7 @@ def test_update_reads_cached_features_not_the_backbone(personal_model_dir, tmp_p
 def _train_cfg(feedback: Path, out: Path, base: Path, **kw) -> PersonalTrainConfig:
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=str(base), dim=4, epochs=2, batch_size=8,
                               lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=1, save_every=2, keep_checkpoints=20,
-                              **kw)
+                              freeze_backbone=False, **kw)
     cfg.validate()
     return cfg
 
@@ -209,7 +209,7 @@ def test_frozen_backbone_training_and_cli_train_update(tiny_model_dir, tmp_path)
     out = tmp_path / "prm"
     runner = CliRunner()
     res = runner.invoke(app, ["personal", "train", "--feedback", str(feedback), "--out", str(out), "--base", str(tiny_model_dir),
-                              "--freeze-backbone", "--epochs", "20", "--batch-size", "8", "--head-lr", "3e-2", "--dim", "4",
+                              "--epochs", "20", "--batch-size", "8", "--head-lr", "3e-2", "--dim", "4",
                               "--max-length", "48", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -224,3 +224,12 @@ def test_frozen_backbone_training_and_cli_train_update(tiny_model_dir, tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone is never retrained by an update
     res = runner.invoke(app, ["personal", "update", "--model", str(out), "--feedback", str(newcomer), "--user", "zed"])
     assert isinstance(res.exception, ConfigError) and "no feedback from user 'zed'" in str(res.exception)
+
+
+def test_feature_cache_empties_itself_for_another_backbone(tmp_path):
+    from rlhf.personal.model import FeatureCache
+
+    cache = FeatureCache(tmp_path / "f.sqlite", "backbone-a")
+    cache.put({"k": torch.tensor([1.0, 2.0])})
+    assert torch.equal(FeatureCache(tmp_path / "f.sqlite", "backbone-a").get(["k"])["k"], torch.tensor([1.0, 2.0]))
+    assert FeatureCache(tmp_path / "f.sqlite", "backbone-b").get(["k"]) == {}  # features of other weights are never served

@@ -65,17 +65,33 @@ def text_key(prompt: str, reply: str) -> str:
     return hashlib.sha256(f"{prompt}\0{reply}".encode("utf-8")).hexdigest()
 
 
+def backbone_fingerprint(rm: RewardModel) -> str:
+    """A hash of every backbone weight: the features a cache holds are valid for exactly these weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in rm.backbone.state_dict().items():
+        h.update(name.encode("utf-8"))
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class FeatureCache:
     """Pooled features by text hash in SQLite, so refits never run the backbone over old texts again.
 
-    Valid for one backbone: it lives in that backbone's model folder. Safe for several threads
-    (one connection each) and processes (SQLite locking).
+    Valid for one backbone: opened with another backbone's fingerprint it empties itself. Safe for
+    several threads (one connection each) and processes (SQLite locking).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fingerprint: str):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().execute("CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        with self._conn() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'backbone'").fetchone()
+            if row is None or row[0] != fingerprint:
+                conn.execute("DELETE FROM features")
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('backbone', ?)", (fingerprint,))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -344,7 +360,7 @@ class PersonalReward:
         self.dir = ModelDir(folder)
         self.config = self.dir.config()
         self.rm, self.tok, self.spec = load_reward_model(self.dir.backbone, device)
-        cache = FeatureCache(self.dir.root / "features.sqlite") if use_cache else None
+        cache = FeatureCache(self.dir.root / "features.sqlite", backbone_fingerprint(self.rm)) if use_cache else None
         self.features = FeatureExtractor(self.rm, self.tok, cache)
         self._state: tuple[tuple[int, int] | None, str, UserTable] | None = None
         self._load_lock = threading.Lock()

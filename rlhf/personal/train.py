@@ -33,7 +33,8 @@ from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import disable_dropout, pick_device
 from rlhf.models.reward_model import (RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model)
-from rlhf.personal.model import FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel
+from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel,
+                                 backbone_fingerprint)
 from rlhf.personal.records import FeedbackRecord, read_feedback
 from rlhf.train.optim import adamw
 from rlhf.train.reward import TruncationStats, _lr_lambda, encode_pairs, epoch_batches, freeze_lower, pair_metrics
@@ -56,12 +57,15 @@ class PersonalTrainConfig:
     dim: int = opt(8, help="Dimension D of the user part: users are points in a D-dimensional space of reward directions.")
     prior: float = opt(1.0, help="Prior precision λ on each user's embedding (higher: users stay nearer the generic reward).")
     generic_rate: float = opt(0.25, help="Share of pairs scored with the generic reward alone in each step, so that it stays "
-                                         "everyone's reward (what a new user starts from).")
+                                         "everyone's reward (what a new user starts from). 1 = a pooled reward model: "
+                                         "no pair is scored with a user part, which then never trains.")
     epochs: float = opt(3.0, help="Passes over the training pairs.")
     batch_size: int = opt(16, help="Pairs per optimizer step (fewer when there are fewer training pairs).")
     lr: float = opt(3e-5, help="Peak learning rate of the backbone (AdamW), warmup then linear decay.")
     head_lr: float = opt(3e-3, help="Peak learning rate of the generic head, the basis B and the user embeddings.")
-    freeze_backbone: bool = opt(False, help="Keep the backbone fixed: train head and user part on cached features (fast).")
+    freeze_backbone: bool = opt(True, help="Keep the pretrained backbone fixed and train the generic head and the user part on "
+                                           "its cached features (seconds). Off: fine-tune the backbone jointly, which needs far "
+                                           "more comparisons than users give (benchmarks/RESULTS.md).")
     freeze_layers: int = opt(0, help="Keep the lowest N transformer layers fixed (and the embeddings).")
     weight_decay: float = opt(0.01, help="AdamW weight decay of the backbone and generic head (the prior regularises users).")
     max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
@@ -82,8 +86,8 @@ class PersonalTrainConfig:
             raise ConfigError("--dim and --batch-size must be at least 1 and --epochs positive")
         if self.prior <= 0:
             raise ConfigError("--prior must be positive")
-        if not 0 <= self.generic_rate < 1 or not 0 <= self.val_fraction < 1:
-            raise ConfigError("--generic-rate and --val-fraction must be in [0, 1)")
+        if not 0 <= self.generic_rate <= 1 or not 0 <= self.val_fraction < 1:
+            raise ConfigError("--generic-rate must be in [0, 1] and --val-fraction in [0, 1)")
         if self.max_steps < 0 or self.save_every < 0 or self.freeze_layers < 0:
             raise ConfigError("--max-steps, --save-every and --freeze-layers must not be negative")
 
@@ -145,8 +149,8 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
     pad_id, trunc = pad_id_of(tok), TruncationStats()
     train_enc = encode_pairs(RewardEncoder(tok, spec), train_pairs, trunc)
     cached = None
-    if cfg.freeze_backbone:  # the backbone never changes: its features once, then steps are head-only
-        extract = FeatureExtractor(rm, tok)
+    if cfg.freeze_backbone:  # the backbone never changes: its features once (cached in --out), then head-only steps
+        extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", backbone_fingerprint(rm)))
         prompts = [p.prompt for p in train_pairs]
         cached = (extract(prompts, [p.chosen for p in train_pairs]), extract(prompts, [p.rejected for p in train_pairs]))
 
@@ -244,7 +248,7 @@ def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, co
         shutil.rmtree(staged, ignore_errors=True)
         raise
     mdir.write_config(PersonalConfig(dim=cfg.dim, prior_precision=cfg.prior))
-    extract = FeatureExtractor(rm, tok, FeatureCache(mdir.root / "features.sqlite"))
+    extract = FeatureExtractor(rm, tok, FeatureCache(mdir.root / "features.sqlite", backbone_fingerprint(rm)))
     table = model.table(names, [int(c) for c in counts])
     val = {}
     if val_pairs:
