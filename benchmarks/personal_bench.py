@@ -1,9 +1,11 @@
 """Personalization, measured: six scripted users in three conflicting pairs chat with the bundled model.
 
     .venv/bin/python benchmarks/personal_bench.py --stage collect     # users chat over HTTP (the data)
-    .venv/bin/python benchmarks/personal_bench.py --stage curve       # learning curves, cold start
+    .venv/bin/python benchmarks/personal_bench.py --stage curve       # learning curves and cold start
+    .venv/bin/python benchmarks/personal_bench.py --stage finetune    # one fine-tuned-backbone point
     .venv/bin/python benchmarks/personal_bench.py --stage generate    # base / pooled RLHF / rerank / adapter
-    .venv/bin/python benchmarks/personal_bench.py                     # all three, then the tables
+    .venv/bin/python benchmarks/personal_bench.py --stage report      # the tables again, from the JSON
+    .venv/bin/python benchmarks/personal_bench.py                     # everything in that order
 
 collect: a chat server (the labeling app with the chat routes, plain samples from the bundled model)
 runs in this process; the six users of rlhf/personal/users.py (concise ↔ detailed, polite ↔ blunt,
@@ -11,19 +13,20 @@ focused ↔ playful; noise σ = 0.25) each ask TRAIN + HELDOUT questions drawn f
 prompts and pick a reply through the HTTP API. Their first TRAIN choices are the training pool, the
 rest are held out.
 
-curve: for n in 5, 10, 20, 50, 100 comparisons per user, a personal reward model (`rlhf personal
-train`) and one pooled reward model (`rlhf reward train` on the same pairs, no user ids) are trained
-on each user's first n comparisons, and each user's held-out choices are scored: accuracy against
-what the user chose (noise included) and against their noiseless (gold) preference on pairs where
-it is strict. Cold start: the personal model is trained without user X (all five others at n = 100),
-then X is fitted with `update`'s per-user fit from their first 5, 10 and 20 comparisons only.
+curve (per reward backbone, frozen, as `rlhf personal train` does by default): for n in 5, 10, 20, 50,
+100 comparisons per user, a personal reward model and a pooled one (the same trainer with
+--generic-rate 1: no user part) are trained on each user's first n comparisons, and each user's
+held-out choices are scored: accuracy against what the user chose (noise included) and agreement
+with their noiseless (gold) preference on pairs where it is strict. Cold start: a personal model is
+trained without user X (the five others at 100 each), then X is fitted from their first 5, 10 and 20
+comparisons only, with `update`'s per-user fit on cached features.
 
 generate: for each user, replies to the 26 held-out prompt phrasings (4 draws each) from the base
 policy, from PPO-LoRA against the pooled reward ("pooled RLHF"), best-of-8 reranked by the user's
-personal reward, and the user's own PPO-LoRA adapter against their personal reward; each scored by
-the user's gold utility, mean with a 95% bootstrap CI.
+personal reward, and the user's own PPO-LoRA adapter against their personal reward
+(`rlhf personal adapter`); each scored by the user's gold utility, mean with a 95% bootstrap CI.
 
-Writes benchmarks/results/personal_bench.json and personal_bench.md.
+Writes benchmarks/results/personal_bench.json and personal_bench.md (the tables).
 """
 
 from __future__ import annotations
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=["collect", "curve", "finetune", "generate", "report", "all"], default="all")
     ap.add_argument("--backbones", nargs="+", default=["minilm", "bundled"], help="reward backbones of the curves")
-    ap.add_argument("--gen-backbone", default="bundled", help="reward backbone of the generation stage")
+    ap.add_argument("--gen-backbone", default="minilm", help="reward backbone of the generation stage")
     ap.add_argument("--work", default=str(REPO / "runs" / "personal-bench"), help="data, models and runs go here")
     ap.add_argument("--train-turns", type=int, default=100)
     ap.add_argument("--heldout-turns", type=int, default=60)
