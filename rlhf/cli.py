@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "demo": ("rlhf.demo", "demo", "The whole loop on the bundled defaults, in one command."),
     "index": ("rlhf.retrieval.commands", "index", "Document indexes: build, add, search (BM25 + dense MiniLM, hybrid)."),
     "agent": ("rlhf.agents.commands", "agent", "ReAct agents with tools: run episodes, train them with RL, evaluate."),
+    "personal": ("rlhf.personal.commands", "personal", "Personalization: chat feedback, per-user rewards, reranking, adapters, the loop."),
 }
 
 

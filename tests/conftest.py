@@ -118,3 +118,49 @@ def store_url(request, tmp_path):
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+# -- personalization (rlhf/personal): synthetic chat feedback from users with opposite tastes -------
+
+KIND_REPLIES = ["Thank you for asking! Open the windows at night and close the curtains by day.",
+                "Sure, here is a simple recipe: rinse the rice, add water, simmer for twenty minutes.",
+                "Great question! Try a short walk, a glass of water, and an early night."]
+MEAN_REPLIES = ["That is a stupid question. Figure it out yourself.", "Whatever. I do not care about your problem."]
+
+
+def personal_feedback_records(users: dict[str, str], per_user: int, seed: int = 0, start_time: float = 1.0e9) -> list[dict]:
+    """Feedback records: each user sees a kind and a mean reply in random order and picks by taste
+    ("kind" or "mean"), with no noise. Times increase through the list, users interleaved."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = ["my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next"]
+    out, t = [], start_time
+    for i in range(per_user):
+        for user, taste in users.items():
+            kind, mean = rng.choice(KIND_REPLIES), rng.choice(MEAN_REPLIES)
+            replies = [kind, mean] if rng.random() < 0.5 else [mean, kind]
+            choice = replies.index(kind if taste == "kind" else mean)
+            t += 1.0
+            out.append({"id": f"{user}-{i}", "user": user, "prompt": rng.choice(prompts), "replies": replies,
+                        "choice": choice, "edit": None, "model_version": "test", "time": t})
+    return out
+
+
+@pytest.fixture(scope="session")
+def personal_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A personal reward model on the tiny backbone, trained on users ann (kind) and bob (mean)."""
+    import json
+
+    from rlhf.personal.train import PersonalTrainConfig, train_personal
+
+    root = tmp_path_factory.mktemp("personal")
+    feedback = root / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in personal_feedback_records({"ann": "kind", "bob": "mean"}, 24)),
+                        encoding="utf-8")
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(root / "prm"), base=str(tiny_model_dir), dim=4, epochs=4,
+                              batch_size=8, lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=0,
+                              freeze_backbone=False)
+    cfg.validate()
+    train_personal(cfg)
+    return root / "prm"

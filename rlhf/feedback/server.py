@@ -433,15 +433,17 @@ def default_allowed_hosts(host: str, extra: Iterable[str] = ()) -> set[str] | No
     return ({host_name(host)} | extra) if extra else None
 
 
-def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
-    """Serve ``store`` from a background thread; ``port=0`` picks a free port. Returns once it answers."""
+def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0, app: FastAPI | None = None) -> RunningServer:
+    """Serve ``store`` from a background thread; ``port=0`` picks a free port. Returns once it answers.
+    ``app``: serve this app instead of ``create_app(store)`` (e.g. with the chat routes mounted; build it
+    with ``create_app(store, default_allowed_hosts(host))`` to keep the Host allow-list)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(store, default_allowed_hosts(host)), log_level="warning", access_log=False,
+    config = uvicorn.Config(app or create_app(store, default_allowed_hosts(host)), log_level="warning", access_log=False,
                             lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rlhf-label-server")
@@ -455,9 +457,9 @@ def start_in_thread(store: Store, host: str = "127.0.0.1", port: int = 0) -> Run
 
 
 def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
-          allow_hosts: Iterable[str] = ()) -> None:
+          allow_hosts: Iterable[str] = (), app: FastAPI | None = None) -> None:
     """Run until interrupted (Ctrl-C). The store commits every label before it is acknowledged."""
     import uvicorn
 
-    app = create_app(store, default_allowed_hosts(host, allow_hosts))
+    app = app or create_app(store, default_allowed_hosts(host, allow_hosts))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, lifespan="off")

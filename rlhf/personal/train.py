@@ -1,0 +1,294 @@
+"""Joint training of the personal reward model: backbone, generic head and user part on everyone's feedback.
+
+Each pair is scored with its user's reward r_u = r₀ + e_uᵀBh, except a share ``generic_rate`` of the
+pairs (drawn afresh each step), which are scored with r₀ alone: that keeps r₀ a reward for everyone
+(what a new user gets) rather than a leftover, as P-RLHF does by sometimes hiding who the user is.
+The loss is ``rlhf.algos.personal_preference_loss``: Bradley-Terry under the user's reward plus a
+Gaussian prior on each e_u, the same objective ``rlhf personal update`` later minimises for one user
+with everything else fixed.
+
+Every user's most recent ``val_fraction`` of feedback records is held out (by record, so the pairs
+of one choice never sit on both sides), and the summary gives each user's held-out accuracy under
+their own reward and under the generic one.
+
+Exact resume as in ``rlhf reward train``: each epoch's order and each step's generic draws are
+functions of (seed, epoch, step); checkpoints hold weights, user part, optimizer, scheduler and RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.algos import personal_preference_loss, personal_rewards
+from rlhf.config import config_to_dict, opt
+from rlhf.errors import ConfigError, TrainingError
+from rlhf.models.loading import disable_dropout, pick_device
+from rlhf.models.reward_model import (RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
+                                      save_reward_model)
+from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel,
+                                 backbone_fingerprint)
+from rlhf.personal.records import FeedbackRecord, read_feedback
+from rlhf.train.optim import adamw
+from rlhf.train.reward import TruncationStats, _lr_lambda, encode_pairs, epoch_batches, freeze_lower, pair_metrics
+from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
+from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
+from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
+
+USER_PART_FILE = "user_part.safetensors"
+
+
+@dataclass
+class PersonalTrainConfig:
+    """Train a personal reward model (shared backbone + generic head + per-user part) on everyone's feedback."""
+
+    feedback: str = opt(help="Personal feedback: a labeling database (.sqlite) holding chat choices, or a JSON Lines "
+                             "file of feedback records (`rlhf personal export`).")
+    out: str = opt(help="Output folder: backbone/, versions/, current.json, features.sqlite, checkpoints/, metrics.jsonl, summary.json.")
+    base: str = opt("minilm", help="Backbone: 'minilm' (packaged all-MiniLM-L6-v2), 'bundled', or a local HF folder.")
+    dim: int = opt(8, help="Dimension D of the user part: users are points in a D-dimensional space of reward directions.")
+    prior: float = opt(1.0, help="Prior precision λ on each user's embedding (higher: users stay nearer the generic reward).")
+    generic_rate: float = opt(0.25, help="Share of pairs scored with the generic reward alone in each step, so that it stays "
+                                         "everyone's reward (what a new user starts from). 1 = a pooled reward model: "
+                                         "no pair is scored with a user part, which then never trains.")
+    epochs: float = opt(3.0, help="Passes over the training pairs.")
+    batch_size: int = opt(16, help="Pairs per optimizer step (fewer when there are fewer training pairs).")
+    lr: float = opt(3e-5, help="Peak learning rate of the backbone (AdamW), warmup then linear decay.")
+    head_lr: float = opt(3e-3, help="Peak learning rate of the generic head, the basis B and the user embeddings.")
+    freeze_backbone: bool = opt(True, help="Keep the pretrained backbone fixed and train the generic head and the user part on "
+                                           "its cached features (seconds). Off: fine-tune the backbone jointly, which needs far "
+                                           "more comparisons than users give (benchmarks/RESULTS.md).")
+    freeze_layers: int = opt(0, help="Keep the lowest N transformer layers fixed (and the embeddings).")
+    weight_decay: float = opt(0.01, help="AdamW weight decay of the backbone and generic head (the prior regularises users).")
+    max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
+    max_length: int = opt(128, help="Tokens per (prompt, reply); longer inputs lose the left end of the prompt.")
+    val_fraction: float = opt(0.2, help="Each user's most recent share of feedback records held out for validation (0 = none).")
+    warmup_ratio: float = opt(0.1, help="Share of the steps spent warming the learning rate up.")
+    dropout: bool = opt(False, help="Keep the backbone's dropout in training.")
+    keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
+    save_every: int = opt(0, help="Checkpoint every N steps (0 = once per epoch).")
+    seed: int = opt(0, help="Random seed (order, generic draws, basis initialisation).")
+    device: str = opt("auto", help="cpu, cuda, or auto.")
+    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
+    max_steps: int = opt(0, help="Stop after this many steps (0 = all epochs); the schedule still spans all epochs.")
+
+    def validate(self) -> None:
+        if self.dim < 1 or self.batch_size < 1 or self.epochs <= 0:
+            raise ConfigError("--dim and --batch-size must be at least 1 and --epochs positive")
+        if self.prior <= 0:
+            raise ConfigError("--prior must be positive")
+        if not 0 <= self.generic_rate <= 1 or not 0 <= self.val_fraction < 1:
+            raise ConfigError("--generic-rate must be in [0, 1] and --val-fraction in [0, 1)")
+        if self.max_steps < 0 or self.save_every < 0 or self.freeze_layers < 0:
+            raise ConfigError("--max-steps, --save-every and --freeze-layers must not be negative")
+
+
+def split_recent(records: list[FeedbackRecord], fraction: float) -> tuple[list[FeedbackRecord], list[FeedbackRecord]]:
+    """Per user, the oldest records for training and the most recent ``fraction`` (at least one, when
+    the user has two or more) held out: validation looks at what the user wants now."""
+    by_user: dict[str, list[FeedbackRecord]] = {}
+    for r in sorted(records, key=lambda r: r.time):
+        by_user.setdefault(r.user, []).append(r)
+    train, val = [], []
+    for recs in by_user.values():
+        k = min(len(recs) - 1, math.ceil(fraction * len(recs))) if fraction > 0 else 0
+        train += recs[:len(recs) - k]
+        val += recs[len(recs) - k:]
+    return train, val
+
+
+def _pairs_with_users(records: list[FeedbackRecord]) -> list:
+    return [p for r in records for p in r.pairs()]
+
+
+def user_accuracies(scores_c: torch.Tensor, scores_r: torch.Tensor, pairs: list) -> dict[str, dict]:
+    """Per user: accuracy (ties half) and pair count, from rewards of chosen and rejected replies [N]."""
+    out = {}
+    for user in sorted({p.extra["user"] for p in pairs}):
+        idx = [i for i, p in enumerate(pairs) if p.extra["user"] == user]
+        m = pair_metrics(scores_c[idx], scores_r[idx], [pairs[i] for i in idx])
+        out[user] = {"accuracy": m["accuracy"], "pairs": m["pairs"]}
+    return out
+
+
+def train_personal(cfg: PersonalTrainConfig) -> dict:
+    """Run joint training; returns the summary also written to ``out/summary.json``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out, mdir = Path(cfg.out), ModelDir(cfg.out)
+    seed_everything(cfg.seed)
+    records = read_feedback(cfg.feedback)
+    train_recs, val_recs = split_recent(records, cfg.val_fraction)
+    train_pairs, val_pairs = _pairs_with_users(train_recs), _pairs_with_users(val_recs)
+    if not train_pairs:
+        raise ConfigError(f"{cfg.feedback}: no comparisons to train on ({len(records)} feedback records; "
+                          "'both bad' without an edit gives none)")
+    names = sorted({p.extra["user"] for p in train_pairs})
+    row_of = {n: i for i, n in enumerate(names)}
+    counts = torch.tensor([sum(p.extra["user"] == n for p in train_pairs) for n in names], dtype=torch.float32)
+    train_rows = torch.tensor([row_of[p.extra["user"]] for p in train_pairs])
+
+    device = pick_device(cfg.device)
+    rm, tok, spec = new_reward_model(cfg.base, max_length=cfg.max_length, seed=cfg.seed, device=device)
+    if not cfg.dropout:
+        disable_dropout(rm)
+    model = PersonalRewardModel(rm, len(names), cfg.dim, cfg.seed).to(device)
+    if cfg.freeze_backbone:
+        for p in rm.backbone.parameters():
+            p.requires_grad_(False)
+    frozen = freeze_lower(rm.backbone, cfg.freeze_layers > 0, cfg.freeze_layers) if not cfg.freeze_backbone else 0
+    pad_id, trunc = pad_id_of(tok), TruncationStats()
+    train_enc = encode_pairs(RewardEncoder(tok, spec), train_pairs, trunc)
+    cached = None
+    if cfg.freeze_backbone:  # the backbone never changes: its features once (cached in --out), then head-only steps
+        extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", backbone_fingerprint(rm)))
+        prompts = [p.prompt for p in train_pairs]
+        cached = (extract(prompts, [p.chosen for p in train_pairs]), extract(prompts, [p.rejected for p in train_pairs]))
+
+    batch_size = min(cfg.batch_size, len(train_pairs))
+    steps_per_epoch = len(train_pairs) // batch_size
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    run_until = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    save_every = cfg.save_every or steps_per_epoch
+    backbone_params = [p for p in rm.backbone.parameters() if p.requires_grad]
+    groups = [{"params": list(rm.head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
+              {"params": [model.basis, model.embeddings], "lr": cfg.head_lr, "weight_decay": 0.0}]
+    if backbone_params:
+        groups.insert(0, {"params": backbone_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    optim = adamw(groups, device, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(cfg.warmup_ratio * total_steps), total_steps))
+    ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
+
+    step = 0
+    latest = ckpts.latest() if cfg.resume else None
+    if latest is not None:
+        state = ckpts.load_state(latest)
+        if (state.get("total_steps"), state.get("train_pairs"), state.get("users")) != (total_steps, len(train_pairs), names):
+            raise ConfigError(f"{latest} was written by a run with other feedback or options "
+                              f"({state.get('train_pairs')} pairs, {state.get('total_steps')} steps); use another --out or --no-resume")
+        load_weights_into(rm, latest / "model")
+        _load_user_part(model, latest / USER_PART_FILE)
+        ts = ckpts.load_trainer_state(latest)
+        optim.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        set_rng_state(ts["rng"])
+        step = state["step"]
+        print(f"resuming from {latest} (step {step} of {total_steps})", file=sys.stderr)
+
+    def checkpoint(at: int) -> None:
+        def write(folder: Path) -> None:
+            save_reward_model(rm, tok, folder / "model")
+            _save_user_part(model, folder / USER_PART_FILE)
+
+        ckpts.save(at, write, {"total_steps": total_steps, "train_pairs": len(train_pairs), "users": names,
+                               "config": config_to_dict(cfg)},
+                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+
+    logger = MetricsLogger(out, resume_step=step if latest is not None else None)
+    bar = tqdm(total=run_until, initial=step, desc="personal reward", unit="step")
+    t0 = time.perf_counter()
+    model.train()
+    while step < run_until:
+        epoch, within = divmod(step, steps_per_epoch)
+        ids = epoch_batches(train_enc, batch_size, cfg.seed, epoch)[within]
+        rows = train_rows[ids].clone()
+        draw = torch.rand(len(ids), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+        rows[draw < cfg.generic_rate] = -1  # scored generically this step
+        rows2 = torch.cat([rows, rows]).to(device)
+        if cached is not None:
+            rewards, emb = model.from_features(torch.cat([cached[0][ids], cached[1][ids]]).to(device), rows2)
+        else:
+            items = [train_enc[i][0] for i in ids] + [train_enc[i][1] for i in ids]  # chosen..., rejected...
+            rewards, emb = model({k: v.to(device) for k, v in collate(items, pad_id).items()}, rows2)
+        n = len(ids)
+        user_pairs = counts[train_rows[ids]].to(device)
+        loss = personal_preference_loss(rewards[:n], rewards[n:], emb[:n], user_pairs, cfg.prior)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {ckpts.root}. "
+                                "Try a lower --lr or --head-lr.")
+        loss.backward()
+        params = [p for g in groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        logger.log(step, {"loss": loss.item(), "accuracy": float((rewards[:n] > rewards[n:]).float().mean()),
+                          "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                          "user_norm": float(model.embeddings.detach().norm(dim=1).mean()), "epoch": step / steps_per_epoch})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % save_every == 0 or step == run_until:
+            checkpoint(step)
+    bar.close()
+    logger.close()
+    elapsed = time.perf_counter() - t0
+    if step < total_steps:  # stopped early on purpose (--max-steps): checkpointed, nothing published
+        return {"steps": step, "total_steps": total_steps, "finished": False}
+    return _publish(cfg, mdir, model, rm, tok, names, counts, train_pairs, val_pairs, len(records), step, elapsed, frozen, trunc)
+
+
+def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, counts, train_pairs, val_pairs,
+             n_records: int, step: int, elapsed: float, frozen: int, trunc: TruncationStats) -> dict:
+    """Write backbone, config, features of every text seen, the first user-table version (deployed), summary."""
+    staged = staging_dir(mdir.backbone)
+    try:
+        save_reward_model(rm, tok, staged)
+        publish_dir(staged, mdir.backbone)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    mdir.write_config(PersonalConfig(dim=cfg.dim, prior_precision=cfg.prior))
+    extract = FeatureExtractor(rm, tok, FeatureCache(mdir.root / "features.sqlite", backbone_fingerprint(rm)))
+    table = model.table(names, [int(c) for c in counts])
+    val = {}
+    if val_pairs:
+        prompts = [p.prompt for p in val_pairs]
+        fc, fr = extract(prompts, [p.chosen for p in val_pairs]), extract(prompts, [p.rejected for p in val_pairs])
+        with torch.no_grad():
+            g_c, g_r = rm.reward_from(fc), rm.reward_from(fr)
+            emb = torch.stack([table.embedding(p.extra["user"]) for p in val_pairs])
+            p_c, p_r = personal_rewards(g_c, fc, table.basis, emb), personal_rewards(g_r, fr, table.basis, emb)
+        mine, generic = user_accuracies(p_c, p_r, val_pairs), user_accuracies(g_c, g_r, val_pairs)
+        val = {u: {"personal": mine[u]["accuracy"], "generic": generic[u]["accuracy"], "pairs": mine[u]["pairs"]} for u in mine}
+    prompts = [p.prompt for p in train_pairs]
+    extract(prompts, [p.chosen for p in train_pairs])
+    extract(prompts, [p.rejected for p in train_pairs])
+    version = mdir.write_version(table, {"parent": None, "source": "train", "steps": step})
+    mdir.deploy(version)
+    mdir.log({"version": version, "source": "train", "deployed": True, "time": time.time(), "users": names,
+              "val_accuracy": val})
+    summary = {"model": str(mdir.root), "version": version, "users": names, "user_pairs": dict(zip(names, map(int, counts))),
+               "records": n_records, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "val": val,
+               "steps": step, "seconds": round(elapsed, 2), "frozen_weights": frozen, "freeze_backbone": cfg.freeze_backbone,
+               "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
+               "peak_rss_mb": round(peak_rss_mb())}
+    atomic_write_json(mdir.root / "summary.json", {**summary, "config": config_to_dict(cfg)})
+    return summary
+
+
+def _save_user_part(model: PersonalRewardModel, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"basis": model.basis.detach().cpu().contiguous(), "embeddings": model.embeddings.detach().cpu().contiguous()},
+              str(path))
+
+
+def _load_user_part(model: PersonalRewardModel, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path.parent} has no {USER_PART_FILE}")
+    state = load_file(str(path))
+    with torch.no_grad():
+        model.basis.copy_(state["basis"])
+        model.embeddings.copy_(state["embeddings"])

@@ -1,0 +1,235 @@
+"""The personal reward model: the feedback contract, joint training (generic + user part), cold start,
+isolation between users, versions and the gate, exact resume, the scorer spec, the feature cache."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import personal_feedback_records, safetensors_weights
+
+from rlhf.algos import personal_rewards
+from rlhf.cli import app
+from rlhf.errors import ConfigError, DataError
+from rlhf.judges.base import load_scorer
+from rlhf.personal import model as pmodel
+from rlhf.personal.model import ModelDir, PersonalReward
+from rlhf.personal.records import FeedbackRecord, feedback_pairs, read_feedback
+from rlhf.personal.train import PersonalTrainConfig, split_recent, train_personal
+from rlhf.personal.update import margins, refit_user, split_heldout
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def accuracy(reward: PersonalReward, user: str, pairs) -> float:
+    prompts = [p.prompt for p in pairs]
+    c = reward.score(user, prompts, [p.chosen for p in pairs])
+    r = reward.score(user, prompts, [p.rejected for p in pairs])
+    return float(((c > r).float() + 0.5 * (c == r).float()).mean())
+
+
+# -- the contract ----------------------------------------------------------------------------------
+
+def test_feedback_pairs_choice_edit_and_both_bad():
+    base = {"user": "ann", "prompt": "p", "replies": ["A", "B"], "model_version": "m", "time": 1.0}
+    assert [(p.chosen, p.rejected) for p in FeedbackRecord.from_json({**base, "choice": 1}).pairs()] == [("B", "A")]
+    edited = FeedbackRecord.from_json({**base, "choice": 0, "edit": "A, better"}).pairs()
+    assert [(p.chosen, p.rejected) for p in edited] == [("A", "B"), ("A, better", "A"), ("A, better", "B")]
+    assert FeedbackRecord.from_json({**base, "choice": None}).pairs() == []  # both bad, no edit: nothing to learn
+    assert [(p.chosen, p.rejected) for p in FeedbackRecord.from_json({**base, "choice": None, "edit": "C"}).pairs()] == \
+        [("C", "A"), ("C", "B")]
+    same = FeedbackRecord.from_json({**base, "replies": ["A", "A"], "choice": 0}).pairs()
+    assert same == []  # two equal samples say nothing
+    assert all(p.extra["user"] == "ann" for p in edited)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"replies": ["only one"]}, "field 'replies': expected exactly 2 replies"),
+    ({"choice": 2}, "field 'choice': expected 0, 1 or null"),
+    ({"choice": True}, "field 'choice'"),
+    ({"time": "yesterday"}, "field 'time'"),
+    ({"user": ""}, "field 'user': is empty"),
+])
+def test_bad_feedback_records_name_file_line_and_field(tmp_path, change, message):
+    good = {"user": "ann", "prompt": "p", "replies": ["A", "B"], "choice": 0, "model_version": "m", "time": 1.0}
+    path = write_jsonl(tmp_path / "f.jsonl", [good, {**good, **change}])
+    with pytest.raises(DataError, match=rf"f.jsonl:2: {message}"):
+        read_feedback(path)
+
+
+def test_recent_records_are_held_out_per_user():
+    recs = [FeedbackRecord.from_json(r) for r in personal_feedback_records({"ann": "kind", "bob": "mean"}, 10)]
+    train, val = split_recent(recs, 0.2)
+    for user in ("ann", "bob"):
+        t = [r.time for r in train if r.user == user]
+        v = [r.time for r in val if r.user == user]
+        assert len(v) == 2 and len(t) == 8 and max(t) < min(v)
+
+
+# -- joint training --------------------------------------------------------------------------------
+
+def test_joint_training_learns_opposite_tastes_the_generic_reward_cannot(personal_model_dir, tmp_path):
+    summary = json.loads((personal_model_dir / "summary.json").read_text())
+    assert summary["users"] == ["ann", "bob"] and summary["version"] == "v0001"
+    for user in ("ann", "bob"):  # held-out choices: each user's own reward gets them right
+        assert summary["val"][user]["personal"] == 1.0, summary["val"]
+    reward = PersonalReward(personal_model_dir)
+    fresh = [FeedbackRecord.from_json(r) for r in personal_feedback_records({"ann": "kind"}, 8, seed=9)]
+    pairs = feedback_pairs(fresh)["ann"]
+    flipped = [type(p)(p.prompt, p.rejected, p.chosen, p.extra) for p in pairs]  # bob's choices on the same replies
+    assert accuracy(reward, "ann", pairs) == 1.0 and accuracy(reward, "bob", flipped) == 1.0
+    # one reward for both (the generic one) gets exactly one of each pair of opposite choices right
+    assert accuracy(reward, None, pairs) + accuracy(reward, None, flipped) == pytest.approx(1.0)
+    # the layout a scorer and the server read
+    mdir = ModelDir(personal_model_dir)
+    assert mdir.current() == "v0001" and mdir.config().dim == 4
+    assert (personal_model_dir / "backbone" / "rlhf_reward.json").is_file()
+    assert mdir.read_log()[0]["source"] == "train"
+
+
+def test_score_is_generic_head_plus_user_part(personal_model_dir):
+    """Wiring: the served score equals the math module applied to the backbone's features."""
+    reward = PersonalReward(personal_model_dir)
+    prompts, replies = ["how do I cook rice"] * 2, ["Sure, rinse it.", "Whatever."]
+    feats = reward.features(prompts, replies)
+    generic = reward.rm.reward_from(feats)
+    table = reward.table
+    for user in ("ann", "bob"):
+        want = personal_rewards(generic, feats, table.basis, table.embedding(user).expand(2, -1))
+        assert torch.allclose(reward.score(user, prompts, replies), want, atol=1e-6)
+    assert torch.equal(reward.score("stranger", prompts, replies), reward.score(None, prompts, replies))
+    # the generic reward is the backbone folder's own reward model: rm:DIR/backbone scores the same
+    rm = load_scorer(f"rm:{personal_model_dir / 'backbone'}")
+    assert torch.allclose(rm.score(prompts, replies), reward.score(None, prompts, replies), atol=1e-5)
+
+
+def test_personal_scorer_spec(personal_model_dir):
+    s = load_scorer(f"personal:{personal_model_dir}:ann")
+    assert s.name.endswith(":ann@v0001") and s.higher_is_better
+    reward = PersonalReward(personal_model_dir)
+    prompts, replies = ["p", "p"], [personal_feedback_records({"x": "kind"}, 1)[0]["replies"][0], "Whatever."]
+    assert torch.allclose(s.score(prompts, replies), reward.score("ann", prompts, replies))
+    pinned = load_scorer(f"personal:{personal_model_dir}:bob@v0001")
+    assert torch.allclose(pinned.score(prompts, replies), reward.score("bob", prompts, replies))
+
+
+def test_cold_start_update_fits_a_new_user_and_leaves_everyone_else_unchanged(personal_model_dir, tmp_path):
+    model = tmp_path / "prm"
+    shutil.copytree(personal_model_dir, model)
+    reward = PersonalReward(model)
+    new = [FeedbackRecord.from_json(r) for r in personal_feedback_records({"cy": "kind"}, 6, seed=3)]
+    probe = feedback_pairs([FeedbackRecord.from_json(r) for r in personal_feedback_records({"cy": "kind"}, 12, seed=4)])["cy"]
+    prompts = [p.prompt for p in probe]
+    texts = [p.chosen for p in probe] + [p.rejected for p in probe]
+    before = {u: reward.score(u, prompts + prompts, texts) for u in ("ann", "bob")}
+    assert torch.equal(reward.score("cy", prompts + prompts, texts), reward.score(None, prompts + prompts, texts))
+
+    result = refit_user(reward, "cy", feedback_pairs(new)["cy"], holdout=0.2)
+    assert result.deployed and result.version == "v0002" and result.train_pairs == 4 and result.heldout_pairs == 2
+    assert result.accuracy_candidate == 1.0 and result.fit_seconds < 5
+    assert accuracy(reward, "cy", probe) == 1.0  # six comparisons were enough
+    for u in ("ann", "bob"):  # bit for bit: an update touches its own row only
+        assert torch.equal(reward.score(u, prompts + prompts, texts), before[u])
+    assert ModelDir(model).current() == "v0002" and reward.version == "v0002"
+    log = ModelDir(model).read_log()
+    assert log[-1]["user"] == "cy" and log[-1]["deployed"] and log[-1]["accuracy_candidate"] == 1.0
+
+
+def test_a_worse_candidate_is_written_and_logged_but_not_deployed(personal_model_dir, tmp_path):
+    model = tmp_path / "prm"
+    shutil.copytree(personal_model_dir, model)
+    reward = PersonalReward(model)
+    # A candidate fitted on older "mean" choices, judged on ann's two most recent choices, which are
+    # "kind" as her deployed row expects: the candidate is worse there.
+    old = personal_feedback_records({"ann": "mean"}, 8, seed=5, start_time=2e9)
+    recent = [{**r, "id": "recent-" + r["id"]} for r in personal_feedback_records({"ann": "kind"}, 2, seed=6, start_time=3e9)]
+    pairs = feedback_pairs([FeedbackRecord.from_json(r) for r in old + recent])["ann"]
+    train, held = split_heldout(pairs, 0.2)
+    assert len(held) == 2 and all(p.extra["feedback_id"].startswith("recent-") for p in held)
+    result = refit_user(reward, "ann", pairs, holdout=0.2)
+    assert not result.deployed and result.accuracy_candidate < result.accuracy_deployed
+    assert reward.version == "v0001" and ModelDir(model).current() == "v0001"
+    assert (model / "versions" / result.version).is_dir()  # on record, not deployed
+    assert ModelDir(model).read_log()[-1]["deployed"] is False
+    forced = refit_user(reward, "ann", pairs, holdout=0.2, gate=False)
+    assert forced.deployed and reward.version == forced.version
+
+
+def test_update_reads_cached_features_not_the_backbone(personal_model_dir, tmp_path, monkeypatch):
+    model = tmp_path / "prm"
+    shutil.copytree(personal_model_dir, model)
+    reward = PersonalReward(model)
+    pairs = feedback_pairs([FeedbackRecord.from_json(r) for r in personal_feedback_records({"ann": "kind"}, 6)])["ann"]
+    margins(reward, pairs, reward.table.basis)  # the training texts are cached already; these are the same texts
+    calls = []
+    real = pmodel.pooled_features
+    monkeypatch.setattr(pmodel, "pooled_features", lambda *a: calls.append(1) or real(*a))
+    margins(reward, pairs, reward.table.basis)
+    assert calls == []
+    margins(reward, [type(pairs[0])("a prompt never seen", "a new reply", "another new reply", {"user": "ann"})],
+            reward.table.basis)
+    assert len(calls) == 2  # one backbone pass for the new chosen text, one for the new rejected one
+
+
+def _train_cfg(feedback: Path, out: Path, base: Path, **kw) -> PersonalTrainConfig:
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=str(base), dim=4, epochs=2, batch_size=8,
+                              lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=1, save_every=2, keep_checkpoints=20,
+                              freeze_backbone=False, **kw)
+    cfg.validate()
+    return cfg
+
+
+def test_exact_resume(tiny_model_dir, tmp_path):
+    feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 12))
+    full = train_personal(_train_cfg(feedback, tmp_path / "full", tiny_model_dir))
+    steps = sorted((tmp_path / "full" / "checkpoints").iterdir())
+    assert len(steps) >= 2 and full["steps"] == int(steps[-1].name.split("-")[1])
+    part = train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir, max_steps=2))
+    assert part == {"steps": 2, "total_steps": full["steps"], "finished": False}
+    assert not (tmp_path / "resumed" / "backbone").exists()  # nothing published by an interrupted run
+    train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir))
+    a, b = safetensors_weights(steps[-1] / "model"), safetensors_weights(tmp_path / "resumed" / "checkpoints" / steps[-1].name / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ua = safetensors_weights(tmp_path / "full" / "versions" / "v0001")
+    ub = safetensors_weights(tmp_path / "resumed" / "versions" / "v0001")
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    with pytest.raises(Exception, match="other feedback or options"):
+        more = write_jsonl(tmp_path / "g.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 14))
+        train_personal(_train_cfg(more, tmp_path / "resumed", tiny_model_dir))
+
+
+def test_frozen_backbone_training_and_cli_train_update(tiny_model_dir, tmp_path):
+    feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 16))
+    out = tmp_path / "prm"
+    runner = CliRunner()
+    res = runner.invoke(app, ["personal", "train", "--feedback", str(feedback), "--out", str(out), "--base", str(tiny_model_dir),
+                              "--epochs", "20", "--batch-size", "8", "--head-lr", "3e-2", "--dim", "4",
+                              "--max-length", "48", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["freeze_backbone"] and summary["val"]["ann"]["personal"] == 1.0 and summary["val"]["bob"]["personal"] == 1.0
+    before = safetensors_weights(tmp_path / "prm" / "backbone")
+    newcomer = write_jsonl(tmp_path / "new.jsonl", personal_feedback_records({"dee": "mean"}, 5, seed=7))
+    res = runner.invoke(app, ["personal", "update", "--model", str(out), "--feedback", str(newcomer)])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["user"] == "dee" and line["deployed"] and line["accuracy_candidate"] == 1.0
+    after = safetensors_weights(tmp_path / "prm" / "backbone")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone is never retrained by an update
+    res = runner.invoke(app, ["personal", "update", "--model", str(out), "--feedback", str(newcomer), "--user", "zed"])
+    assert isinstance(res.exception, ConfigError) and "no feedback from user 'zed'" in str(res.exception)
+
+
+def test_feature_cache_empties_itself_for_another_backbone(tmp_path):
+    from rlhf.personal.model import FeatureCache
+
+    cache = FeatureCache(tmp_path / "f.sqlite", "backbone-a")
+    cache.put({"k": torch.tensor([1.0, 2.0])})
+    assert torch.equal(FeatureCache(tmp_path / "f.sqlite", "backbone-a").get(["k"])["k"], torch.tensor([1.0, 2.0]))
+    assert FeatureCache(tmp_path / "f.sqlite", "backbone-b").get(["k"]) == {}  # features of other weights are never served
