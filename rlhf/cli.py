@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "label": ("rlhf.feedback.commands", "label", "The labeling web app: campaigns, labelers, export, simulate."),
     "eval": ("rlhf.eval.commands", "eval_command", "Judge models with independent scorers; before/after tables."),
     "demo": ("rlhf.demo", "demo", "The whole loop on the bundled defaults, in one command."),
+    "cai": ("rlhf.cai.commands", "cai", "Constitutional AI: critique and revise, AI feedback under a constitution, calibration."),
+    "serve": ("rlhf.serve.server", "serve_command", "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, chat)."),
 }
 
 

@@ -80,6 +80,8 @@ class RewardTrainConfig:
                                    "Checked on real inputs at the start; backbones it cannot reproduce are padded.")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
+    soft_targets: bool = opt(True, help="Train pairs that carry a 'probability' (AI feedback) toward it: Bradley-Terry "
+                                        "against P(chosen preferred) instead of 1.")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -118,6 +120,11 @@ def read_pairs(path: str, skip_bad: bool) -> tuple[list, list[str]]:
     if not pairs:
         raise DataError(path, None, f"no usable pairs ({len(skipped)} skipped)" if skipped else "no pairs in the file")
     return pairs, skipped
+
+
+def _target(pair) -> float:
+    """A pair's soft label: its labeler's P(chosen preferred), or 1 for a hard (human) choice."""
+    return 1.0 if pair.probability is None else pair.probability
 
 
 def split_by_prompt(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -307,6 +314,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
             print(f"padding-free batches off for this backbone: {problem}", file=sys.stderr)
             packing = False
 
+    soft = cfg.soft_targets and any(p.probability is not None for p in train_pairs)
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     run_until = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -368,7 +376,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         else:
             rewards = model(**{k: v.to(device) for k, v in collate(items, pad_id).items()})
         r_c, r_r = rewards[0::2], rewards[1::2]
-        loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef)
+        target = torch.tensor([_target(train_pairs[i]) for i in batch_ids], device=device) if soft else None
+        loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef, target=target)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
                                 f"is kept in {ckpts.root}. Try a lower --lr.")
@@ -421,6 +430,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_pairs": len(skipped),
         "frozen_weights": frozen, "packing": packing,
+        "soft_target_pairs": sum(p.probability is not None for p in train_pairs) if soft else 0,
         "best_val_accuracy": best_acc if val_enc else None, "last_val": last_val,
         "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
         "seconds": round(elapsed, 2), "pairs_per_second": round(pairs_seen / elapsed, 2) if elapsed > 0 and pairs_seen else None,
