@@ -126,19 +126,17 @@ class ServedModel:
         return completions
 
     def _apply_stop(self, tokens: list[TokenInfo], finish: str, stop: list[str]) -> Completion:
-        text = self.tokenizer.decode([t.token_id for t in tokens], skip_special_tokens=True)
+        ids = [t.token_id for t in tokens]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cuts = [text.find(s) for s in stop if s and s in text]
         if not cuts:
             return Completion(text, tokens, finish)
         cut = min(cuts)
-        # Keep the tokens that start before the cut: their text is what the client receives.
-        kept, length = [], 0
-        for t in tokens:
-            if length >= cut:
-                break
-            kept.append(t)
-            length += len(t.text)
-        return Completion(text[:cut], kept, "stop")
+        # Keep the tokens whose text ends before the stop string starts: the text the client receives.
+        kept = 0
+        while kept < len(ids) and len(self.tokenizer.decode(ids[:kept + 1], skip_special_tokens=True)) <= cut:
+            kept += 1
+        return Completion(text[:cut], tokens[:kept], "stop")
 
 
 def finite(x: float | None) -> float | None:
