@@ -160,22 +160,32 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def chance_warning(calibration_file: str | Path, method: str, debias: str) -> str | None:
-    """A loud message when ``calibration_file`` says the labeler's way of asking is near chance, else None."""
+def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with_evaluators: bool) -> str | None:
+    """A loud message when ``calibration_file`` says this labeler is near chance (or never measured it), else None.
+
+    The row read is the one matching how the labeler asks: its method and debiasing, its principles
+    pooled (all, or drawn per pair), with the evaluators when it uses them.
+    """
     path = Path(calibration_file)
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"calibration file {path}: cannot read it ({exc})") from None
-    want = method if method == "pointwise" else f"{method}/{debias}"
-    rows = [r for r in result.get("rows", []) if r["name"].startswith(want + " |") or r["name"].startswith(want + " +")]
-    if not rows:
-        return (f"the calibration in {path} did not measure method {want!r}; this judge's agreement with people is "
-                "unknown")
-    best = max(rows, key=lambda r: r["accuracy"])
-    if best["near_chance"]:
-        return (f"this judge is NEAR CHANCE: in {path}, {want!r} agreed with people on {best['accuracy']:.1%} of "
-                f"{best['n']} pairs (95% CI {best['ci95'][0]:.1%}–{best['ci95'][1]:.1%}). Its labels are barely better "
+    want = settings.method if settings.method == "pointwise" else f"{settings.method}/{settings.debias}"
+    rows = {r["name"]: r for r in result.get("rows", [])}
+    if with_evaluators:
+        names = [f"{want} + evaluators"]
+    elif settings.principles_per_pair:
+        names = [f"{want} | {settings.principles_per_pair} drawn per pair"]
+    else:
+        names = []
+    names += [n for n in rows if n.startswith(f"{want} | all ")]
+    row = next((rows[n] for n in names if n in rows), None)
+    if row is None:
+        return f"the calibration in {path} did not measure {want!r}; this judge's agreement with people is unknown"
+    if row["near_chance"]:
+        return (f"this judge is NEAR CHANCE: in {path}, {row['name']!r} agreed with people on {row['accuracy']:.1%} of "
+                f"{row['n']} pairs (95% CI {row['ci95'][0]:.1%}-{row['ci95'][1]:.1%}). Its labels are barely better "
                 "than coin flips; a reward model trained on them learns little. Use a stronger feedback model, "
                 "evaluators that measure better, or human labels.")
     return None

@@ -157,7 +157,8 @@ def label(cfg: LabelConfig) -> None:
     feedback = cfg.open_feedback(out.parent)
     warning = None
     if feedback is not None:
-        warning = chance_warning(cfg.calibration, cfg.method, cfg.debias) if cfg.calibration else (
+        with_evaluators = settings.use_evaluators and bool(constitution.evaluators)
+        warning = chance_warning(cfg.calibration, settings, with_evaluators) if cfg.calibration else (
             "this judge is UNCALIBRATED: nothing says how often it agrees with people. Run `rlhf cai calibrate` on "
             "human preference pairs and pass --calibration; a small feedback model is often near chance.")
     if warning:
