@@ -67,6 +67,8 @@ class DemoConfig:
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     device: str = opt("auto", help="cpu, cuda, or auto.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
+    recipe: str = opt("rlhf", help="rlhf (scripted human labels) or cai (AI feedback under the default constitution; "
+                                   "more options in `rlhf cai demo --help`).")
 
 
 def _say(msg: str) -> None:
@@ -305,6 +307,15 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
 @config_command(DemoConfig, name="demo")
 def demo(cfg: DemoConfig) -> None:
     """The whole loop on the bundled defaults; prints where the report is."""
+    if cfg.recipe == "cai":  # constitutional AI: its own module (rlhf/cai/recipe.py)
+        from rlhf.cai.recipe import CAIOptions, print_summary, run_cai_demo
+
+        summary = run_cai_demo(cfg, CAIOptions())
+        print_summary(summary)
+        click.echo(json.dumps({"summary": str(Path(cfg.out) / "summary.json"), "report": summary["eval_report"]}))
+        return
+    if cfg.recipe != "rlhf":
+        raise ConfigError(f"unknown recipe {cfg.recipe!r}; choose rlhf or cai")
     if cfg.labelers < 1 or cfg.num_completions < 2:
         raise ConfigError("the demo needs at least one labeler and two completions per prompt")
     summary = run_demo(cfg)

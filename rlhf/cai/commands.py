@@ -9,7 +9,9 @@ from pathlib import Path
 
 import click
 
+from rlhf.cai.recipe import CAIOptions, print_summary, run_cai_demo
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.demo import DemoConfig
 from rlhf.errors import ConfigError
 
 
@@ -139,9 +141,8 @@ class LabelConfig(JudgeOptions):
                                     "when it says the judge is near chance.")
 
 
-@config_command(LabelConfig, name="label")
-def label(cfg: LabelConfig) -> None:
-    """Compare every pair of completions under principles drawn at random; write rankings with soft preferences."""
+def run_label(cfg: LabelConfig) -> dict:
+    """Label the completions file; returns the summary also written next to the rankings."""
     from rlhf.cai.calibrate import chance_warning, print_banner
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.label import label_completions
@@ -171,6 +172,13 @@ def label(cfg: LabelConfig) -> None:
     atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
     if warning:
         print_banner(warning)  # again at the end, where it is seen
+    return summary
+
+
+@config_command(LabelConfig, name="label")
+def label(cfg: LabelConfig) -> None:
+    """Compare every pair of completions under principles drawn at random; write rankings with soft preferences."""
+    summary = run_label(cfg)
     click.echo(json.dumps({k: summary[k] for k in ("records", "comparisons", "first_decider", "labeler", "out")}))
 
 
@@ -222,6 +230,20 @@ def calibrate(cfg: CalibrateConfig) -> None:
     sys.stdout.flush()
 
 
+@dataclass
+class CAIDemoConfig(CAIOptions, DemoConfig):
+    """The whole loop with AI feedback under a constitution (the demo's options plus the recipe's)."""
+
+
+@config_command(CAIDemoConfig, name="demo")
+def demo(cfg: CAIDemoConfig) -> None:
+    """Base → SL-CAI (critique, revise, SFT) → AI labels → reward model → PPO = RL-CAI → evaluation."""
+    summary = run_cai_demo(cfg, cfg)
+    print_summary(summary)
+    click.echo(json.dumps({"summary": str(Path(cfg.out) / "summary.json"), "report": summary["eval_report"]}))
+
+
 cai.add_command(revise)
 cai.add_command(label)
 cai.add_command(calibrate)
+cai.add_command(demo)
