@@ -46,4 +46,5 @@ def test_cai_recipe_runs_every_stage(tiny_model_dir, tmp_path):
     assert reward["soft_target_pairs"] > 0  # the reward model trained against the AI labeler's probabilities
     assert json.loads((out / "revise" / "summary.json").read_text())["prompts"] == len(PROMPTS)
     again = run_cai_demo(cfg, opts)  # a rerun skips every finished stage
-    assert again["stage_seconds"] == {} and again["judges"] == summary["judges"]
+    assert again["stage_seconds"] == summary["stage_seconds"] and again["judges"] == summary["judges"]
+    assert summary["optimised_judges"] == ["toxicity", f"rm:{out / 'reward' / 'model'}"]

@@ -37,9 +37,12 @@ class CAIOptions:
                                      "50M parameters; smaller ones cannot follow a critique request).")
     revise_rounds: int = opt(1, help="Critique-revision rounds per prompt.")
     revise_tokens: int = opt(64, help="Longest reply, critique or revision in tokens.")
+    revise_limit: int = opt(0, help="Critique and revise only the first N prompts (0 = all).")
     sft_epochs: float = opt(2.0, help="SFT epochs on the revisions.")
     sft_lr: float = opt(2e-4, help="SFT learning rate (LoRA).")
     calibration: str = opt("", help="calibration.json of this judge from `rlhf cai calibrate` (else it is called uncalibrated).")
+    extra_judges: list[str] = opt(help="More evaluation judges (scorer specs, repeat), e.g. rm:DIR of a harmlessness "
+                                       "reward model trained on human pairs.", factory=list)
 
 
 def parameter_count(model: str) -> int:
@@ -76,6 +79,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     import torch
 
     from rlhf import demo as D
+    from rlhf.cai.constitution import load_constitution
     from rlhf.cai.local import SMALL_PARAMETERS
     from rlhf.models.loading import shipped_prompts
     from rlhf.utils.io import atomic_write_json
@@ -95,7 +99,9 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
         notes.append(f"the supervised stage was skipped: {cfg.policy} is too small to follow a critique request")
     for n in notes:
         D._say(f"  note: {n}")
-    stages: dict[str, float] = {}
+    # Seconds per stage, kept across runs: a rerun that skips finished stages still reports them all.
+    stages_file = out / "stages.json"
+    stages: dict[str, float] = json.loads(stages_file.read_text()) if cfg.resume and stages_file.is_file() else {}
 
     def stage(name: str, done: Path, fn) -> None:
         if cfg.resume and done.exists():
@@ -105,6 +111,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
         t = time.perf_counter()
         fn()
         stages[name] = round(time.perf_counter() - t, 1)
+        atomic_write_json(stages_file, stages)
         D._say(f"[{name}] done in {stages[name]} s")
 
     start = cfg.policy
@@ -126,7 +133,8 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     stage("ppo", ppo_dir / "summary.json", lambda: D._ppo(run, prompts, reward_dir / "model", completions, ppo_dir))
     models = [cfg.policy] + ([start] if sl else []) + [str(ppo_dir / "model")]
     eval_dir = out / "eval"
-    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, models, reward_dir / "model", eval_dir))
+    judges = [*D.JUDGES, cfg.labeler_scorer, f"rm:{reward_dir / 'model'}", *opts.extra_judges]
+    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, models, judges, eval_dir))
 
     ev = json.loads((eval_dir / "eval.json").read_text())
     names = {m: label for m, label in zip(models, ["base"] + (["SL-CAI"] if sl else []) + ["RL-CAI"])}
@@ -136,6 +144,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
         table.setdefault(row["judge"], {})[name] = {"mean": row["mean"], "ci95": [row["ci_low"], row["ci_high"]]}
     label_summary = json.loads((out / "rankings.jsonl.summary.json").read_text())
     summary = {"recipe": "cai", "feedback_model": feedback, "supervised_stage": sl, "notes": notes,
+               "optimised_judges": optimised_judges(load_constitution(opts.constitution), judges, reward_dir / "model"),
                "labeling": {k: label_summary[k] for k in ("comparisons", "first_decider", "confident_share", "warning")},
                "judges": table, "stage_seconds": stages, "eval_report": str(eval_dir / "report.html"),
                "config": {"demo": config_to_dict(cfg), "cai": config_to_dict(opts)}}
@@ -143,11 +152,29 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     return summary
 
 
+# Scorer specs that read the same classifier: optimising one optimises the others.
+SAME_CLASSIFIER = {"toxicity": "profanity-check", "non-toxicity": "profanity-check", "profanity": "profanity-check"}
+
+
+def optimised_judges(constitution, judges: list[str], reward_model: Path) -> list[str]:
+    """Judges that are not independent of the training signal: the reward model itself, and any the
+    constitution used as an evaluator (or that read the same classifier). Report them as optimised."""
+    used = {SAME_CLASSIFIER.get(e.scorer, e.scorer) for _, e in constitution.evaluators}
+    return [j for j in judges if j == f"rm:{reward_model}" or SAME_CLASSIFIER.get(j, j) in used]
+
+
 def _revise(cfg, opts: CAIOptions, prompts: str, out: Path) -> None:
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.local import LocalFeedbackModel
     from rlhf.cai.revise import run_revise
 
+    if opts.revise_limit:
+        from rlhf.data.io import read_records, write_records
+        from rlhf.data.records import PromptRecord
+
+        limited = out / "prompts.jsonl"
+        write_records(limited, read_records(prompts, PromptRecord)[: opts.revise_limit])
+        prompts = str(limited)
     model = LocalFeedbackModel(cfg.policy, device=cfg.device, cache=out / "cache.sqlite")
     run_revise(model, load_constitution(opts.constitution), prompts, out, rounds=opts.revise_rounds,
                max_new_tokens=opts.revise_tokens, seed=cfg.seed)
@@ -173,12 +200,11 @@ def _label(cfg, opts: CAIOptions, feedback: str, completions: Path, rankings: Pa
     run_label(lcfg)
 
 
-def _eval(cfg, prompts: str, models: list[str], reward_model: Path, out: Path) -> None:
+def _eval(cfg, prompts: str, models: list[str], judges: list[str], out: Path) -> None:
     from rlhf import demo as D
     from rlhf.eval.commands import EvalConfig, run_eval
 
-    ecfg = EvalConfig(out=str(out), model=models, prompts=prompts,
-                      judge=[*D.JUDGES, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
+    ecfg = EvalConfig(out=str(out), model=models, prompts=prompts, judge=judges, reference=cfg.policy,
                       samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device)
     ecfg.validate()
     _, text = run_eval(ecfg)
