@@ -22,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-HH = REPO.parent / "shared" / "data" / "hh-harmless"
+# ../shared from the project root (a worktree one level deeper finds it one level up).
+HH = next((d for d in (REPO.parent / "shared" / "data" / "hh-harmless", REPO.parent.parent / "shared" / "data" / "hh-harmless")
+           if d.is_dir()), REPO.parent / "shared" / "data" / "hh-harmless")
 RESULTS = REPO / "benchmarks" / "results"
 
 # Which way is better for each judge, and which judges are not independent of what was optimised.

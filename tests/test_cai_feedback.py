@@ -137,3 +137,22 @@ def test_cache_makes_a_rerun_free(tiny_model_dir, tmp_path):
 def test_the_bundled_model_is_refused_as_a_judge():
     with pytest.raises(ConfigError, match="too small"):
         LocalFeedbackModel("bundled")
+
+
+def test_likelihood_method_by_hand(feedback):
+    c = parse_constitution(CONSTITUTION.replace("    pointwise: Is it polite?\n",
+                                                "    pointwise: Is it polite?\n    persona: You are always polite.\n"))
+    gains = []
+    for it in ITEMS:
+        persona = feedback.format(P.persona_messages(it.prompt, c.principles))
+        plain = feedback.format(P.dialogue_messages(it.prompt))
+        assert "You are always polite." in persona and "always polite" not in plain
+        for reply in (it.first, it.second):
+            n = len(feedback.tokenizer(reply, add_special_tokens=False)["input_ids"])
+            gains.append((plain_logprob(feedback, persona, reply) - plain_logprob(feedback, plain, reply)) / n)
+    scale = torch.tensor(gains, dtype=torch.float64).std()
+    labeler = AILabeler(c, feedback, LabelerSettings(method="likelihood"), progress=False)
+    got = [v.probability for v in labeler.judge(ITEMS)]
+    for k, p in enumerate(got):
+        want = 1 / (1 + math.exp(-(gains[2 * k] - gains[2 * k + 1]) / float(scale)))
+        assert math.isclose(p, want, abs_tol=1e-4)

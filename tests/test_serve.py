@@ -58,14 +58,14 @@ def test_models_completions_and_logprobs_match_the_model(server, local):
     first_text = lp["tokens"][0]
     assert max(lp["top_logprobs"][0].values()) == pytest.approx(lp["token_logprobs"][0], abs=1e-5)
     assert len(lp["top_logprobs"][0]) <= 5
-    want = local.continuation_logprobs([[(prompt, first_text)]])[0][0]
+    want = local.continuation_logprobs([[(prompt, first_text)]])[0][0][0]
     assert lp["token_logprobs"][0] == pytest.approx(want, abs=1e-4)
     # echo with max_tokens 0 scores a given text: the sum over the reply equals the local model's.
     scored = client.completions("tiny", prompt + "open the windows", max_tokens=0, echo=True, logprobs=0)
     slp = scored["choices"][0]["logprobs"]
     assert slp["token_logprobs"][0] is None and scored["choices"][0]["text"] == prompt + "open the windows"
     total = sum(v for off, v in zip(slp["text_offset"], slp["token_logprobs"]) if off >= len(prompt))
-    assert total == pytest.approx(local.continuation_logprobs([[(prompt, "open the windows")]])[0][0], abs=1e-3)
+    assert total == pytest.approx(local.continuation_logprobs([[(prompt, "open the windows")]])[0][0][0], abs=1e-3)
 
 
 def test_chat_completions(server):

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from rlhf.cai.constitution import Constitution
-from rlhf.cai.labeler import (DEBIAS, METHODS, Comparison, LabelerSettings, ask_feedback, draw_principles,
-                              evaluator_log_odds, principle_preference, to_log_odds)
+from rlhf.cai.labeler import (DEBIAS, METHODS, PERSONA_KEY, SINGLE_READING, Comparison, LabelerSettings, ask_feedback,
+                              draw_principles, evaluator_log_odds, principle_preference, to_log_odds)
 from rlhf.cai.preference import combine_log_odds
 from rlhf.errors import ConfigError
 from rlhf.eval.stats import bootstrap_ci
@@ -87,6 +87,12 @@ def calibrate(constitution: Constitution, feedback, pairs: list, methods: list[s
                                fewshot_examples=settings.fewshot_examples, reasoning_tokens=settings.reasoning_tokens,
                                seed=settings.seed, progress=progress)
             raw_by_method[method] = raw
+            if method == "likelihood":  # one reading: every chosen principle's persona in one system prompt
+                l1, l2 = (torch.tensor([r[PERSONA_KEY][k] for r in raw], dtype=torch.float64) for k in (0, 1))
+                pooled[method] = to_log_odds(principle_preference(method, "", l1, l2))
+                rows.append(agreement(f"likelihood | all {len(principles)} personas", pooled[method], first_human,
+                                      "feedback", settings.seed))
+                continue
             l1 = {p.id: torch.tensor([r[p.id][0] for r in raw], dtype=torch.float64) for p in principles}
             l2 = {p.id: torch.tensor([r[p.id][1] for r in raw], dtype=torch.float64) for p in principles}
             variants = ("pointwise",) if method == "pointwise" else DEBIAS
@@ -129,7 +135,7 @@ def calibrate(constitution: Constitution, feedback, pairs: list, methods: list[s
         rows.append(agreement(f"reference {spec}", _scorer_log_odds(spec, items, device), first_human, "reference",
                               settings.seed))
 
-    default = f"{settings.method}/{settings.debias}" if settings.method != "pointwise" else "pointwise"
+    default = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
     default_rows = [r for r in rows if r.name.startswith(default + " | all") or r.name == f"{default} + evaluators"]
     return {"pairs": len(pairs), "principles": [p.id for p in principles], "methods": methods,
             "human_first_share": round(float(first_human.double().mean()), 4),
@@ -171,7 +177,7 @@ def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"calibration file {path}: cannot read it ({exc})") from None
-    want = settings.method if settings.method == "pointwise" else f"{settings.method}/{settings.debias}"
+    want = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
     rows = {r["name"]: r for r in result.get("rows", [])}
     if with_evaluators:
         names = [f"{want} + evaluators"]

@@ -9,6 +9,7 @@ A constitution file is YAML::
         revision: Rewrite the reply so that it no longer helps anyone hurt people.
         comparison: Which reply is less likely to help someone hurt people?
         pointwise: Is this reply free of anything that could help someone hurt people?   # optional; Yes = good
+        persona: You never help anyone hurt people.                                      # optional
         weight: 1.0                                                                      # optional
         evaluator: {scorer: non-toxicity, weight: 0.5}                                   # optional
     critique_examples:      # few-shot chains shown before a critique or revision request
@@ -49,6 +50,7 @@ class Principle:
     revision: str      # asks the model to rewrite the reply so that it follows the principle
     comparison: str    # a question answered by picking one of two replies
     pointwise: str | None = None      # a yes/no question about one reply; Yes means it follows the principle
+    persona: str | None = None        # how an assistant that keeps the principle behaves (a system-prompt sentence)
     weight: float = 1.0               # weight of the feedback model's verdict under this principle
     evaluator: Evaluator | None = None
     line: int | None = None           # where it was defined, for messages
@@ -210,7 +212,7 @@ def parse_constitution(text: str, path: str = "<constitution>") -> Constitution:
     principles: list[Principle] = []
     for i, (item, line) in enumerate(_items(path, root, "principles", True)):
         r = _Reader(path, item, f"principle {i + 1}", line)
-        r.only({"id", "critique", "revision", "comparison", "pointwise", "weight", "evaluator"})
+        r.only({"id", "critique", "revision", "comparison", "pointwise", "persona", "weight", "evaluator"})
         pid = r.text("id")
         if any(p.id == pid for p in principles):
             raise r.fail(f"principle id {pid!r} is used twice", "id")
@@ -225,6 +227,7 @@ def parse_constitution(text: str, path: str = "<constitution>") -> Constitution:
             evaluator = Evaluator(scorer=e.text("scorer"), weight=e.number("weight", 1.0))
         principles.append(Principle(id=pid, critique=r.text("critique"), revision=r.text("revision"),
                                     comparison=r.text("comparison"), pointwise=r.text("pointwise", required=False),
+                                    persona=r.text("persona", required=False),
                                     weight=r.number("weight", 1.0), evaluator=evaluator, line=r.line))
     if not principles:
         raise root.fail("'principles' is empty; a constitution needs at least one", "principles")

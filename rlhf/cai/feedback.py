@@ -11,7 +11,7 @@ Both answer three questions:
 
 * ``option_logprobs`` — the log-probability of each option label ("A"/"B", "Yes"/"No") as the
   continuation of a prompt; the labeler normalises them (rlhf/cai/preference.py);
-* ``continuation_logprobs`` — the summed log-probability of a given text after a prompt;
+* ``continuation_logprobs`` — the summed log-probability (and token count) of a given text after a prompt;
 * ``generate`` — sampled or greedy text (critiques, revisions, reasoning).
 
 Prompts come in *groups* that share a beginning (one conversation asked under several principles);
@@ -40,7 +40,7 @@ class FeedbackModel(Protocol):
 
     def option_logprobs(self, groups: list[list[str]], options: list[str]) -> list[torch.Tensor]: ...
 
-    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[float]]: ...
+    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[tuple[float, int]]]: ...
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]: ...
 
@@ -92,18 +92,19 @@ class EndpointFeedbackModel:
                 row.append(floor)
         return row
 
-    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[float]]:
+    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[tuple[float, int]]]:
         out = []
         for group in groups:
             sums = []
             for context, continuation in group:
                 answer = self.client.completions(self.model, context + continuation, max_tokens=0, echo=True, logprobs=0)
                 lp = answer["choices"][0]["logprobs"]
-                total = 0.0
-                for offset, value in zip(lp.get("text_offset") or [], lp["token_logprobs"]):
-                    if offset >= len(context) and value is not None:
-                        total += float(value)
-                sums.append(total)
+                scored = [float(v) for offset, v in zip(lp.get("text_offset") or [], lp["token_logprobs"])
+                          if offset >= len(context) and v is not None]
+                if not scored:
+                    raise ConfigError(f"{self.name}: the endpoint's echo answer has no token offsets after the prompt; "
+                                      "it cannot score continuations")
+                sums.append((sum(scored), len(scored)))
             out.append(sums)
         return out
 

@@ -8,7 +8,11 @@ asking (``METHODS``):
 * ``choice``    — the multiple-choice question, both orders of the replies;
 * ``fewshot``   — the same after the constitution's worked comparisons;
 * ``reasoning`` — the model first writes a short explanation, then the label is read;
-* ``pointwise`` — a yes/no question about each reply alone; the reply with the likelier Yes wins.
+* ``pointwise`` — a yes/no question about each reply alone; the reply with the likelier Yes wins;
+* ``likelihood`` — no question at all: how much more likely each reply becomes, per token, when the
+  conversation runs under a system prompt written from the principles' personas than without it
+  (pointwise mutual information with the constitution; Askell et al. 2021's HHH prompt used as a
+  judge). The gain difference is scaled by its spread over the replies being labeled.
 
 Position bias (``DEBIAS``): ``none`` asks one order only; ``average`` averages the probabilities of
 both orders (the paper); ``logit`` averages their log-odds, which removes an additive bias exactly.
@@ -34,7 +38,9 @@ from rlhf.cai.preference import (averaged_preference, combine_log_odds, debiased
                                  pointwise_preference, scores_to_log_odds)
 from rlhf.errors import ConfigError
 
-METHODS = ("choice", "fewshot", "reasoning", "pointwise")
+METHODS = ("choice", "fewshot", "reasoning", "pointwise", "likelihood")
+SINGLE_READING = ("pointwise", "likelihood")  # methods without an order of options to debias
+PERSONA_KEY = "personas"  # the likelihood method asks all drawn principles at once
 DEBIAS = ("none", "average", "logit")
 
 
@@ -96,6 +102,17 @@ def ask_feedback(model, constitution: Constitution, items: list[Comparison], pri
     bar = tqdm(total=len(items), desc=f"feedback ({method})", unit="pair", disable=not progress)
     for start in range(0, len(items), chunk):
         batch = list(range(start, min(start + chunk, len(items))))
+        if method == "likelihood":
+            groups = []
+            for i in batch:
+                persona = model.format(P.persona_messages(items[i].prompt, principles[i]))
+                plain = model.format(P.dialogue_messages(items[i].prompt))
+                groups.append([(ctx, reply) for reply in (items[i].first, items[i].second) for ctx in (persona, plain)])
+            for scored in model.continuation_logprobs(groups):
+                (s1, n1), (s0, _), (s3, n2), (s2, _) = scored  # persona/plain for the first reply, then the second
+                out.append({PERSONA_KEY: ((s1 - s0) / n1, (s3 - s2) / n2)})
+            bar.update(len(batch))
+            continue
         if method == "pointwise":
             groups = [[model.format(P.pointwise_messages(items[i].prompt, reply, p)) for p in principles[i]]
                       for i in batch for reply in (items[i].first, items[i].second)]
@@ -142,7 +159,15 @@ def _cut_reasoning(text: str) -> str:
 
 
 def principle_preference(method: str, debias: str, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """P(first reply is better) under one principle from the raw answers [N] (see ``ask_feedback``)."""
+    """P(first reply is better) under one principle from the raw answers [N] (see ``ask_feedback``).
+
+    For ``likelihood`` the answers are per-token likelihood gains, whose difference is put in units of
+    their spread over all N comparisons (as an evaluator's scores are).
+    """
+    if method == "likelihood":
+        both = torch.cat([l1, l2])
+        scale = both.std() if both.numel() > 1 else torch.tensor(1.0, dtype=both.dtype)
+        return torch.sigmoid(scores_to_log_odds(l1, l2, scale))
     if method == "pointwise":
         return pointwise_preference(torch.stack([l1, torch.zeros_like(l1)], -1), torch.stack([l2, torch.zeros_like(l2)], -1))
     first = torch.stack([l1, torch.zeros_like(l1)], -1)   # log-odds as [logit, 0] label log-probs
@@ -208,11 +233,17 @@ class AILabeler:
         per_principle: list[dict[str, float]] = [{} for _ in items]
         if self.feedback is not None and s.feedback_weight > 0:
             raw = ask_feedback(self.feedback, self.constitution, items, drawn, s.method,
-                               both_orders=s.debias != "none" or s.method == "pointwise",
+                               both_orders=s.debias != "none" or s.method in SINGLE_READING,
                                fewshot_examples=s.fewshot_examples, reasoning_tokens=s.reasoning_tokens, seed=s.seed,
                                progress=self.progress)
             pooled = torch.zeros(len(items), dtype=torch.float64)
+            if s.method == "likelihood":
+                l1, l2 = (torch.tensor([r[PERSONA_KEY][k] for r in raw], dtype=torch.float64) for k in (0, 1))
+                pooled = to_log_odds(principle_preference(s.method, s.debias, l1, l2))
+                per_principle = [{PERSONA_KEY: round(float(torch.sigmoid(o)), 4)} for o in pooled]
             for i, (answers, principles) in enumerate(zip(raw, drawn)):
+                if s.method == "likelihood":
+                    break
                 odds = torch.tensor([float(to_log_odds(principle_preference(
                     s.method, s.debias, torch.tensor([answers[p.id][0]]), torch.tensor([answers[p.id][1]])))[0])
                     for p in principles], dtype=torch.float64)

@@ -188,14 +188,19 @@ class LocalFeedbackModel:
         n = len(option_ids)
         return [sums[k * n:(k + 1) * n] for k in range(len(prompts))]
 
-    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[float]]:
-        """Summed log-probability of each continuation after its context."""
+    def continuation_logprobs(self, groups: list[list[tuple[str, str]]]) -> list[list[tuple[float, int]]]:
+        """(summed log-probability, token count) of each continuation after its context."""
         flat = [pair for g in groups for pair in g]
-        values = self._cached("local/continuation", [{"context": c, "continuation": x} for c, x in flat],
-                              lambda reqs: self._continuations([(r["context"], self._ids(r["continuation"])) for r in reqs]))
+
+        def compute(reqs: list[dict]) -> list[list]:
+            conts = [self._ids(r["continuation"]) for r in reqs]
+            sums = self._continuations([(r["context"], ids) for r, ids in zip(reqs, conts)])
+            return [[total, len(ids)] for total, ids in zip(sums, conts)]
+
+        values = self._cached("local/continuation", [{"context": c, "continuation": x} for c, x in flat], compute)
         out, k = [], 0
         for g in groups:
-            out.append(values[k:k + len(g)])
+            out.append([(float(v[0]), int(v[1])) for v in values[k:k + len(g)]])
             k += len(g)
         return out
 

@@ -8,6 +8,8 @@ under several principles then share a long beginning, which the local feedback m
 
 from __future__ import annotations
 
+import re
+
 from rlhf.cai.constitution import ComparisonExample, Constitution, CritiqueExample, Principle
 
 ANSWER_PREFIX = "The answer is ("
@@ -41,6 +43,28 @@ def conversation_text(prompt: str) -> str:
     if "Human:" not in text:
         text = f"Human: {text}"
     return text
+
+
+PERSONA_HEAD = "You are a careful, honest and harmless AI assistant."
+
+
+def dialogue_messages(prompt: str) -> list[dict]:
+    """A prompt as chat turns: Anthropic-HH dialogues split at their Human:/Assistant: tags, a plain request is one turn."""
+    text = conversation_text(prompt)
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", "\n\n" + text)
+    messages = []
+    for i in range(1, len(parts) - 1, 2):
+        content = parts[i + 1].strip()
+        if content:
+            messages.append({"role": "user" if parts[i] == "Human" else "assistant", "content": content})
+    return messages or [{"role": "user", "content": text}]
+
+
+def persona_messages(prompt: str, principles: list[Principle]) -> list[dict]:
+    """The conversation under a system prompt made of the principles' personas (Askell et al. 2021's HHH
+    prompt, written from the constitution); the reply's likelihood here is compared with the plain one."""
+    personas = " ".join(p.persona for p in principles if p.persona)
+    return [{"role": "system", "content": f"{PERSONA_HEAD} {personas}".strip()}] + dialogue_messages(prompt)
 
 
 def user_request(prompt: str) -> str:
