@@ -121,12 +121,13 @@ def test_calibrate_reports_every_method_and_reading(tiny_model_dir, constitution
     out = tmp_path / "cal"
     result = invoke(["cai", "calibrate", "--constitution", str(constitution), "--feedback-model", str(tiny_model_dir),
                      "--pairs", str(pairs), "--out", str(out), "--methods", "choice", "--methods", "pointwise",
-                     "--methods", "fewshot", "--draw", "1", "--reference", "length", "--threads", "1"])
+                     "--methods", "fewshot", "--methods", "likelihood", "--draw", "1", "--reference", "length", "--threads", "1"])
     assert result.exit_code == 0, result.output
     cal = json.loads((out / "calibration.json").read_text())
     names = {r["name"] for r in cal["rows"]}
     for want in ("choice/none | polite", "choice/average | all 2 pooled", "choice/logit | 1 drawn per pair",
                  "fewshot/logit | topic", "pointwise | all 2 pooled", "choice/logit + evaluators",
+                 "likelihood | all 2 personas", "likelihood + evaluators",
                  "evaluator:polite:length", "shorter reply", "reference length"):
         assert want in names, want
     rows = {r["name"]: r for r in cal["rows"]}
@@ -134,7 +135,8 @@ def test_calibrate_reports_every_method_and_reading(tiny_model_dir, constitution
     assert rows["shorter reply"]["accuracy"] == 0.0 and rows["reference length"]["accuracy"] == 1.0
     assert rows["evaluator:polite:length"]["accuracy"] == 1.0
     assert all(0 <= r["accuracy"] <= 1 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in cal["rows"])
-    assert len(cal["raw"]) == 6 and set(cal["raw"][0]) == {"first_is_human_choice", "choice", "pointwise", "fewshot"}
+    assert len(cal["raw"]) == 6 and set(cal["raw"][0]) == {"first_is_human_choice", "choice", "pointwise", "fewshot",
+                                                                 "likelihood"}
     assert (out / "table.txt").read_text().startswith("agreement with human choices on 6 pairs")
     # A labeler reading this calibration hears that its judge is near chance.
     comps = write(tmp_path / "c.jsonl", [{"prompt": "q", "completions": POLITE}])
