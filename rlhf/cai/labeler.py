@@ -226,6 +226,24 @@ class AILabeler:
     def name(self) -> str:
         return f"ai:{self.feedback.name}" if self.feedback is not None else "ai:evaluators"
 
+    def _pool(self, raw: list[dict], drawn: list[list[Principle]]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """The feedback model's log-odds per comparison [N], its principles pooled; and each principle's probability."""
+        s = self.settings
+        if s.method == "likelihood":  # one reading per comparison, scaled over the whole batch
+            l1, l2 = (torch.tensor([r[PERSONA_KEY][k] for r in raw], dtype=torch.float64) for k in (0, 1))
+            pooled = to_log_odds(principle_preference(s.method, s.debias, l1, l2))
+            return pooled, [{PERSONA_KEY: round(float(torch.sigmoid(o)), 4)} for o in pooled]
+        pooled = torch.zeros(len(raw), dtype=torch.float64)
+        per_principle = []
+        for i, (answers, principles) in enumerate(zip(raw, drawn)):
+            l1 = torch.tensor([answers[p.id][0] for p in principles], dtype=torch.float64)
+            l2 = torch.tensor([answers[p.id][1] for p in principles], dtype=torch.float64)
+            odds = to_log_odds(principle_preference(s.method, s.debias, l1, l2))
+            weights = torch.tensor([p.weight for p in principles], dtype=torch.float64)
+            pooled[i] = combine_log_odds(odds[None], weights[None])[0]
+            per_principle.append({p.id: round(float(torch.sigmoid(o)), 4) for p, o in zip(principles, odds)})
+        return pooled, per_principle
+
     def judge(self, items: list[Comparison]) -> list[Verdict]:
         s = self.settings
         drawn = draw_principles(self.constitution, len(items), s.principles_per_pair, s.seed)
@@ -236,20 +254,7 @@ class AILabeler:
                                both_orders=s.debias != "none" or s.method in SINGLE_READING,
                                fewshot_examples=s.fewshot_examples, reasoning_tokens=s.reasoning_tokens, seed=s.seed,
                                progress=self.progress)
-            pooled = torch.zeros(len(items), dtype=torch.float64)
-            if s.method == "likelihood":
-                l1, l2 = (torch.tensor([r[PERSONA_KEY][k] for r in raw], dtype=torch.float64) for k in (0, 1))
-                pooled = to_log_odds(principle_preference(s.method, s.debias, l1, l2))
-                per_principle = [{PERSONA_KEY: round(float(torch.sigmoid(o)), 4)} for o in pooled]
-            for i, (answers, principles) in enumerate(zip(raw, drawn)):
-                if s.method == "likelihood":
-                    break
-                odds = torch.tensor([float(to_log_odds(principle_preference(
-                    s.method, s.debias, torch.tensor([answers[p.id][0]]), torch.tensor([answers[p.id][1]])))[0])
-                    for p in principles], dtype=torch.float64)
-                weights = torch.tensor([p.weight for p in principles], dtype=torch.float64)
-                pooled[i] = combine_log_odds(odds[None], weights[None])[0]
-                per_principle[i] = {p.id: round(float(torch.sigmoid(o)), 4) for p, o in zip(principles, odds)}
+            pooled, per_principle = self._pool(raw, drawn)
             sources.append(("feedback", pooled, s.feedback_weight))
         if s.use_evaluators and self.constitution.evaluators:
             weight_of = {f"evaluator:{p.id}:{e.scorer}": e.weight for p, e in self.constitution.evaluators}
