@@ -55,13 +55,19 @@ def run_seed(args) -> None:
     from rlhf.demo import DemoConfig
 
     out = Path(args.out)
+    heldout = out / "prompts-heldout.jsonl"
+    if args.heldout_limit:
+        lines = heldout.read_text(encoding="utf-8").splitlines(keepends=True)[: args.heldout_limit]
+        heldout = out / f"prompts-heldout-{args.heldout_limit}.jsonl"
+        heldout.write_text("".join(lines), encoding="utf-8")
     cfg = DemoConfig(out=str(out / f"seed-{args.seed}"), policy=args.model, prompts=str(out / "prompts-train.jsonl"),
-                     eval_prompts=str(out / "prompts-heldout.jsonl"), num_completions=2, reward_epochs=3,
+                     eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
                      ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
                      seed=args.seed, threads=args.threads, device="cpu", recipe="cai")
     opts = CAIOptions(feedback_model=args.feedback_model or args.model, method=args.method,
                       principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
-                      calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit)
+                      calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,
+                      revise_rounds=args.revise_rounds)
     summary = run_cai_demo(cfg, opts)
     print(json.dumps(summary["judges"], indent=1))
 
@@ -117,7 +123,9 @@ def main() -> None:
     s.add_argument("--revise-limit", type=int, default=0)
     s.add_argument("--ppo-steps", type=int, default=16)
     s.add_argument("--ppo-batch", type=int, default=16)
-    s.add_argument("--ppo-lr", type=float, default=1e-5)
+    s.add_argument("--ppo-lr", type=float, default=1e-4, help="PPO learning rate (of the LoRA adapter)")
+    s.add_argument("--heldout-limit", type=int, default=0, help="judge on the first N held-out prompts (0 = all)")
+    s.add_argument("--revise-rounds", type=int, default=1)
     s.add_argument("--eval-samples", type=int, default=1)
     s.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")

@@ -14,7 +14,7 @@ Identical completions are tied without asking anyone.
 from __future__ import annotations
 
 from collections import Counter
-from itertools import combinations
+from itertools import combinations, groupby
 
 from rlhf.cai.labeler import AILabeler, Comparison
 from rlhf.data.records import CompletionsRecord, RankingRecord
@@ -63,15 +63,6 @@ def label_completions(labeler: AILabeler, records: list[CompletionsRecord]) -> t
 
 
 def _tie_groups(ranking: list[int], wins: list[float]) -> list[list[int]]:
-    """Neighbours in the ranking with exactly equal win rates (identical texts, or no source preferred either)."""
-    groups, current = [], [ranking[0]]
-    for a, b in zip(ranking, ranking[1:]):
-        if abs(wins[a] - wins[b]) < 1e-9:
-            current.append(b)
-        else:
-            if len(current) > 1:
-                groups.append(current)
-            current = [b]
-    if len(current) > 1:
-        groups.append(current)
-    return groups
+    """Neighbours in the ranking with equal win rates (identical texts, or no source preferred either)."""
+    runs = (list(run) for _, run in groupby(ranking, key=lambda i: round(wins[i], 9)))
+    return [run for run in runs if len(run) > 1]

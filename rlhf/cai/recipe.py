@@ -41,6 +41,11 @@ class CAIOptions:
     sft_epochs: float = opt(2.0, help="SFT epochs on the revisions.")
     sft_lr: float = opt(2e-4, help="SFT learning rate (LoRA).")
     calibration: str = opt("", help="calibration.json of this judge from `rlhf cai calibrate` (else it is called uncalibrated).")
+    temperature: float = opt(0.7, help="Sampling temperature of every stage (completions, PPO, evaluation); at 1.0 over "
+                                       "the whole vocabulary small real models write word salad.")
+    reply_tokens: int = opt(48, help="Longest reply in tokens (completions, PPO rollouts, evaluation).")
+    lora: bool = opt(True, help="PPO trains a LoRA adapter (the reference is the adapter switched off).")
+    ppo_epochs: int = opt(2, help="PPO passes over each batch of experience.")
     extra_judges: list[str] = opt(help="More evaluation judges (scorer specs, repeat), e.g. rm:DIR of a harmlessness "
                                        "reward model trained on human pairs.", factory=list)
 
@@ -122,7 +127,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
         start = str(sl_dir / "model")
     run = dataclasses.replace(cfg, policy=start)
     completions = out / "completions.jsonl"
-    stage("generate", completions, lambda: D._generate(run, prompts, completions))
+    stage("generate", completions, lambda: _generate(run, opts, prompts, completions))
     rankings = out / "rankings.jsonl"
     stage("label", rankings, lambda: _label(cfg, opts, feedback, completions, rankings))
     pairs = out / "pairs.jsonl"
@@ -130,11 +135,11 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     reward_dir = out / "reward"
     stage("reward", reward_dir / "summary.json", lambda: D._reward(cfg, pairs, reward_dir))
     ppo_dir = out / "ppo"
-    stage("ppo", ppo_dir / "summary.json", lambda: D._ppo(run, prompts, reward_dir / "model", completions, ppo_dir))
+    stage("ppo", ppo_dir / "summary.json", lambda: _ppo(run, opts, prompts, reward_dir / "model", completions, ppo_dir))
     models = [cfg.policy] + ([start] if sl else []) + [str(ppo_dir / "model")]
     eval_dir = out / "eval"
     judges = [*D.JUDGES, cfg.labeler_scorer, f"rm:{reward_dir / 'model'}", *opts.extra_judges]
-    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, models, judges, eval_dir))
+    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, opts, eval_prompts, models, judges, eval_dir))
 
     ev = json.loads((eval_dir / "eval.json").read_text())
     names = {m: label for m, label in zip(models, ["base"] + (["SL-CAI"] if sl else []) + ["RL-CAI"])}
@@ -200,12 +205,40 @@ def _label(cfg, opts: CAIOptions, feedback: str, completions: Path, rankings: Pa
     run_label(lcfg)
 
 
-def _eval(cfg, prompts: str, models: list[str], judges: list[str], out: Path) -> None:
+def _generate(cfg, opts: CAIOptions, prompts: str, out: Path) -> None:
+    from rlhf.rollout.commands import GenerateConfig, generate_file
+
+    generate_file(GenerateConfig(prompts=prompts, out=str(out), model=cfg.policy, num_completions=cfg.num_completions,
+                                 max_new_tokens=opts.reply_tokens, temperature=opts.temperature, batch_size=32,
+                                 seed=cfg.seed, device=cfg.device))
+
+
+def _ppo(cfg, opts: CAIOptions, prompts: str, reward_model: Path, completions: Path, out: Path) -> None:
+    from rlhf import demo as D
+    from rlhf.train.ppo_config import PPOConfig
+    from rlhf.train.ppo_loop import run_ppo
+
+    scale = D.reward_scale(reward_model, completions)
+    D._say(f"  reward = {scale:.4f} × reward model (unit spread on the labeled completions)")
+    batch = cfg.ppo_batch_size
+    pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=f"weighted:{scale:.6g}*rm:{reward_model}", prompts=prompts,
+                     max_steps=cfg.ppo_steps, batch_size=batch, mini_batch_size=min(16, batch),
+                     micro_batch_size=min(8, batch), ppo_epochs=opts.ppo_epochs, lr=cfg.ppo_lr,
+                     init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, kl_ceiling=cfg.kl_ceiling,
+                     max_new_tokens=opts.reply_tokens, temperature=opts.temperature, lora=opts.lora,
+                     gold=cfg.labeler_scorer, watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device,
+                     threads=cfg.threads)
+    pcfg.validate()
+    run_ppo(pcfg)
+
+
+def _eval(cfg, opts: CAIOptions, prompts: str, models: list[str], judges: list[str], out: Path) -> None:
     from rlhf import demo as D
     from rlhf.eval.commands import EvalConfig, run_eval
 
     ecfg = EvalConfig(out=str(out), model=models, prompts=prompts, judge=judges, reference=cfg.policy,
-                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device)
+                      samples_per_prompt=cfg.eval_samples, max_new_tokens=opts.reply_tokens,
+                      temperature=opts.temperature, seed=cfg.seed + 1, device=cfg.device)
     ecfg.validate()
     _, text = run_eval(ecfg)
     D._say(text)
