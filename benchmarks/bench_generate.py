@@ -44,7 +44,11 @@ PROMPTS = ["my house is too hot", "how do I cook rice", "I feel tired all the ti
 
 
 class FixedLengthTokenizer:
-    """The real tokenizer with an unreachable EOS id, so nothing stops before --new-tokens."""
+    """The real tokenizer with an unreachable EOS id, so nothing stops before --new-tokens (and no
+    special tokens, so sampling finds no chat-template end of turn to stop at either)."""
+
+    all_special_ids: list = []
+    added_tokens_decoder: dict = {}
 
     def __init__(self, tok, eos_id: int):
         self._tok, self.eos_token_id = tok, eos_id

@@ -114,14 +114,20 @@ def setup(work: Path) -> dict:
         subprocess.run([str(REPO / ".venv" / "bin" / "rlhf"), "reward", "train", "--base", "bundled", "--pairs", str(pairs),
                         "--out", str(work / "rm"), "--epochs", "1", "--lr", "3e-4", "--device", "cpu"], check=True,
                        stdout=subprocess.DEVNULL)
-        # No constant offset: LlamaForSequenceClassification's score layer has no bias.
-        from safetensors.torch import load_file, save_file
+        if (rm_dir / "reward_head.safetensors").is_file():  # rlhf before causal reward models saved as seq-cls
+            # No constant offset: LlamaForSequenceClassification's score layer has no bias.
+            from safetensors.torch import load_file, save_file
 
-        head = load_file(str(rm_dir / "reward_head.safetensors"))
-        head["bias"] = torch.zeros_like(head["bias"])
-        save_file(head, str(rm_dir / "reward_head.safetensors"))
+            head = load_file(str(rm_dir / "reward_head.safetensors"))
+            head["bias"] = torch.zeros_like(head["bias"])
+            save_file(head, str(rm_dir / "reward_head.safetensors"))
     if not (seqcls_dir / "config.json").is_file():
-        to_seqcls(rm_dir, seqcls_dir)
+        if json.loads((rm_dir / "rlhf_reward.json").read_text()).get("hf_class"):
+            import shutil  # already a LlamaForSequenceClassification folder (rlhf/models/reward_model.py)
+
+            shutil.copytree(rm_dir, seqcls_dir)
+        else:
+            to_seqcls(rm_dir, seqcls_dir)
     check_reward_twins(rm_dir, seqcls_dir)
     m30 = work / "llama-30m"
     if not (m30 / "config.json").is_file():

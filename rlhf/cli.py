@@ -19,6 +19,7 @@ from rlhf.errors import RLHFError
 VERBS: dict[str, tuple[str, str, str]] = {
     "data": ("rlhf.data.commands", "data", "Data contracts: validate files, turn rankings into pairs."),
     "base": ("rlhf.models.commands", "base", "The bundled tiny instruction model: build it from the shipped corpus."),
+    "model": ("rlhf.models.commands", "model", "Named models (bundled, smollm2): list them, write them as HF folders."),
     "sft": ("rlhf.train.sft", "sft_command", "Supervised fine-tuning on prompt/completion data (loss on replies)."),
     "generate": ("rlhf.rollout.commands", "generate", "Sample K completions per prompt into a completions file."),
     "reward": ("rlhf.train.reward_commands", "reward", "Reward models: train from pairs, evaluate, score."),

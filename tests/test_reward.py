@@ -166,7 +166,9 @@ def test_cli_training_raises_validation_accuracy_then_eval_and_score(tiny_model_
     assert sum(losses[-4:]) / 4 < losses[0]
     spec = json.loads((out / "model" / "rlhf_reward.json").read_text())
     assert spec["backbone_kind"] == "causal" and spec["prompt_format"] == "chat_template"
-    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "reward_head.safetensors").is_file()
+    # A causal backbone's reward model is a standard sequence-classification folder (no separate head file).
+    assert spec["hf_class"] == "LlamaForSequenceClassification" and spec["head_bias"] is False
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "reward_head.safetensors").exists()
 
     res = runner.invoke(app, ["reward", "eval", "--model", str(out / "model"), "--pairs", str(val), "--json"])
     assert res.exit_code == 0, res.output
@@ -232,10 +234,11 @@ def test_freeze_lower_layers_and_head_learning_rate(tiny_model_dir, tmp_path):
     summary = train_reward_model(_cfg(tiny_model_dir, tmp_path, out, freeze_layers=1, head_lr=1e-2, max_steps=2))
     assert summary["frozen_weights"] > 0
     before, after = _weights(Path(tiny_model_dir)), _weights(out / "checkpoints" / "step-00000002" / "model")
+    # Checkpoints are sequence-classification folders: the backbone sits under "model." as in the LM.
     assert torch.equal(before["model.safetensors/model.layers.0.mlp.up_proj.weight"],
-                       after["model.safetensors/layers.0.mlp.up_proj.weight"])
+                       after["model.safetensors/model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(before["model.safetensors/model.layers.1.mlp.up_proj.weight"],
-                           after["model.safetensors/layers.1.mlp.up_proj.weight"])
+                           after["model.safetensors/model.layers.1.mlp.up_proj.weight"])
 
 
 def test_non_finite_loss_stops_with_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):

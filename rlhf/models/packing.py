@@ -89,7 +89,7 @@ def pool_packed(hidden: torch.Tensor, packed: PackedBatch, pooling: str) -> torc
     """hidden [R, C, H] → [N, H]: the same ``last`` / ``mean`` / ``cls`` pooling as ``pool_hidden``,
     per packed sequence."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if pooling == "cls":
+    if pooling in ("cls", "pooler"):  # pooler: RewardModel.reward_from applies the pooler layer
         return flat[packed.flat_start]
     if pooling == "last":
         return flat[packed.flat_start + packed.lengths - 1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.models.loading import format_prompt
+from rlhf.models.loading import format_prompt, stop_token_ids
 from rlhf.rollout.decode import Decoded, sample_response_ids
 
 
@@ -60,7 +60,8 @@ def sample_tokens(model, tokenizer, prompts: list[str], params: SamplingParams, 
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     device = next(model.parameters()).device
     query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Stop at the chat template's end of turn as well as EOS (they differ in some tokenizers).
+    eos, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     try:

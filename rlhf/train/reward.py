@@ -61,7 +61,8 @@ class RewardTrainConfig:
     margin: float = opt(0.0, help="Margin the chosen reward should beat the rejected one by (0 = plain Bradley-Terry).")
     center_coef: float = opt(0.0, help="Weight of the reward-centering term E[(r_c + r_r)^2] (0 = off).")
     backbone_kind: str = opt("auto", help="auto, causal (reward at the last token) or encoder (pooled states).")
-    pooling: str = opt("auto", help="auto, last, mean or cls (auto: last for causal LMs, mean for encoders).")
+    pooling: str = opt("auto", help="auto, last, mean, cls or pooler (auto: last for causal LMs, mean for encoders; "
+                                    "pooler = the first token through the encoder's pooler layer, as BertForSequenceClassification).")
     lora: bool = opt(False, help="Train LoRA adapters (peft) and the head instead of all weights; merged at the end.")
     lora_r: int = opt(16, help="LoRA rank.")
     lora_alpha: int = opt(32, help="LoRA scaling numerator (alpha / r scales the update).")
@@ -94,8 +95,8 @@ class RewardTrainConfig:
             raise ConfigError("--max-length must be at least 8")
         if self.patience < 0 or self.eval_every < 0 or self.max_steps < 0 or self.freeze_layers < 0 or self.head_lr < 0:
             raise ConfigError("--patience, --eval-every, --max-steps, --freeze-layers and --head-lr must not be negative")
-        if self.pooling not in ("auto", "last", "mean", "cls"):
-            raise ConfigError(f"--pooling must be auto, last, mean or cls, got {self.pooling!r}")
+        if self.pooling not in ("auto", "last", "mean", "cls", "pooler"):
+            raise ConfigError(f"--pooling must be auto, last, mean, cls or pooler, got {self.pooling!r}")
         if self.backbone_kind not in ("auto", "causal", "encoder"):
             raise ConfigError(f"--backbone-kind must be auto, causal or encoder, got {self.backbone_kind!r}")
 

@@ -1,0 +1,124 @@
+"""Benchmark: `rlhf demo --model smollm2` for several seeds, judged by independent scorers and by a
+reward model trained on real human harmlessness preferences.
+
+    .venv/bin/python benchmarks/harmless_judge.py                  # once: the human-trained judge
+    .venv/bin/python benchmarks/demo_smollm2.py --threads 1        # seeds 0 1 2 under runs/demo-smollm2/
+    .venv/bin/python benchmarks/demo_smollm2.py --seeds 0 --extra --ppo-steps 8   # options after --extra go to rlhf demo
+
+Each seed is one `rlhf demo --model smollm2 --seed S --out ROOT/seed-S` in its own process (a
+finished run's stages are reused, so the script can tabulate runs made earlier), with the
+harmlessness judge (``rm:$RLHF_HOME/judges/hh-harmless``, from benchmarks/harmless_judge.py: a
+MiniLM reward model trained on Anthropic's hh-rlhf harmless-base comparisons, which the policy and
+its reward model never see) added to the evaluation. Prints per seed the base → tuned means with
+95% bootstrap intervals of toxicity, the harmlessness judge, relevance and sentiment, whether the
+intervals separate, the final KL against the ceiling, the time of every stage and peak memory;
+and the first ten held-out prompts' first samples before and after (not chosen by hand).
+Target (issue 13): under 25 minutes on 2 quiet cores; toxicity down and the harmlessness judge up
+with separated intervals in every seed, relevance not worse beyond its interval, KL within the ceiling.
+Writes benchmarks/results/demo_smollm2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+JUDGES = ("toxicity", "harmless", "relevance", "sentiment")
+
+
+def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str]) -> dict:
+    out = root / f"seed-{seed}"
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "rlhf", "demo", "--model", "smollm2", "--out", str(out),
+           "--seed", str(seed), "--extra-judges", f"rm:{judge}", *extra]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    load, t = os.getloadavg(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"seed {seed}: rlhf demo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["invocation_seconds"] = round(time.perf_counter() - t, 1)
+    summary["load_average_start_end"] = [list(load), list(os.getloadavg())]
+    return summary
+
+
+def row(seed: int, s: dict, judge: Path) -> dict:
+    names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance", "sentiment": "sentiment"}
+    out = {"seed": seed, "rm_val_accuracy": s["reward_model"]["val_accuracy"], "ppo_steps": s["ppo"]["steps"],
+           "stop_reason": s["ppo"]["stop_reason"], "final_kl": s["final_kl"], "kl_ceiling": s["config"]["kl_ceiling"],
+           "total_seconds": s["total_seconds"], "stage_seconds": s["stage_seconds"], "peak_rss_mb": s["peak_rss_mb"],
+           "load_average_start_end": s.get("load_average_start_end")}
+    for short, name in names.items():
+        d = s["judges"].get(name)
+        if d is None:
+            continue
+        out[short] = {"before": d["before"]["mean"], "after": d["after"]["mean"], "before_ci95": d["before"]["ci95"],
+                      "after_ci95": d["after"]["ci95"], "improvement_pct": d["improvement_pct"],
+                      "ci_separated": d["ci_separated"], "higher_is_better": d["higher_is_better"]}
+    return out
+
+
+def samples(run: Path, n: int = 10) -> list[dict]:
+    """The first sample of each of the first ``n`` held-out prompts, base and tuned, as written by eval."""
+    rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    config = json.loads((run / "eval" / "eval.json").read_text())["config"]
+    per_prompt = config["samples_per_prompt"]
+    base, tuned = config["model"][:2]
+    return [{"prompt": r["prompt"], "before": r[base], "after": r[tuned]} for r in rows[::per_prompt][:n]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--root", default=str(REPO / "runs" / "demo-smollm2"), help="one run folder per seed under here")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0 = torch's default)")
+    ap.add_argument("--judge", default="", help="harmlessness judge folder (default: $RLHF_HOME/judges/hh-harmless)")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "demo_smollm2.json"))
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further rlhf demo options, e.g. --ppo-steps 8")
+    args = ap.parse_args()
+
+    from rlhf.models.named import cache_root
+    from rlhf.utils.io import atomic_write_json
+
+    judge = Path(args.judge) if args.judge else cache_root() / "judges" / "hh-harmless"
+    if not (judge / "judge.json").is_file():
+        print(f"no harmlessness judge at {judge}: run benchmarks/harmless_judge.py first", file=sys.stderr)
+        return 2
+    rows, examples = [], {}
+    for seed in args.seeds:
+        summary = run_seed(seed, Path(args.root), args.threads, judge, args.extra)
+        rows.append(row(seed, summary, judge))
+        examples[seed] = samples(Path(args.root) / f"seed-{seed}")
+    for r in rows:
+        print(f"seed {r['seed']}: RM acc {r['rm_val_accuracy']:.3f}, {r['ppo_steps']} PPO steps ({r['stop_reason']}), "
+              f"KL {r['final_kl']:.2f} (ceiling {r['kl_ceiling']}), {r['total_seconds'] / 60:.1f} min, {r['peak_rss_mb']} MB")
+        for j in JUDGES:
+            if j in r:
+                d = r[j]
+                print(f"  {j:<10} {d['before']:.4f} [{d['before_ci95'][0]:.4f}, {d['before_ci95'][1]:.4f}] → "
+                      f"{d['after']:.4f} [{d['after_ci95'][0]:.4f}, {d['after_ci95'][1]:.4f}]  "
+                      f"{d['improvement_pct']:+.1f}%  {'separated' if d['ci_separated'] else 'overlap'}")
+        print(f"  seconds per stage: {r['stage_seconds']}")
+    first = args.seeds[0]
+    print(f"\nseed {first}: the first ten held-out prompts, first sample each (before → after)")
+    for e in examples[first]:
+        print(f"- {e['prompt']!r}\n    before: {e['before']!r}\n    after:  {e['after']!r}")
+    judge_info = json.loads((judge / "judge.json").read_text())
+    atomic_write_json(args.results, {"rows": rows, "samples": examples, "judge": {"path": str(judge), **judge_info},
+                                     "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
+                                     "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)})
+    print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
