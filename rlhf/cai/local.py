@@ -21,7 +21,8 @@ import torch
 
 from rlhf.cai.prompts import chat_with_template
 from rlhf.errors import ConfigError
-from rlhf.models.loading import BUNDLED_NAMES, load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from rlhf.models.loading import (BUNDLED_NAMES, load_causal_lm, load_tokenizer, pick_device, resolve_model_path,
+                                 stop_token_ids)
 from rlhf.serve.client import ResponseCache
 
 TOO_SMALL = ("the bundled model (2.1M parameters, trained on 53 everyday prompts) is too small to read a conversation "
@@ -225,10 +226,7 @@ class LocalFeedbackModel:
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.7, seed: int = 0) -> list[str]:
         """Replies to already-formatted prompts (greedy when temperature is 0), without the end-of-turn token."""
         torch.manual_seed(seed)
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        if self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
+        eos = stop_token_ids(self.tokenizer, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
         texts = []
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -249,8 +247,11 @@ class LocalFeedbackModel:
         return texts
 
 
-def _fingerprint(folder: Path) -> str:
-    """Names a model's weights for the cache: its folder and the size and time of each weight file."""
+def _fingerprint(folder: Path | str) -> str:
+    """Names a model's weights for the cache: its folder and the size and time of each weight file
+    (a hub id names a revision already)."""
+    if not isinstance(folder, Path):
+        return f"hub:{folder}"
     files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")) + [folder / "config.json"])
     parts = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     return f"local:{folder.resolve()}|" + "|".join(parts)

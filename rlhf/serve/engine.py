@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
 
 
 @dataclass
@@ -44,11 +44,7 @@ class ServedModel:
         self.model.eval()
         self.lock = threading.Lock()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = eos
+        self.eos_ids = stop_token_ids(self.tokenizer, self.model.generation_config)  # EOS and the end of turn
 
     # --- text <-> tokens ---------------------------------------------------------------------
 
