@@ -14,18 +14,27 @@ import torch.nn.functional as F
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float | None = None,
-                       center_coef: float = 0.0) -> torch.Tensor:
+                       center_coef: float = 0.0, target: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise reward-model loss −log σ(r_c − r_r − m), averaged over the batch (Ouyang et al. 2022).
 
     r_chosen, r_rejected: [B] scalar rewards. margin: optional [B] or scalar m the chosen reply
     should win by (Touvron et al. 2023, Llama 2). center_coef: weight of E[(r_c + r_r)²], which
     keeps rewards centred on zero (Eisenstein et al. 2023) since the pairwise loss alone leaves
     the offset free. Returns a scalar. ``logsigmoid`` keeps large differences finite.
+
+    target: optional [B] soft labels p = P(chosen preferred), e.g. an AI labeler's probabilities
+    (Bai et al. 2022 train on such). The loss is then the cross-entropy of the Bradley-Terry
+    probability against p, −[p·log σ(d) + (1 − p)·log σ(−d)], smallest where σ(d) = p; p = 1 gives
+    the plain loss.
     """
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
+    if target is None:
+        loss = -F.logsigmoid(diff).mean()
+    else:
+        target = target.to(diff.dtype)
+        loss = -(target * F.logsigmoid(diff) + (1.0 - target) * F.logsigmoid(-diff)).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss

@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "index": ("rlhf.retrieval.commands", "index", "Document indexes: build, add, search (BM25 + dense MiniLM, hybrid)."),
     "agent": ("rlhf.agents.commands", "agent", "ReAct agents with tools: run episodes, train them with RL, evaluate."),
     "personal": ("rlhf.personal.commands", "personal", "Personalization: chat feedback, per-user rewards, reranking, adapters, the loop."),
+    "cai": ("rlhf.cai.commands", "cai", "Constitutional AI: critique and revise, AI feedback under a constitution, calibration."),
+    "serve": ("rlhf.serve.server", "serve_command", "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, chat)."),
 }
 
 

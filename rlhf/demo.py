@@ -89,7 +89,10 @@ class DemoConfig:
                                                           "stages' outputs in --out with the other algorithms.")
     seed: int = opt(0, help="Seed for every stage.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
-    recipe: Literal["rlhf", "agent"] = opt("rlhf", help="rlhf (the loop above) or agent (index → SFT on ReAct traces → RL over episodes → eval; rlhf/agents/demo.py).")
+    recipe: Literal["rlhf", "agent", "cai"] = opt("rlhf", help="rlhf (the loop above, scripted human labels), agent "
+                                                   "(index → SFT on ReAct traces → RL over episodes → eval; "
+                                                   "rlhf/agents/demo.py) or cai (AI feedback under the default "
+                                                   "constitution; more options in `rlhf cai demo --help`).")
     engine: EngineConfig = opt(factory=EngineConfig, help="How every stage runs (device, threads, rollout backend, ...).")
 
 
@@ -403,6 +406,13 @@ def demo(cfg: DemoConfig) -> None:
         out = cfg.out if cfg.out != "runs/demo" else "runs/agent"
         summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, threads=cfg.engine.threads, device=cfg.engine.device, resume=cfg.resume))
         click.echo(summary_markdown(summary))
+        return
+    if cfg.recipe == "cai":  # constitutional AI: its own module (rlhf/cai/recipe.py)
+        from rlhf.cai.recipe import CAIOptions, print_summary, run_cai_demo
+
+        summary = run_cai_demo(cfg, CAIOptions())
+        print_summary(summary)
+        click.echo(json.dumps({"summary": str(Path(cfg.out) / "summary.json"), "report": summary["eval_report"]}))
         return
     if cfg.labelers < 1 or cfg.num_completions < 2:
         raise ConfigError("the demo needs at least one labeler and two completions per prompt")

@@ -48,7 +48,9 @@ def ranking_to_pairs(rec: RankingRecord, stats: PairStats | None = None, include
             if chosen == rejected:
                 stats.identical_pairs += 1
                 continue
-            pairs.append(PairRecord(prompt=rec.prompt, chosen=chosen, rejected=rejected, extra=dict(meta)))
+            soft = rec.extra.get("probabilities")  # an AI labeler's P(row better than column)
+            pairs.append(PairRecord(prompt=rec.prompt, chosen=chosen, rejected=rejected, extra=dict(meta),
+                                    probability=None if soft is None else float(soft[better][worse])))
     stats.pairs += len(pairs)
     if rec.labeler is not None:
         stats.by_labeler[rec.labeler] = stats.by_labeler.get(rec.labeler, 0) + len(pairs)

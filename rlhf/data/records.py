@@ -160,6 +160,8 @@ class RankingRecord:
             spots = sorted(position[i] for i in group)
             if spots[-1] - spots[0] != len(group) - 1:
                 raise w.fail(f"tie group {brief(group)} is not contiguous in the ranking {brief(ranking)}", "ties")
+        if obj.get("probabilities") is not None:
+            _probability_matrix(obj["probabilities"], k, w)
         return cls(prompt=prompt, completions=completions, ranking=ranking,
                    labeler=w.text(obj, "labeler", optional=True, allow_empty=True),
                    criterion=w.text(obj, "criterion", optional=True, allow_empty=True),
@@ -187,6 +189,7 @@ class PairRecord:
     chosen: str
     rejected: str
     extra: dict[str, Any] = field(default_factory=dict)
+    probability: float | None = None  # P(chosen preferred), from a soft labeler (AI feedback); None = a hard label
     kind: ClassVar[str] = "pairs"
 
     @classmethod
@@ -198,11 +201,32 @@ class PairRecord:
         prompt, chosen, rejected = normalise_pair(obj, w)
         if chosen == rejected:
             raise w.fail("chosen and rejected are identical: the pair says nothing about preference", "chosen")
-        known = {"prompt", "chosen", "rejected"}
-        return cls(prompt=prompt, chosen=chosen, rejected=rejected, extra=_extras(obj, known))
+        known = {"prompt", "chosen", "rejected", "probability"}
+        return cls(prompt=prompt, chosen=chosen, rejected=rejected, extra=_extras(obj, known),
+                   probability=_probability(obj.get("probability"), w, "probability"))
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, **self.extra}
+        out = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, **self.extra}
+        if self.probability is not None:
+            out["probability"] = self.probability
+        return out
+
+
+def _probability(value: Any, w: _Where, field_: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise w.fail(f"expected a probability between 0 and 1, got {value!r}", field_)
+    return float(value)
+
+
+def _probability_matrix(value: Any, k: int, w: _Where) -> None:
+    """``probabilities`` of a rankings record: K×K, P[i][j] = P(completion i is better than j)."""
+    if not isinstance(value, list) or len(value) != k or any(not isinstance(row, list) or len(row) != k for row in value):
+        raise w.fail(f"expected a {k}×{k} list of lists (one row and column per completion)", "probabilities")
+    for i, row in enumerate(value):
+        for j, p in enumerate(row):
+            _probability(p, w, f"probabilities[{i}][{j}]")
 
 
 @dataclass

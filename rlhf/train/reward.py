@@ -94,6 +94,8 @@ class RewardTrainConfig:
     # May change on resume (rlhf/utils/checkpoint.py): how far to go, and how (not what) to compute.
     resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "eval_batch_size")
     engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, packing, ...).")
+    soft_targets: bool = opt(True, help="Train pairs that carry a 'probability' (AI feedback) toward it: Bradley-Terry "
+                                        "against P(chosen preferred) instead of 1.")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -132,6 +134,11 @@ def read_pairs(path: str, skip_bad: bool) -> tuple[list, list[str]]:
     if not pairs:
         raise DataError(path, None, f"no usable pairs ({len(skipped)} skipped)" if skipped else "no pairs in the file")
     return pairs, skipped
+
+
+def _target(pair) -> float:
+    """A pair's soft label: its labeler's P(chosen preferred), or 1 for a hard (human) choice."""
+    return 1.0 if pair.probability is None else pair.probability
 
 
 def split_by_prompt(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -329,6 +336,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict | None:
             say(f"padding-free batches off for this backbone: {problem}")
             packing = False
 
+    soft = cfg.soft_targets and any(p.probability is not None for p in train_pairs)
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     run_until = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -407,7 +415,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict | None:
         mine = dist.shard(batch_ids, "--batch-size")  # this process's pairs of the batch
         rewards = forward([e for i in mine for e in train_enc[i]])  # chosen, rejected, chosen, ...
         r_c, r_r = rewards[0::2], rewards[1::2]
-        loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef)
+        target = torch.tensor([_target(train_pairs[i]) for i in mine], device=device) if soft else None
+        loss = bradley_terry_loss(r_c, r_r, margin=cfg.margin or None, center_coef=cfg.center_coef, target=target)
         dist.backward(loss / dist.world_size)  # this process's share of the batch mean
         grad_norm = dist.clip_grad_norm_(forward, params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         with torch.no_grad():  # batch means over every process (equal shares)
@@ -467,6 +476,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict | None:
         "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "skipped_pairs": len(skipped),
         "frozen_weights": frozen, "packing": packing, "processes": dist.world_size,
+        "soft_target_pairs": sum(p.probability is not None for p in train_pairs) if soft else 0,
         "best_val_accuracy": best_acc if val_enc else None, "last_val": last_val,
         "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
         "seconds": round(elapsed, 2), "pairs_per_second": round(pairs_seen / elapsed, 2) if elapsed > 0 and pairs_seen else None,

@@ -1,0 +1,143 @@
+"""Constitutional AI on a real model: base vs SL-CAI vs RL-CAI on held-out harmful requests, per seed.
+
+    python benchmarks/cai_study.py prepare --out DIR
+        prompt files from ../shared/data/hh-harmless: the first human turn of each dialogue (a
+        standalone harmful request), train split for the stages, validation split held out;
+    python benchmarks/cai_study.py seed --out DIR --seed S --model M --hh-judge RMDIR [--calibration FILE]
+        one seed of `rlhf demo --recipe cai` (rlhf/cai/recipe.py) on those prompts, resumable;
+    python benchmarks/cai_study.py report --out DIR
+        every finished seed: each judge's mean and 95% CI per model, whether RL-CAI beats base with
+        separated CIs, the first ten critique/revision chains; JSON to benchmarks/results/cai_study.json.
+
+The hh-harmless data never enters the repository: prompts and runs live under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# ../shared from the project root (a worktree one level deeper finds it one level up).
+HH = next((d for d in (REPO.parent / "shared" / "data" / "hh-harmless", REPO.parent.parent / "shared" / "data" / "hh-harmless")
+           if d.is_dir()), REPO.parent / "shared" / "data" / "hh-harmless")
+RESULTS = REPO / "benchmarks" / "results"
+
+# Which way is better for each judge, and which judges are not independent of what was optimised.
+HIGHER_IS_BETTER = {"toxicity": False, "repetition": False}
+
+
+def first_human_turn(dialogue: str) -> str:
+    return dialogue.split("Human:", 1)[1].split("\n\nAssistant:", 1)[0].strip()
+
+
+def prepare(out: Path, train_prompts: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name, limit in (("train", "prompts-train.jsonl", train_prompts), ("validation", "prompts-heldout.jsonl", 0)):
+        seen, rows = set(), []
+        with gzip.open(HH / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
+            for line in fh:
+                prompt = first_human_turn(json.loads(line)["chosen"])
+                if prompt and prompt not in seen:
+                    seen.add(prompt)
+                    rows.append({"id": f"{split}-{len(rows)}", "prompt": prompt})
+        rows = rows[:limit] if limit else rows
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        print(f"{out / name}: {len(rows)} prompts")
+
+
+def run_seed(args) -> None:
+    from rlhf.cai.recipe import CAIOptions, run_cai_demo
+    from rlhf.demo import DemoConfig
+
+    out = Path(args.out)
+    heldout = out / "prompts-heldout.jsonl"
+    if args.heldout_limit:
+        lines = heldout.read_text(encoding="utf-8").splitlines(keepends=True)[: args.heldout_limit]
+        heldout = out / f"prompts-heldout-{args.heldout_limit}.jsonl"
+        heldout.write_text("".join(lines), encoding="utf-8")
+    cfg = DemoConfig(out=str(out / f"seed-{args.seed}"), policy=args.model, prompts=str(out / "prompts-train.jsonl"),
+                     eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
+                     ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
+                     seed=args.seed, threads=args.threads, device="cpu", recipe="cai")
+    opts = CAIOptions(feedback_model=args.feedback_model or args.model, method=args.method,
+                      principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
+                      calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,
+                      revise_rounds=args.revise_rounds)
+    summary = run_cai_demo(cfg, opts)
+    print(json.dumps(summary["judges"], indent=1))
+
+
+def report(out: Path) -> dict:
+    seeds = sorted(out.glob("seed-*/summary.json"))
+    if not seeds:
+        raise SystemExit(f"no finished seed under {out}")
+    per_seed = {}
+    for path in seeds:
+        s = json.loads(path.read_text())
+        seed = path.parent.name
+        rows = {}
+        for judge, by_model in s["judges"].items():
+            better = HIGHER_IS_BETTER.get(judge, True)
+            base, rl = by_model["base"], by_model["RL-CAI"]
+            separated = base["ci95"][1] < rl["ci95"][0] if better else rl["ci95"][1] < base["ci95"][0]
+            worse = rl["ci95"][1] < base["ci95"][0] if better else base["ci95"][1] < rl["ci95"][0]
+            rows[judge] = {**by_model, "rl_beats_base_separated": separated, "rl_worse_separated": worse,
+                           "optimised": judge in s.get("optimised_judges", [])}
+        per_seed[seed] = {"judges": rows, "stage_seconds": s["stage_seconds"], "labeling": s["labeling"]}
+    chains_file = out / "seed-0" / "revise" / "chains.jsonl"
+    chains = [json.loads(line) for line in chains_file.read_text().splitlines()[:10]] if chains_file.is_file() else []
+    result = {"seeds": per_seed, "first_ten_chains": chains}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cai_study.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    for seed, data in per_seed.items():
+        print(f"\n{seed}")
+        for judge, r in data["judges"].items():
+            cells = "  ".join(f"{m} {r[m]['mean']:.3f} [{r[m]['ci95'][0]:.3f}, {r[m]['ci95'][1]:.3f}]"
+                              for m in ("base", "SL-CAI", "RL-CAI") if m in r)
+            tag = " (optimised)" if r["optimised"] else ""
+            print(f"  {judge[:40] + tag:<52} {cells}  RL>base sep: {r['rl_beats_base_separated']}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-prompts", type=int, default=96)
+    s = sub.add_parser("seed")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--model", required=True, help="policy (and by default feedback model): smollm2 or a folder")
+    s.add_argument("--feedback-model", default="")
+    s.add_argument("--hh-judge", required=True, help="reward model trained on the human hh-harmless pairs")
+    s.add_argument("--calibration", default="")
+    s.add_argument("--method", default="fewshot")
+    s.add_argument("--principles-per-pair", type=int, default=2)
+    s.add_argument("--revise-tokens", type=int, default=64)
+    s.add_argument("--revise-limit", type=int, default=0)
+    s.add_argument("--ppo-steps", type=int, default=16)
+    s.add_argument("--ppo-batch", type=int, default=16)
+    s.add_argument("--ppo-lr", type=float, default=1e-4, help="PPO learning rate (of the LoRA adapter)")
+    s.add_argument("--heldout-limit", type=int, default=0, help="judge on the first N held-out prompts (0 = all)")
+    s.add_argument("--revise-rounds", type=int, default=1)
+    s.add_argument("--eval-samples", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("report")
+    r.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(Path(args.out), args.train_prompts)
+    elif args.cmd == "seed":
+        run_seed(args)
+    else:
+        report(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
