@@ -35,7 +35,7 @@ def test_agent_run_writes_every_episode_with_its_authors(small_kb, tiny_model_di
     index, tasks = small_kb
     out = tmp_path / "episodes.jsonl"
     res = invoke(["agent", "run", "--model", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--stage", "held_out",
-                  "--limit", "5", "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])
+                  "--limit", "5", "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu", "--threads", "1"])
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 5 and 0 <= summary["valid_call_rate"] <= 1
     eps = read_episodes(out)
@@ -53,7 +53,7 @@ def test_agent_eval_reports_each_mode_by_hops_with_intervals(small_kb, tiny_mode
     index, tasks = small_kb
     out = tmp_path / "eval"
     invoke(["agent", "eval", "--model", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--limit", "8",
-            "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--out", str(out), "--device", "cpu"])
+            "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--out", str(out), "--device", "cpu", "--threads", "1"])
     result = json.loads((out / "eval.json").read_text())
     (name,) = result["models"]
     per_mode = result["models"][name]
@@ -74,7 +74,7 @@ def test_agent_train_runs_checkpoints_and_resumes(small_kb, tiny_model_dir, tmp_
     out = tmp_path / "rl"
     args = ["agent", "train", "--policy", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--stage", "rl",
             "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--batch-size", "4", "--mini-batch-size", "2",
-            "--micro-batch-size", "2", "--ppo-epochs", "1", "--save-every", "1", "--eval-every", "0", "--out", str(out), "--device", "cpu"]
+            "--micro-batch-size", "2", "--ppo-epochs", "1", "--save-every", "1", "--eval-every", "0", "--out", str(out), "--device", "cpu", "--threads", "1"]
     invoke(args + ["--steps", "2"])
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, agent_prompt
 from rlhf.agents.tools import ToolRegistry, tool_from_function
 from rlhf.agents.train import EpisodePPOConfig, EpisodeTrainer, episode_stats
 from rlhf.algos import gae, kl_shaped_rewards, multi_turn_advantages, pack_by_mask, unpack_by_mask
+from rlhf.engine.config import EngineConfig
 
 
 # --- the math ----------------------------------------------------------------------------------
@@ -196,7 +197,8 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
     tok = load_tokenizer(tiny_model_dir)
     model = load_causal_lm(tiny_model_dir, train=True)
     sft = SFTConfig(data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "sft"), batch_size=16, lr=3e-3, warmup_steps=5,
-                    epochs=100, max_steps=200, save_every=0, device="cpu")
+                    epochs=100, max_steps=200, save_every=0,
+                    engine=EngineConfig(device="cpu", threads=1))
     train_causal_lm(model, tok, load_sft_data(sft.data, tok, sft), sft, sft.out, desc="sft")
     model.save_pretrained(str(tmp_path / "warm"))
     tok.save_pretrained(str(tmp_path / "warm"))
