@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+
+from conftest import safetensors_weights as weights
 
 from rlhf.agents.episode import read_episodes
 from rlhf.agents.kb import documents, make_world, questions
 from rlhf.cli import app
+from rlhf.errors import ConfigError
 from rlhf.retrieval.documents import Document
 from rlhf.retrieval.index import Index
 
@@ -84,4 +88,28 @@ def test_agent_train_runs_checkpoints_and_resumes(small_kb, tiny_model_dir, tmp_
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["config"]["engine"]["threads"] == 1
+
+    # Exact resume: the same weights and metrics as a run that went to step 3 without stopping.
+    straight = tmp_path / "straight"
+    invoke([a if a != str(out) else str(straight) for a in args] + ["--steps", "3"])
+    resumed, uninterrupted = weights(out / "model"), weights(straight / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    again = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, again):
+        assert {k: v for k, v in a.items() if not k.startswith("time_")} == {k: v for k, v in b.items() if not k.startswith("time_")}
+
+    # A changed option that shapes the steps is refused, naming it; a longer --steps is not.
+    res = CliRunner().invoke(app, args + ["--steps", "4", "--lr", "1e-3"])
+    assert isinstance(res.exception, ConfigError) and "--lr 2e-05 → 0.001" in str(res.exception)
+
+
+def test_agent_verbs_show_the_engine_options():
+    for verb in (["agent", "run"], ["agent", "train"], ["agent", "eval"]):
+        out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
+        for flag in ("--device", "--dtype", "--threads", "--rollout [", "--rollout-threads", "--cpu-gemm"):
+            assert flag in out, (verb, flag)
+    for verb in (["index", "build"], ["index", "add"]):
+        out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
+        assert "--device" in out and "--threads" in out and "--rollout" not in out, verb

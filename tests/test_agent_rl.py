@@ -220,3 +220,27 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
     after = episode_stats(greedy.run(tasks[:4]))
     assert sum(em[-5:]) / 5 > sum(em[:3]) / 3 + 0.2, em
     assert after["exact_match"] > before["exact_match"], (before, after)
+
+
+def test_an_episode_samples_the_same_whichever_batch_runs_it(tiny_model_dir):
+    """Turn seeds are a function of (seed, episode index, turn): running a batch in one call or as
+    two shares (as two processes do, with ``first_index``) gives the same sampled episodes, and
+    another seed gives others."""
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir)
+    tools = ToolRegistry()
+    tools.register(tool_from_function(_look))
+    runner = EpisodeRunner(model, tok, tools, AgentConfig(max_turns=2, max_new_tokens=12, temperature=1.0, decode_batch_size=3))
+    tasks = [Task(f"t{i}", f"colour of q{i}?") for i in range(4)]
+    whole = runner.run(tasks, seed=7)
+    shares = runner.run(tasks[:2], seed=7) + runner.run(tasks[2:], seed=7, first_index=2)
+    ids = [[s.ids for s in e.segments] for e in whole]
+    assert ids == [[s.ids for s in e.segments] for e in shares]
+    assert ids != [[s.ids for s in e.segments] for e in runner.run(tasks, seed=8)]
+
+
+def _look(query: str) -> str:
+    """Look something up."""
+    return "nothing here"
