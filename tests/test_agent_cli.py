@@ -113,3 +113,25 @@ def test_agent_verbs_show_the_engine_options():
     for verb in (["index", "build"], ["index", "add"]):
         out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
         assert "--device" in out and "--threads" in out and "--rollout" not in out, verb
+
+
+@pytest.mark.slow
+def test_agent_demo_runs_every_stage_with_its_engine_and_skips_them_on_rerun(tiny_model_dir, tmp_path, capsys):
+    """index → SFT → RL → eval on a tiny budget: every stage runs with the demo's engine section
+    (saved in each stage's config), the summary has the issue's four rows, and a rerun skips all."""
+    from rlhf.agents.demo import AgentDemoConfig, run_agent_demo
+    from rlhf.engine.config import EngineConfig
+
+    cfg = AgentDemoConfig(out=str(tmp_path / "demo"), policy=str(tiny_model_dir), sft_epochs=0.02, rl_steps=1,
+                          rl_batch_size=4, eval_limit=4, engine=EngineConfig(device="cpu", threads=1))
+    summary = run_agent_demo(cfg)
+    assert set(summary["stage_seconds"]) == {"index", "sft", "rl", "eval"}
+    assert [r["method"] for r in summary["exact_match"]] == ["no retrieval", "plain RAG", "ReAct before RL", "ReAct after RL"]
+    assert all(r["all"]["n"] == 4 for r in summary["exact_match"]) and summary["rl"]["steps"] == 1
+    for stage in ("sft", "rl"):
+        saved = json.loads((tmp_path / "demo" / stage / "summary.json").read_text())["config"]["engine"]
+        assert (saved["device"], saved["threads"]) == ("cpu", 1), stage
+    capsys.readouterr()
+    again = run_agent_demo(cfg)
+    assert again["exact_match"] == summary["exact_match"]
+    assert capsys.readouterr().err.count("already done") == 4
