@@ -19,25 +19,14 @@ import pytest
 import torch
 
 from conftest import safetensors_weights as weights
-from rlhf.agents.kb import documents, make_world, questions
-from rlhf.retrieval.documents import Document
-from rlhf.retrieval.index import Index
 from rlhf.utils.metrics import read_metrics
+from test_agent_cli import small_kb  # noqa: F401 (a fixture: the small invented knowledge base, BM25 only)
 from test_distributed import assert_same_metrics, close, launch
 
 ARGS = dict(stage="rl", eval_stage="held_out", eval_every=2, eval_limit=5, search_mode="bm25", max_turns=2,
             max_new_tokens=6, temperature=1.0, steps=3, batch_size=4, mini_batch_size=4, micro_batch_size=2,
             ppo_epochs=2, lr=3e-3, init_kl_coef=0.05, save_every=2, keep_checkpoints=5, seed=4,
             tool_error_penalty=0.5, format_bonus=1.0)  # a reward an untrained tiny model's episodes vary on
-
-
-@pytest.fixture(scope="module")
-def kb(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("agent-kb")
-    w = make_world(seed=5, people=30, towns=6, companies=6, split_sizes=(8, 6))
-    Index.build([Document(d["id"], d["text"], "kb") for d in documents(w)], dense=False).save(root / "index")
-    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions(w)))
-    return root / "index", root / "questions.jsonl"
 
 
 def flags(model_dir: Path, kb: tuple[Path, Path], out: Path) -> list[str]:
@@ -48,9 +37,9 @@ def flags(model_dir: Path, kb: tuple[Path, Path], out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two(tiny_model_dir, kb, tmp_path_factory) -> Path:
+def two(tiny_model_dir, small_kb, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("agent-rl") / "two"
-    res = launch(flags(tiny_model_dir, kb, out))
+    res = launch(flags(tiny_model_dir, small_kb, out))
     # One writer: one metrics line per step (and one for the final evaluation), one summary.
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3]
     assert sum(1 for line in res.stdout.splitlines() if line.startswith("{")) == 1
@@ -64,11 +53,11 @@ UPDATE_STATS = ("reward_mean", "kl", "beta", "policy_loss", "value_loss", "grad_
 
 
 @pytest.mark.slow
-def test_agent_rl_on_two_processes_equals_one(tiny_model_dir, kb, two, tmp_path):
+def test_agent_rl_on_two_processes_equals_one(tiny_model_dir, small_kb, two, tmp_path):
     from rlhf.agents.train import AgentTrainConfig, train_agent
     from rlhf.engine.config import EngineConfig
 
-    index, tasks = kb
+    index, tasks = small_kb
     one = train_agent(AgentTrainConfig(policy=str(tiny_model_dir), index=str(index), tasks=str(tasks), eval_tasks=str(tasks),
                                        out=str(tmp_path / "one"), engine=EngineConfig(device="cpu", threads=1), **ARGS))
     assert one["steps"] == 3 and one["processes"] == 1
@@ -85,11 +74,11 @@ def test_agent_rl_on_two_processes_equals_one(tiny_model_dir, kb, two, tmp_path)
 
 
 @pytest.mark.slow
-def test_agent_rl_resumes_under_two_processes(tiny_model_dir, kb, two, tmp_path):
+def test_agent_rl_resumes_under_two_processes(tiny_model_dir, small_kb, two, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(two / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
     shutil.copy(two / "metrics.jsonl", resumed / "metrics.jsonl")  # as a run killed after step 2 leaves it
-    res = launch(flags(tiny_model_dir, kb, resumed))
+    res = launch(flags(tiny_model_dir, small_kb, resumed))
     assert res.stderr.count("resuming from") == 1
     a, b = weights(two / "model"), weights(resumed / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
