@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
+from rlhf.engine.config import EngineConfig
 from rlhf.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/agent-bench")
     ap.add_argument("--policy", default="bundled")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (the engine's --threads; 0 = auto)")
+    ap.add_argument("--device", default="cpu", help="the engine's --device")
     ap.add_argument("--sft-epochs", type=float, default=3.0)
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--eval-limit", type=int, default=0)
@@ -43,8 +45,9 @@ def main() -> None:
     args = ap.parse_args()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    summary = run_agent_demo(AgentDemoConfig(out=args.out, policy=args.policy, threads=args.threads, sft_epochs=args.sft_epochs,
-                                             rl_steps=args.rl_steps, eval_limit=args.eval_limit, seed=args.seed))
+    summary = run_agent_demo(AgentDemoConfig(out=args.out, policy=args.policy, sft_epochs=args.sft_epochs,
+                                             rl_steps=args.rl_steps, eval_limit=args.eval_limit, seed=args.seed,
+                                             engine=EngineConfig(device=args.device, threads=args.threads)))
     table = summary_markdown(summary)
     print(table)
     atomic_write_json(RESULTS / "agent.json", {**summary, "command": vars(args), "cpu": cpu_model(),

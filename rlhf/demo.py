@@ -404,7 +404,7 @@ def demo(cfg: DemoConfig) -> None:
         from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
 
         out = cfg.out if cfg.out != "runs/demo" else "runs/agent"
-        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, threads=cfg.engine.threads, device=cfg.engine.device, resume=cfg.resume))
+        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, engine=cfg.engine, resume=cfg.resume))
         click.echo(summary_markdown(summary))
         return
     if cfg.recipe == "cai":  # constitutional AI: its own module (rlhf/cai/recipe.py)

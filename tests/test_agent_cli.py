@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+
+from conftest import safetensors_weights as weights
 
 from rlhf.agents.episode import read_episodes
 from rlhf.agents.kb import documents, make_world, questions
 from rlhf.cli import app
+from rlhf.errors import ConfigError
 from rlhf.retrieval.documents import Document
 from rlhf.retrieval.index import Index
 
@@ -35,7 +39,7 @@ def test_agent_run_writes_every_episode_with_its_authors(small_kb, tiny_model_di
     index, tasks = small_kb
     out = tmp_path / "episodes.jsonl"
     res = invoke(["agent", "run", "--model", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--stage", "held_out",
-                  "--limit", "5", "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])
+                  "--limit", "5", "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu", "--threads", "1"])
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 5 and 0 <= summary["valid_call_rate"] <= 1
     eps = read_episodes(out)
@@ -53,7 +57,7 @@ def test_agent_eval_reports_each_mode_by_hops_with_intervals(small_kb, tiny_mode
     index, tasks = small_kb
     out = tmp_path / "eval"
     invoke(["agent", "eval", "--model", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--limit", "8",
-            "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--out", str(out), "--device", "cpu"])
+            "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--out", str(out), "--device", "cpu", "--threads", "1"])
     result = json.loads((out / "eval.json").read_text())
     (name,) = result["models"]
     per_mode = result["models"][name]
@@ -74,7 +78,7 @@ def test_agent_train_runs_checkpoints_and_resumes(small_kb, tiny_model_dir, tmp_
     out = tmp_path / "rl"
     args = ["agent", "train", "--policy", str(tiny_model_dir), "--index", str(index), "--tasks", str(tasks), "--stage", "rl",
             "--search-mode", "bm25", "--max-turns", "2", "--max-new-tokens", "6", "--batch-size", "4", "--mini-batch-size", "2",
-            "--micro-batch-size", "2", "--ppo-epochs", "1", "--save-every", "1", "--eval-every", "0", "--out", str(out), "--device", "cpu"]
+            "--micro-batch-size", "2", "--ppo-epochs", "1", "--save-every", "1", "--eval-every", "0", "--out", str(out), "--device", "cpu", "--threads", "1"]
     invoke(args + ["--steps", "2"])
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -84,4 +88,50 @@ def test_agent_train_runs_checkpoints_and_resumes(small_kb, tiny_model_dir, tmp_
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["config"]["engine"]["threads"] == 1
+
+    # Exact resume: the same weights and metrics as a run that went to step 3 without stopping.
+    straight = tmp_path / "straight"
+    invoke([a if a != str(out) else str(straight) for a in args] + ["--steps", "3"])
+    resumed, uninterrupted = weights(out / "model"), weights(straight / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    again = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, again):
+        assert {k: v for k, v in a.items() if not k.startswith("time_")} == {k: v for k, v in b.items() if not k.startswith("time_")}
+
+    # A changed option that shapes the steps is refused, naming it; a longer --steps is not.
+    res = CliRunner().invoke(app, args + ["--steps", "4", "--lr", "1e-3"])
+    assert isinstance(res.exception, ConfigError) and "--lr 2e-05 → 0.001" in str(res.exception)
+
+
+def test_agent_verbs_show_the_engine_options():
+    for verb in (["agent", "run"], ["agent", "train"], ["agent", "eval"]):
+        out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
+        for flag in ("--device", "--dtype", "--threads", "--rollout [", "--rollout-threads", "--cpu-gemm"):
+            assert flag in out, (verb, flag)
+    for verb in (["index", "build"], ["index", "add"]):
+        out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
+        assert "--device" in out and "--threads" in out and "--rollout" not in out, verb
+
+
+@pytest.mark.slow
+def test_agent_demo_runs_every_stage_with_its_engine_and_skips_them_on_rerun(tiny_model_dir, tmp_path, capsys):
+    """index → SFT → RL → eval on a tiny budget: every stage runs with the demo's engine section
+    (saved in each stage's config), the summary has the issue's four rows, and a rerun skips all."""
+    from rlhf.agents.demo import AgentDemoConfig, run_agent_demo
+    from rlhf.engine.config import EngineConfig
+
+    cfg = AgentDemoConfig(out=str(tmp_path / "demo"), policy=str(tiny_model_dir), sft_epochs=0.02, rl_steps=1,
+                          rl_batch_size=4, eval_limit=4, engine=EngineConfig(device="cpu", threads=1))
+    summary = run_agent_demo(cfg)
+    assert set(summary["stage_seconds"]) == {"index", "sft", "rl", "eval"}
+    assert [r["method"] for r in summary["exact_match"]] == ["no retrieval", "plain RAG", "ReAct before RL", "ReAct after RL"]
+    assert all(r["all"]["n"] == 4 for r in summary["exact_match"]) and summary["rl"]["steps"] == 1
+    for stage in ("sft", "rl"):
+        saved = json.loads((tmp_path / "demo" / stage / "summary.json").read_text())["config"]["engine"]
+        assert (saved["device"], saved["threads"]) == ("cpu", 1), stage
+    capsys.readouterr()
+    again = run_agent_demo(cfg)
+    assert again["exact_match"] == summary["exact_match"]
+    assert capsys.readouterr().err.count("already done") == 4

@@ -14,6 +14,7 @@ from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, agent_prompt
 from rlhf.agents.tools import ToolRegistry, tool_from_function
 from rlhf.agents.train import EpisodePPOConfig, EpisodeTrainer, episode_stats
 from rlhf.algos import gae, kl_shaped_rewards, multi_turn_advantages, pack_by_mask, unpack_by_mask
+from rlhf.engine.config import EngineConfig
 
 
 # --- the math ----------------------------------------------------------------------------------
@@ -196,7 +197,8 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
     tok = load_tokenizer(tiny_model_dir)
     model = load_causal_lm(tiny_model_dir, train=True)
     sft = SFTConfig(data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "sft"), batch_size=16, lr=3e-3, warmup_steps=5,
-                    epochs=100, max_steps=200, save_every=0, device="cpu")
+                    epochs=100, max_steps=200, save_every=0,
+                    engine=EngineConfig(device="cpu", threads=1))
     train_causal_lm(model, tok, load_sft_data(sft.data, tok, sft), sft, sft.out, desc="sft")
     model.save_pretrained(str(tmp_path / "warm"))
     tok.save_pretrained(str(tmp_path / "warm"))
@@ -218,3 +220,27 @@ def test_a_tiny_rl_run_over_episodes_raises_exact_match(tiny_model_dir, tmp_path
     after = episode_stats(greedy.run(tasks[:4]))
     assert sum(em[-5:]) / 5 > sum(em[:3]) / 3 + 0.2, em
     assert after["exact_match"] > before["exact_match"], (before, after)
+
+
+def test_an_episode_samples_the_same_whichever_batch_runs_it(tiny_model_dir):
+    """Turn seeds are a function of (seed, episode index, turn): running a batch in one call or as
+    two shares (as two processes do, with ``first_index``) gives the same sampled episodes, and
+    another seed gives others."""
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir)
+    tools = ToolRegistry()
+    tools.register(tool_from_function(_look))
+    runner = EpisodeRunner(model, tok, tools, AgentConfig(max_turns=2, max_new_tokens=12, temperature=1.0, decode_batch_size=3))
+    tasks = [Task(f"t{i}", f"colour of q{i}?") for i in range(4)]
+    whole = runner.run(tasks, seed=7)
+    shares = runner.run(tasks[:2], seed=7) + runner.run(tasks[2:], seed=7, first_index=2)
+    ids = [[s.ids for s in e.segments] for e in whole]
+    assert ids == [[s.ids for s in e.segments] for e in shares]
+    assert ids != [[s.ids for s in e.segments] for e in runner.run(tasks, seed=8)]
+
+
+def _look(query: str) -> str:
+    """Look something up."""
+    return "nothing here"

@@ -15,6 +15,7 @@ from rlhf.agents.protocol import decode_arguments, parse_turn
 from rlhf.agents.rewards import EpisodeReward, RewardConfig, exact_match, f1_score, normalize_answer
 from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, read_tasks
 from rlhf.agents.tools import ToolInputError, ToolRegistry, calculate, calculator_tool, make_registry, tool_from_function
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.retrieval.documents import Document
 from rlhf.retrieval.index import Index
@@ -169,7 +170,7 @@ class Scripted(EpisodeRunner):
         super().__init__(model, tokenizer, tools, cfg)
         self.replies = replies
 
-    def _sample(self, chunk):
+    def _sample(self, chunk, seeds):
         out = []
         for s in chunk:
             turn = sum(1 for m in s.episode.messages if m["role"] == "assistant")
@@ -279,7 +280,7 @@ def test_rlhf_sft_reads_episode_files_with_loss_on_model_turns(tmp_path, tiny_mo
     eps = [Episode(f"e{i}", "q", TRACE, answer="Plimsa") for i in range(8)]
     write_episodes(tmp_path / "traces.jsonl", eps)
     cfg = SFTConfig(data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "sft"), model=str(tiny_model_dir), batch_size=4,
-                    max_steps=2, save_every=0, device="cpu")
+                    max_steps=2, save_every=0, engine=EngineConfig(device="cpu", threads=1))
     encoded = load_sft_data(cfg.data, tiny_tokenizer, cfg)
     ids, labels = encoded[0]
     learned = tiny_tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True)

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from rlhf.cli import app
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.retrieval.documents import Document, chunk_document, read_documents
 from rlhf.retrieval.index import Index, _reciprocal_rank_fusion, recall_at_k
@@ -181,7 +182,8 @@ def test_rag_generation_records_the_passages_shown(tmp_path, tiny_model_dir):
                        + json.dumps({"id": "q2", "prompt": "Who bakes at Brindel?"}) + "\n")
     out = tmp_path / "completions.jsonl"
     cfg = GenerateConfig(prompts=str(prompts), out=str(out), model=str(tiny_model_dir), num_completions=2,
-                         max_new_tokens=4, index=str(index_dir), passages=2, index_mode="bm25", device="cpu")
+                         max_new_tokens=4, index=str(index_dir), passages=2, index_mode="bm25",
+                         engine=EngineConfig(device="cpu", threads=1))
     cfg.validate()
     generate_file(cfg)
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -12,6 +12,8 @@ import click
 from rlhf.agents.runner import AgentConfig
 from rlhf.agents.train import AgentTrainConfig, agent_config, select_tasks, train_agent
 from rlhf.config import config_command, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.runtime import Runtime, start
 from rlhf.errors import ConfigError
 
 
@@ -35,14 +37,13 @@ class AgentRunConfig(AgentConfig):
     search_k: int = opt(3, help="Passages the search tool returns.")
     search_mode: str = opt("hybrid", help="Ranking of the search tool: bm25, dense or hybrid.")
     seed: int = opt(0, help="Sampling seed.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, rollout backend, ...).")
 
 
-def _load(model: str, device: str):
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device
+def _load(model: str, rt: Runtime):
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(model, device=pick_device(device)), load_tokenizer(model)
+    return load_causal_lm(model, device=rt.device, dtype=rt.dtype), load_tokenizer(model)
 
 
 def _tools(cfg):
@@ -53,13 +54,6 @@ def _tools(cfg):
     return make_registry(cfg.tools, index, cfg.search_k, cfg.search_mode, cfg.tool), index
 
 
-def _threads(n: int) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 @config_command(AgentRunConfig, name="run")
 def run(cfg: AgentRunConfig) -> None:
     """Each task's full episode goes to --out; prints exact match, validity and turns."""
@@ -68,13 +62,16 @@ def run(cfg: AgentRunConfig) -> None:
     from rlhf.agents.runner import EpisodeRunner, read_tasks
     from rlhf.agents.train import episode_stats
 
-    _threads(cfg.threads)
+    from rlhf.rollout.backends import make_backend
+
+    rt = start(cfg.engine)
     t0 = time.perf_counter()
     tools, _ = _tools(cfg)
     tasks = select_tasks(read_tasks(cfg.tasks), cfg.stage)
     tasks = tasks[:cfg.limit] if cfg.limit else tasks
-    model, tok = _load(cfg.model, cfg.device)
-    episodes = EpisodeRunner(model, tok, tools, agent_config(cfg)).run(tasks, seed=cfg.seed, progress=True)
+    model, tok = _load(cfg.model, rt)
+    runner = EpisodeRunner(model, tok, tools, agent_config(cfg), make_backend(rt.engine, model, tok))
+    episodes = runner.run(tasks, seed=cfg.seed, progress=True)
     for ep in episodes:
         if gold_answers(ep):
             ep.reward = exact_match(ep.final_answer, gold_answers(ep))
@@ -87,7 +84,8 @@ def run(cfg: AgentRunConfig) -> None:
 def train(cfg: AgentTrainConfig) -> None:
     """PPO over multi-turn episodes: loss, KL and advantages on the model's tokens only."""
     summary = train_agent(cfg)
-    click.echo(json.dumps({k: summary[k] for k in ("steps", "model", "seconds_this_run", "final_eval")}))
+    if summary is not None:  # the main process (the others return None)
+        click.echo(json.dumps({k: summary[k] for k in ("steps", "model", "seconds_this_run", "final_eval")}))
 
 
 @dataclass(kw_only=True)
@@ -109,8 +107,7 @@ class AgentEvalConfig(AgentConfig):
     recall_k: int = opt(3, help="k of the retrieval recall@k table.")
     transcripts: int = opt(5, help="Full ReAct transcripts kept in eval.json per model (the first N tasks).")
     seed: int = opt(0, help="Seed.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, rollout backend, ...).")
 
     def validate(self) -> None:
         from rlhf.agents.evaluate import MODES
@@ -124,16 +121,21 @@ def run_agent_eval(cfg: AgentEvalConfig) -> tuple[dict, str]:
     from rlhf.agents.evaluate import evaluate_models, format_table, retrieval_recall, save_result
     from rlhf.agents.runner import read_tasks
 
-    _threads(cfg.threads)
+    from rlhf.rollout.backends import make_backend
+
+    rt = start(cfg.engine)
+    if rt.engine.rollout == "vllm":  # its engine holds one model's weights; this compares several
+        raise ConfigError("rlhf agent eval samples with --rollout fast or hf (vLLM serves one model per engine)")
     tools, index = _tools(cfg)
     tasks = select_tasks(read_tasks(cfg.tasks), cfg.stage)
     tasks = tasks[:cfg.limit] if cfg.limit else tasks
     names = {}
     for m in cfg.model:
         name = m if m in ("bundled", "default") else Path(m).parent.name if Path(m).name == "model" else Path(m).name
-        names[name if name not in names else m] = _load(m, cfg.device)
+        names[name if name not in names else m] = _load(m, rt)
     result = evaluate_models(names, tasks, tools, index, agent_config(cfg), cfg.modes, cfg.out, rag_k=cfg.rag_k,
-                             rag_mode=cfg.search_mode, seed=cfg.seed, progress=True, transcripts=cfg.transcripts)
+                             rag_mode=cfg.search_mode, seed=cfg.seed, progress=True, transcripts=cfg.transcripts,
+                             backend=make_backend(rt.engine))
     result["retrieval"] = retrieval_recall(index, tasks, cfg.recall_k)
     save_result(result, cfg.out)
     return result, format_table(result)

@@ -25,12 +25,13 @@ import click
 
 from rlhf.agents.kb import KB_DIR, KB_RAG_K, KB_SEARCH_K, KB_TOOLS
 from rlhf.config import opt
+from rlhf.engine.config import EngineConfig
 from rlhf.utils.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
 class AgentDemoConfig:
-    """The agent recipe's knobs (the demo's --out, --policy, --seed, --threads and --device apply)."""
+    """The agent recipe's knobs (the demo's --out, --policy, --seed and engine section apply)."""
 
     out: str = opt("runs/agent", help="Output folder.")
     policy: str = opt("bundled", help="Starting model.")
@@ -43,9 +44,8 @@ class AgentDemoConfig:
     init_kl_coef: float = opt(0.05, help="β of the per-token KL penalty.")
     eval_limit: int = opt(0, help="Evaluate on at most this many held-out questions (0 = all 240).")
     seed: int = opt(0, help="Seed of every stage.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
     resume: bool = opt(True, help="Skip stages whose outputs are complete.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How every stage runs (device, threads, rollout backend, ...).")
 
 
 def _say(msg: str) -> None:
@@ -81,19 +81,19 @@ def run_agent_demo(cfg: AgentDemoConfig) -> dict:
     sft = out / "sft"
     stage("sft", sft / "summary.json", lambda: run_sft(SFTConfig(
         data=str(examples), out=str(sft), model=cfg.policy, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-        warmup_steps=10, save_every=25, seed=cfg.seed, threads=cfg.threads, device=cfg.device)))
+        warmup_steps=10, save_every=25, seed=cfg.seed, engine=cfg.engine)))
     rl = out / "rl"
     rl_cfg = AgentTrainConfig(
         out=str(rl), tasks=str(questions), policy=str(sft / "model"), index=str(index), stage="rl", eval_tasks=str(questions),
         eval_stage="held_out", eval_every=10, eval_limit=60, tools=list(KB_TOOLS), search_k=KB_SEARCH_K, steps=cfg.rl_steps,
         batch_size=cfg.rl_batch_size, mini_batch_size=min(16, cfg.rl_batch_size), micro_batch_size=min(16, cfg.rl_batch_size),
-        lr=cfg.rl_lr, init_kl_coef=cfg.init_kl_coef, seed=cfg.seed, threads=cfg.threads, device=cfg.device)
+        lr=cfg.rl_lr, init_kl_coef=cfg.init_kl_coef, seed=cfg.seed, engine=cfg.engine)
     rl_cfg.validate()
     stage("rl", rl / "summary.json", lambda: train_agent(rl_cfg))
     ev = out / "eval"
     eval_cfg = AgentEvalConfig(model=[str(sft / "model"), str(rl / "model")], tasks=str(questions), index=str(index), out=str(ev),
                                stage="held_out", limit=cfg.eval_limit, rag_k=KB_RAG_K, tools=list(KB_TOOLS), search_k=KB_SEARCH_K,
-                               seed=cfg.seed, threads=cfg.threads, device=cfg.device)
+                               seed=cfg.seed, engine=cfg.engine)
     eval_cfg.validate()
     stage("eval", ev / "eval.json", lambda: _say(run_agent_eval(eval_cfg)[1]))
     summary = summarise(json.loads((ev / "eval.json").read_text()), json.loads((rl / "summary.json").read_text()), stages)

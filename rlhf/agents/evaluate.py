@@ -31,6 +31,7 @@ from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task
 from rlhf.agents.tools import ToolRegistry
 from rlhf.eval.stats import summarise
 from rlhf.retrieval.rag import rag_prompt
+from rlhf.rollout.backends import RolloutBackend
 
 MODES = ("closed_book", "rag", "react")
 
@@ -53,11 +54,12 @@ def lenient_answer(ep: Episode) -> str | None:
 
 
 def run_mode(mode: str, model, tokenizer, tasks: list[Task], tools: ToolRegistry, index, cfg: AgentConfig,
-             rag_k: int = 3, rag_mode: str = "hybrid", seed: int = 0, progress: bool = False) -> list[Episode]:
-    """Episodes of one way of answering (greedy unless ``cfg`` samples)."""
+             rag_k: int = 3, rag_mode: str = "hybrid", seed: int = 0, progress: bool = False,
+             backend: RolloutBackend | None = None) -> list[Episode]:
+    """Episodes of one way of answering (greedy unless ``cfg`` samples), sampled by ``backend``."""
     if mode == "react":
-        return EpisodeRunner(model, tokenizer, tools, cfg).run(tasks, seed=seed, progress=progress)
-    single = EpisodeRunner(model, tokenizer, ToolRegistry(), cfg)  # no tools: one reply, no actions run
+        return EpisodeRunner(model, tokenizer, tools, cfg, backend).run(tasks, seed=seed, progress=progress)
+    single = EpisodeRunner(model, tokenizer, ToolRegistry(), cfg, backend)  # no tools: one reply, no actions run
     if mode == "closed_book":
         prompts = [closed_book_prompt(t.question) for t in tasks]
     elif mode == "rag":
@@ -126,15 +128,16 @@ def transcript(ep: Episode) -> str:
 
 def evaluate_models(models: dict[str, tuple], tasks: list[Task], tools: ToolRegistry, index, cfg: AgentConfig,
                     modes: list[str], out_dir: str | Path, rag_k: int = 3, rag_mode: str = "hybrid", seed: int = 0,
-                    progress: bool = False, transcripts: int = 5) -> dict:
-    """``models``: name → (model, tokenizer). Writes episodes-<name>-<mode>.jsonl and returns the table."""
+                    progress: bool = False, transcripts: int = 5, backend: RolloutBackend | None = None) -> dict:
+    """``models``: name → (model, tokenizer); ``backend`` samples their turns. Writes episodes-<name>-<mode>.jsonl and returns the table."""
     out_dir = Path(out_dir)
     greedy = replace(cfg, temperature=0.0)
     result: dict = {"tasks": len(tasks), "modes": modes, "models": {}}
     for name, (model, tok) in models.items():
         per_mode = {}
         for mode in modes:
-            eps = run_mode(mode, model, tok, tasks, tools, index, greedy, rag_k=rag_k, rag_mode=rag_mode, seed=seed, progress=progress)
+            eps = run_mode(mode, model, tok, tasks, tools, index, greedy, rag_k=rag_k, rag_mode=rag_mode, seed=seed, progress=progress,
+                           backend=backend)
             for ep in eps:
                 ep.reward = exact_match(ep.final_answer, gold_answers(ep))
             write_episodes(out_dir / f"episodes-{name}-{mode}.jsonl", eps)

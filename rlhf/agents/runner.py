@@ -7,7 +7,10 @@ the real one follows), parsed by the protocol, and answered by a tool or an erro
 episode ends when the agent answers, after ``max_turns`` turns, or when its context is full.
 
 The token ids the policy sampled are kept as they were drawn (never re-tokenized from text), so an
-RL update scores exactly the tokens of the episode.
+RL update scores exactly the tokens of the episode. Turns are sampled by a rollout backend
+(rlhf/rollout/backends.py: the engine's ``--rollout``), each episode's turn from its own random
+stream, a function of (seed, episode index, turn): an episode is the same whichever batch or
+process ran it, which makes RL over episodes exact to resume and to split over processes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from rlhf.agents.tools import ToolRegistry
 from rlhf.config import opt
 from rlhf.data.io import iter_jsonl
 from rlhf.errors import DataError
-from rlhf.rollout.decode import sample_response_ids
+from rlhf.rollout.backends import RolloutBackend, default_backend
+from rlhf.rollout.generate import SamplingParams
 
 
 @dataclass
@@ -80,40 +84,52 @@ class _Live:
     episode: Episode
     text: str           # the text of all segments so far
     ids: list[int]      # all token ids so far
+    index: int = 0      # the episode's index in the run (with the run's seed, its random stream)
     done: bool = False
 
 
+def turn_seeds(seed: int, indices: list[int], turn: int) -> list[int]:
+    """Sampling seeds of episodes ``indices`` at ``turn``: a function of (seed, episode, turn) alone."""
+    base = (seed * 1_000_003 + turn) * 100_003
+    return [(base + i) % 2**63 for i in indices]
+
+
 class EpisodeRunner:
-    def __init__(self, model, tokenizer, tools: ToolRegistry, cfg: AgentConfig):
+    """Runs episodes of ``model`` with ``tools``; ``backend`` samples the turns (default: the fast
+    loop on a CPU, ``generate`` elsewhere)."""
+
+    def __init__(self, model, tokenizer, tools: ToolRegistry, cfg: AgentConfig, backend: RolloutBackend | None = None):
         self.model, self.tok, self.tools, self.cfg = model, tokenizer, tools, cfg
+        self.backend = backend or default_backend(next(model.parameters()).device)
         self.renderer = ChatRenderer(tokenizer)
         limit = cfg.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_context = limit
         eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
-    def new_episode(self, task: Task, user_message: str | None = None) -> _Live:
+    def new_episode(self, task: Task, user_message: str | None = None, index: int = 0) -> _Live:
         content = user_message if user_message is not None else agent_prompt(task.question, self.tools)
         prompt = self.renderer.prompt_segment(content)
         ep = Episode(task.id, task.question, [{"role": "user", "content": content}],
                      answer=_first(task.answer), segments=[prompt], meta={**task.meta, "answers": _all(task.answer)})
-        return _Live(ep, prompt.text, list(prompt.ids))
+        return _Live(ep, prompt.text, list(prompt.ids), index)
 
     @torch.no_grad()
-    def run(self, tasks: list[Task], seed: int | None = None, progress: bool = False,
-            user_messages: list[str] | None = None, max_turns: int | None = None) -> list[Episode]:
+    def run(self, tasks: list[Task], seed: int = 0, progress: bool = False,
+            user_messages: list[str] | None = None, max_turns: int | None = None, first_index: int = 0) -> list[Episode]:
         """Episodes for ``tasks``, in order. ``user_messages`` replaces the agent prompt (tools line
-        + question) with other prompts, e.g. RAG or closed-book ones with ``max_turns=1``."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        live = [self.new_episode(t, None if user_messages is None else user_messages[i]) for i, t in enumerate(tasks)]
+        + question) with other prompts, e.g. RAG or closed-book ones with ``max_turns=1``.
+        ``first_index``: the index of ``tasks[0]`` in the whole run, when this call runs a share of it
+        (its episodes then sample exactly what they would in one call)."""
+        live = [self.new_episode(t, None if user_messages is None else user_messages[i], first_index + i)
+                for i, t in enumerate(tasks)]
         turns = self.cfg.max_turns if max_turns is None else max_turns
         bar = tqdm(total=len(live), desc="episodes", unit="episode", disable=not progress)
         for turn in range(turns):
             active = [s for s in live if not s.done]
             for start in range(0, len(active), self.cfg.decode_batch_size):
                 chunk = active[start:start + self.cfg.decode_batch_size]
-                for state, ids in zip(chunk, self._sample(chunk)):
+                for state, ids in zip(chunk, self._sample(chunk, turn_seeds(seed, [s.index for s in chunk], turn))):
                     self._step(state, ids, last_turn=turn == turns - 1)
                     bar.update(int(state.done))
         for s in live:
@@ -126,10 +142,8 @@ class EpisodeRunner:
 
     # --- one turn ------------------------------------------------------------------------------
 
-    def _sample(self, chunk: list[_Live]) -> list[list[int]]:
+    def _sample(self, chunk: list[_Live], seeds: list[int]) -> list[list[int]]:
         """One sampled turn per episode (token ids, before cutting), each within its context budget."""
-        from rlhf.rollout.generate import SamplingParams
-
         budgets = [max(0, self.max_context - len(s.ids)) for s in chunk]
         new = min(self.cfg.max_new_tokens, max(budgets))
         if new < 1:
@@ -147,8 +161,7 @@ class EpisodeRunner:
         was_training = self.model.training
         self.model.eval()
         try:
-            decoded = sample_response_ids(self.model, ids, mask, params, sorted(self.eos_ids), pad)
-            tokens = decoded.tokens if decoded is not None else _generate(self.model, ids, mask, params, sorted(self.eos_ids), pad)
+            tokens = self.backend.decode(self.model, ids, mask, params, sorted(self.eos_ids), pad, seeds=seeds).tokens
         finally:
             self.model.train(was_training)
         return [row[:b].tolist() for row, b in zip(tokens.cpu(), budgets)]
@@ -213,17 +226,6 @@ class EpisodeRunner:
         state.ids.extend(seg.ids)
         if len(state.ids) >= self.max_context:
             ep.stop_reason, state.done = "context", True
-
-
-@torch.no_grad()
-def _generate(model, ids, mask, params, eos, pad) -> torch.Tensor:
-    """``model.generate`` for models our decode loop does not handle (reply tokens only)."""
-    kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    if params.temperature > 0:
-        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    else:
-        kwargs.update(do_sample=False)
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
 
 
 def _first(answer) -> str | None:

@@ -29,28 +29,33 @@ class IndexBuildConfig:
     overlap: int = opt(20, help="Words shared by consecutive chunks of a document.")
     dense: bool = opt(True, help="Also embed chunks with MiniLM for dense and hybrid search (off: BM25 only).")
     encoder: str = opt("minilm", help="Sentence encoder for dense vectors: 'minilm' (packaged) or a local HF encoder folder.")
-    device: str = opt("cpu", help="Device for the encoder.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    device: str = opt("cpu", help="Device for the encoder (cpu, cuda, cuda:N or auto), as the engine's --device.")
+    threads: int = opt(0, help="CPU threads for torch (0 = auto), as the engine's --threads.")
 
     def validate(self) -> None:
         if self.chunk_words < 1 or not 0 <= self.overlap < self.chunk_words:
             raise ConfigError("--chunk-words must be ≥ 1 and --overlap in [0, chunk-words)")
 
 
-def _set_threads(threads: int) -> None:
-    if threads:
-        import torch
+def _start(device: str, threads: int) -> str:
+    """Apply device and threads through the engine (the one place that changes process-wide state;
+    indexing neither trains nor samples, so the rest of the engine section does not apply here).
+    Returns the resolved device."""
+    from rlhf.engine.config import EngineConfig
+    from rlhf.engine.runtime import start
 
-        torch.set_num_threads(threads)
+    engine = EngineConfig(device=device, threads=threads)
+    engine.validate()
+    return str(start(engine).device)
 
 
 @config_command(IndexBuildConfig, name="build")
 def build(cfg: IndexBuildConfig) -> None:
     """Read, chunk (with overlap), index with BM25 and embed; prints a JSON summary."""
-    _set_threads(cfg.threads)
+    device = _start(cfg.device, cfg.threads)
     t0 = time.perf_counter()
     docs, passed_over = read_documents(cfg.docs)
-    ix = Index.build(docs, cfg.chunk_words, cfg.overlap, cfg.dense, cfg.encoder, cfg.device)
+    ix = Index.build(docs, cfg.chunk_words, cfg.overlap, cfg.dense, cfg.encoder, device)
     ix.save(cfg.out)
     click.echo(json.dumps({"documents": len(docs), "chunks": len(ix), "dense": cfg.dense, "passed_over": passed_over,
                            "seconds": round(time.perf_counter() - t0, 2), "out": cfg.out}))
@@ -59,12 +64,13 @@ def build(cfg: IndexBuildConfig) -> None:
 @index.command("add")
 @click.argument("index_dir", metavar="INDEX", type=click.Path())
 @click.option("--docs", required=True, help="Documents to add (file or folder). Known ids: unchanged text is skipped, changed text replaced.")
-@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads for torch (0 = torch's default).")
-def add(index_dir: str, docs: str, threads: int) -> None:
+@click.option("--device", default="cpu", show_default=True, help="Device for the encoder, as the engine's --device.")
+@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads for torch (0 = auto), as the engine's --threads.")
+def add(index_dir: str, docs: str, device: str, threads: int) -> None:
     """Add documents to an index: only new or changed documents are embedded."""
-    _set_threads(threads)
+    device = _start(device, threads)
     t0 = time.perf_counter()
-    ix = Index.load(index_dir)
+    ix = Index.load(index_dir, device=device)
     documents, passed_over = read_documents(docs)
     counts = ix.add(documents)
     ix.save(index_dir)
