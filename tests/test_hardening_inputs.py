@@ -13,6 +13,7 @@ from rlhf.config import load_config, opt
 from rlhf.data.io import read_records
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.loading import format_prompt, load_causal_lm, load_tokenizer
+from rlhf.engine.config import EngineConfig
 
 GOOD = {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [2, 0, 1]}
 
@@ -247,7 +248,7 @@ def test_sft_counts_and_reports_what_it_cut_and_refuses_a_length_past_the_contex
     assert "sft: to fit --max-length 64, 2 of 8 examples lost the start of their prompt and 1 the end of their reply" in err
     with pytest.raises(ConfigError, match="--max-length 512 exceeds the 256 positions"):
         run_sft(SFTConfig(data=str(data), out=str(tmp_path / "out"), model=str(tiny_model_dir), batch_size=4,
-                          max_length=512, device="cpu"))
+                          max_length=512, engine=EngineConfig(device="cpu")))
 
 
 def test_reward_encoder_bounds_the_work_of_a_megabyte_pair():

@@ -21,6 +21,7 @@ from conftest import REPO, safetensors_weights as weights
 from rlhf.errors import ConfigError
 from rlhf.train.sft import SFTConfig, run_sft
 from rlhf.utils.metrics import read_metrics
+from rlhf.engine.config import EngineConfig
 
 SFT_ROWS = [{"prompt": "how do I cook rice", "completion": "Rinse the rice and simmer it."},
             {"prompt": "my house is too hot", "completion": "Open the windows at night."},
@@ -33,7 +34,7 @@ def sft_cfg(tmp_path: Path, model_dir: Path, out: Path, **kw) -> SFTConfig:
     if not data.exists():
         data.write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))
     base = dict(data=str(data), out=str(out), model=str(model_dir), batch_size=8, epochs=2, lr=1e-3, warmup_steps=2,
-                save_every=3, keep_checkpoints=20, threads=1, device="cpu")
+                save_every=3, keep_checkpoints=20, engine=EngineConfig(device="cpu", threads=1))
     base.update(kw)
     return SFTConfig(**base)
 
@@ -180,7 +181,7 @@ def reward_cfg(tiny_model_dir, tmp_path, out: Path, **kw):
     train = tmp_path / "pairs.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = dict(pairs=str(train), out=str(out), base=str(tiny_model_dir), val_fraction=0.25, epochs=2, batch_size=8,
-                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, device="cpu", seed=5, threads=1)
+                lr=1e-3, max_length=48, eval_every=2, keep_checkpoints=20, seed=5, engine=EngineConfig(device="cpu", threads=1))
     base.update(kw)
     return RewardTrainConfig(**base)
 
@@ -234,7 +235,7 @@ def test_ppo_refuses_any_changed_option_not_only_a_fixed_list(tiny_model_dir, tm
     def cfg(**kw):
         base = dict(out=str(tmp_path / "ppo"), policy=str(tiny_model_dir), reward="length", prompts=str(prompts),
                     max_steps=1, batch_size=4, mini_batch_size=4, micro_batch_size=4, ppo_epochs=1, max_new_tokens=6,
-                    save_every=1, device="cpu", threads=1, progress=False)
+                    save_every=1, engine=EngineConfig(device="cpu", threads=1), progress=False)
         base.update(kw)
         return PPOConfig(**base)
 
@@ -253,4 +254,4 @@ def test_check_resume_options_treats_unrecorded_options_as_their_default(tmp_pat
     check_resume_options(tmp_path, cfg, saved)
     with pytest.raises(ConfigError, match="--max-length 256 → 128"):
         check_resume_options(tmp_path, SFTConfig(data="d", out="o", max_length=128), saved)
-    check_resume_options(tmp_path, SFTConfig(data="d", out="elsewhere", threads=1, device="cpu"), saved)
+    check_resume_options(tmp_path, SFTConfig(data="d", out="elsewhere", engine=EngineConfig(device="cpu", threads=1)), saved)

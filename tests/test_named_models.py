@@ -20,6 +20,7 @@ from rlhf.models import named
 from rlhf.models.loading import (end_of_turn_id, format_prompt, load_causal_lm, load_tokenizer, resolve_model_path,
                                  stop_token_ids)
 from rlhf.rollout.generate import SamplingParams, decode_responses, sample_tokens
+from rlhf.engine.config import EngineConfig
 
 SMOL = named.NAMED_MODELS["smollm2"]
 
@@ -98,16 +99,13 @@ def test_sampling_stops_at_end_of_turn_and_reply_is_the_text(tiny_model_dir):
         return output
 
     model.lm_head.register_forward_hook(force)
-    from rlhf.rollout import decode
+    from rlhf.rollout.backends import FastDecode, HFGenerate
 
     for fast in (True, False):
         calls["n"] = 0
-        settings = decode.DecodeSettings(enabled=fast)
-        saved, decode.SETTINGS = decode.SETTINGS, settings
-        try:
-            batch = sample_tokens(model, tok, ["how do I cook rice"], SamplingParams(max_new_tokens=8, temperature=0.0))
-        finally:
-            decode.SETTINGS = saved
+        backend = FastDecode() if fast else HFGenerate()
+        batch = sample_tokens(model, tok, ["how do I cook rice"], SamplingParams(max_new_tokens=8, temperature=0.0),
+                              backend=backend)
         assert bool(batch.ended_with_eos[0]) and int(batch.response_mask[0].sum()) == 3
         assert decode_responses(tok, batch) == [tok.decode(words, skip_special_tokens=True).strip()]
 
@@ -239,7 +237,7 @@ def test_ppo_with_lora_on_smollm2(smollm2_dir, tmp_path):
                                enumerate(["Say hi.", "Name a colour.", "Say yes or no.", "Name a fruit."])))
     cfg = PPOConfig(out=str(tmp_path / "ppo"), policy="smollm2", reward="length", prompts=str(prompts), lora=True,
                     lora_r=4, lora_alpha=8, max_steps=2, batch_size=4, mini_batch_size=4, micro_batch_size=4, ppo_epochs=1,
-                    max_new_tokens=6, lr=1e-3, threads=1, device="cpu", progress=False, resume=False)
+                    max_new_tokens=6, lr=1e-3, engine=EngineConfig(device="cpu", threads=1), progress=False, resume=False)
     cfg.validate()
     summary = run_ppo(cfg)
     assert summary["steps"] == 2 and summary["stop_reason"] == "max_steps"

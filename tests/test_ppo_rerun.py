@@ -13,6 +13,7 @@ from rlhf.judges.base import SCORER_KINDS
 from rlhf.train.ppo_config import PPOConfig
 from rlhf.train.ppo_loop import run_ppo
 from rlhf.utils.metrics import read_metrics
+from rlhf.engine.config import EngineConfig
 
 
 class LetterScorer:
@@ -31,7 +32,7 @@ def letters(monkeypatch):
 def run(model_dir, prompts, out, max_steps: int) -> dict:
     cfg = PPOConfig(out=str(out), policy=str(model_dir), reward="letters", prompts=str(prompts), max_steps=max_steps,
                     batch_size=4, mini_batch_size=4, micro_batch_size=4, ppo_epochs=1, max_new_tokens=6, lr=1e-3,
-                    save_every=10, device="cpu", seed=1, progress=False, missing_eos_penalty=0.0)
+                    save_every=10, engine=EngineConfig(device="cpu"), seed=1, progress=False, missing_eos_penalty=0.0)
     cfg.validate()
     return run_ppo(cfg)
 

@@ -589,18 +589,18 @@ class Store:
         return {"items": items, "gold_items": gold, "open_assignments": open_}
 
     # -- going back to the last answer, and the per-item admin view (issue 16) -------------------
-    # Kept together so a second backend adds them in one place. Portable SQL only.
+    # Portable SQL through _q (PostgreSQL takes it with its own placeholders).
 
     def _item_complete(self, conn: sqlite3.Connection, item_id: int) -> bool:
         """An item is complete once it has N non-skipped labels (N = the campaign's labels per item)."""
-        n, ranked = conn.execute(
+        n, ranked = self._q(conn, 
             "SELECT c.labels_per_item, (SELECT count(*) FROM assignments a JOIN labels l ON l.assignment_id = a.id "
             "WHERE a.item_id = i.id AND l.skipped = 0) FROM items i JOIN campaigns c ON c.id = i.campaign_id "
             "WHERE i.id = ?", (item_id,)).fetchone()
         return ranked >= n
 
     def _last_labeled(self, conn: sqlite3.Connection, user: User) -> int | None:
-        row = conn.execute("SELECT a.id FROM assignments a JOIN labels l ON l.assignment_id = a.id WHERE a.user_id = ? "
+        row = self._q(conn, "SELECT a.id FROM assignments a JOIN labels l ON l.assignment_id = a.id WHERE a.user_id = ? "
                            "ORDER BY l.submitted_at DESC, a.id DESC LIMIT 1", (user.id,)).fetchone()
         return None if row is None else row[0]
 
@@ -610,14 +610,14 @@ class Store:
         Returned in SHOWN positions, as the page works: item, prompt, completions, ranking, ties,
         skipped, skip_reason.
         """
-        conn = self._conn()
+        conn = self._read()
         aid = self._last_labeled(conn, user)
         if aid is None:
             return None
         a = self._assignment(conn, aid)
         if self._item_complete(conn, a.item_id):
             return None
-        ranking, ties, skipped, reason = conn.execute(
+        ranking, ties, skipped, reason = self._q(conn, 
             "SELECT ranking, ties, skipped, skip_reason FROM labels WHERE assignment_id = ?", (aid,)).fetchone()
         shown = {orig: pos for pos, orig in enumerate(a.shown_order)}
         return {"id": a.id, "prompt": a.prompt, "completions": a.shown_completions(),
@@ -633,7 +633,7 @@ class Store:
         meanwhile got its N rankings: those labels may already be in someone's export.
         """
         with self._write() as conn:
-            row = conn.execute("SELECT a.user_id, l.submission_id FROM assignments a LEFT JOIN labels l "
+            row = self._q(conn, "SELECT a.user_id, l.submission_id FROM assignments a LEFT JOIN labels l "
                                "ON l.assignment_id = a.id WHERE a.id = ?", (assignment_id,)).fetchone()
             if row is None or row[0] != user.id:
                 raise NotFound(f"no item {assignment_id} is assigned to you")
@@ -643,19 +643,19 @@ class Store:
                 return False
             if self._last_labeled(conn, user) != assignment_id:
                 raise Conflict("only your last answer can be changed")
-            item_id = conn.execute("SELECT item_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()[0]
+            item_id = self._q(conn, "SELECT item_id FROM assignments WHERE id = ?", (assignment_id,)).fetchone()[0]
             # Complete with this answer counted as it stands; a skip (not counted) turned into a
             # ranking would need a free place, which is the same condition.
             if self._item_complete(conn, item_id):
                 raise Conflict("this item has all its rankings now, so your answer can no longer be changed")
-            conn.execute("UPDATE labels SET submission_id = ?, ranking = ?, ties = ?, skipped = ?, skip_reason = ? "
+            self._q(conn, "UPDATE labels SET submission_id = ?, ranking = ?, ties = ?, skipped = ?, skip_reason = ? "
                          "WHERE assignment_id = ?", (submission_id, json.dumps(ranking), json.dumps(ties), int(skipped),
                                                      skip_reason, assignment_id))
         return True
 
     def items(self, campaign_id: int) -> list[dict[str, Any]]:
         """Every item of a campaign in queue order, with its open claims: what the per-item admin view lists."""
-        rows = self._conn().execute(
+        rows = self._q(self._read(), 
             "SELECT i.id, i.prompt_id, i.prompt, i.completions, i.gold_ranking, i.gold_ties, "
             "(SELECT count(*) FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id "
             " WHERE a.item_id = i.id AND l.assignment_id IS NULL) FROM items i WHERE i.campaign_id = ? "
