@@ -235,15 +235,15 @@ def score_pairs(model, pairs: list[EncodedPair], pad_id: int, average: bool, dev
     """``pair_logprobs`` over many pairs without gradients, ``batch_size`` pairs at a time, in length
     order (less padding); returns ([N], [N]) in the pairs' own order, on the CPU. With several
     processes each scores every N-th batch and all of them receive every score."""
-    dist = dist or Distributed()
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     mine = []
-    for idx in batches[dist.rank::dist.world_size]:
+    for idx in batches[rank::world]:
         c, r = pair_logprobs(model, [pairs[i] for i in idx], pad_id, average, device, 2 * batch_size, packing)
         mine.append((idx, c.float().cpu(), r.float().cpu()))
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for part in dist.gather_objects(mine) if dist.world_size > 1 else [mine]:
+    for part in dist.gather_objects(mine) if world > 1 else [mine]:
         for idx, c, r in part:
             chosen[idx], rejected[idx] = c, r
     return chosen, rejected
