@@ -97,13 +97,14 @@ def setup(work: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 def run_ours(a) -> dict:
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.dpo import DPOConfig, run_dpo
 
     s = SETTINGS[a.size]
     cfg = DPOConfig(pairs=a.train, out=a.out, policy=a.policy, loss="sigmoid", beta=s["beta"], epochs=s["epochs"],
                     batch_size=s["batch_size"], lr=s["lr"], warmup_ratio=s["warmup_ratio"], weight_decay=0.0,
                     max_grad_norm=1.0, max_length=s["max_length"], val_fraction=0.0, save_every=10**6, seed=a.round,
-                    device="cpu", threads=a.threads, resume=False, progress=False)
+                    engine=EngineConfig(device="cpu", threads=a.threads), resume=False, progress=False)
     cfg.validate()
     summary = run_dpo(cfg)
     seconds = summary["seconds"] + summary["reference_seconds"]

@@ -57,6 +57,7 @@ def run_ours(a) -> dict:
     torch.set_num_threads(a.threads)
     from rlhf.judges import load_scorer
     from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.grpo import GRPOConfig, GRPOTrainer
     from rlhf.train.ppo_loop import step_prompts
     from rlhf.utils.seed import seed_everything
@@ -66,7 +67,7 @@ def run_ours(a) -> dict:
                      mini_batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"], ppo_epochs=1,
                      max_new_tokens=s["response_length"], temperature=s["temperature"], lr=s["lr"], kl_coef=s["kl_coef"],
                      kl_in="loss", loss_aggregation="token", cliprange=s["cliprange"], missing_eos_penalty=0.0,
-                     seed=s["seed"] + a.round)
+                     seed=s["seed"] + a.round, engine=EngineConfig(device="cpu", threads=a.threads))
     cfg.validate()
     seed_everything(cfg.seed)
     tok = load_tokenizer(a.policy)

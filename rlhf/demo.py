@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages: dict[str, float] = json.loads(stages_file.read_text()) if cfg.resume and stages_file.is_file() else {}
     t_all = time.perf_counter()
     clock = _clock(cfg, prompts, eval_prompts)
-    order = ["generate", "label", "pairs", "reward", "ppo", "eval", "report"]
+    order = ["generate", "label", "pairs", "reward", cfg.algo, "eval", "report"]
     pending = [n for n in order if not (cfg.resume and n in stages)]
 
     def stage(name: str, done: Path, fn) -> None:

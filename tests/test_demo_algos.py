@@ -11,6 +11,7 @@ import torch
 
 from conftest import safetensors_weights as weights
 from rlhf.demo import DemoConfig, run_demo
+from rlhf.engine.config import EngineConfig
 from rlhf.utils.metrics import read_metrics
 from test_demo import PROMPTS
 
@@ -25,7 +26,7 @@ def demos(tiny_model_dir, tmp_path_factory):
         cfg = DemoConfig(out=str(root / "run"), policy=str(tiny_model_dir), prompts=str(prompts), eval_prompts=str(prompts),
                          num_completions=3, labelers=2, labeler_scorer="weighted:sentiment+length",
                          reward_base=str(tiny_model_dir), reward_epochs=2, reward_lr=1e-3, ppo_steps=3, ppo_batch_size=8,
-                         watch_every=1, eval_samples=2, device="cpu", kl_ceiling=1000.0, algo=algo)
+                         watch_every=1, eval_samples=2, engine=EngineConfig(device="cpu", threads=1), kl_ceiling=1000.0, algo=algo)
         runs[algo] = (cfg, run_demo(cfg))
     return runs
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import safetensors_weights as weights
 from rlhf.algos import dpo_loss, ipo_loss
 from rlhf.cli import app
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.train.dpo import DPOConfig, collate_pairs, encode_pair, pair_logprobs, run_dpo
 from rlhf.utils.metrics import read_metrics
@@ -28,9 +29,10 @@ def pairs_file(tmp_path_factory) -> Path:
 
 def cfg(model_dir, pairs, out, **kw) -> DPOConfig:
     base = dict(pairs=str(pairs), out=str(out), policy=str(model_dir), epochs=1.0, batch_size=8, micro_batch_size=4, lr=2e-3,
-                val_fraction=0.25, save_every=2, keep_checkpoints=20, max_steps=6, device="cpu", seed=1, progress=False)
+                val_fraction=0.25, save_every=2, keep_checkpoints=20, max_steps=6, seed=1, progress=False)
     base.update(kw)
-    c = DPOConfig(**base)
+    engine = {k: base.pop(k) for k in list(base) if k in EngineConfig.__dataclass_fields__}
+    c = DPOConfig(**base, engine=EngineConfig(**{"device": "cpu", "threads": 1, **engine}))
     c.validate()
     return c
 
@@ -223,3 +225,20 @@ def test_packed_pairs_equal_padded_rows_and_gradients(tiny_model_dir, lora):
     assert packing_problem(model, segments(pairs), tok.pad_token_id, padded) is None
     off = lambda m: padded(m) + 0.1                                 # a model the packed path would not reproduce
     assert "differ by" in packing_problem(model, segments(pairs), tok.pad_token_id, off)
+
+
+def test_dpo_and_grpo_take_the_engine_section():
+    """How a run executes is the shared engine section (its flags in --help, its values in the saved
+    config), not options of each verb; changing it never blocks a resume."""
+    from dataclasses import fields
+
+    from rlhf.train.grpo import GRPOConfig
+    from rlhf.utils.checkpoint import check_resume_options
+
+    for verb, config in (("dpo", DPOConfig), ("grpo", GRPOConfig)):
+        out = CliRunner().invoke(app, [verb, "--help"], terminal_width=200).output
+        for flag in ("--device", "--threads", "--rollout [", "--packing / --no-packing", "--sampler-logprobs"):
+            assert flag in out, (verb, flag)
+        assert not {"device", "threads", "packing", "sampler_logprobs"} & {f.name for f in fields(config)}
+    saved = {"pairs": "p", "out": "o", "engine": {"packing": True, "threads": 2}}
+    check_resume_options(Path("ckpt"), DPOConfig(pairs="p", out="o", engine=EngineConfig(packing=False, threads=1)), saved)

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from conftest import safetensors_weights as weights
 from rlhf.algos import group_advantages, kl_k1, kl_penalised_scores, rloo_advantages
 from rlhf.cli import app
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 from rlhf.judges.base import SCORER_KINDS
+from rlhf.models.policy import policy_forward
 from rlhf.train.grpo import GRPOConfig, GRPOTrainer, run_grpo
 from rlhf.utils.metrics import read_metrics
 from test_ppo import PROMPTS, LetterScorer, comparable
@@ -36,9 +38,10 @@ def prompts_file(tmp_path) -> Path:
 def cfg(model_dir, prompts_file, out, **kw) -> GRPOConfig:
     base = dict(out=str(out), policy=str(model_dir), reward="letters", prompts=str(prompts_file), max_steps=6, group_size=4,
                 batch_size=8, mini_batch_size=4, micro_batch_size=2, ppo_epochs=2, max_new_tokens=8, lr=3e-3, save_every=2,
-                keep_checkpoints=20, device="cpu", seed=3, progress=False, missing_eos_penalty=0.0)
+                keep_checkpoints=20, seed=3, progress=False, missing_eos_penalty=0.0)
     base.update(kw)
-    c = GRPOConfig(**base)
+    engine = {k: base.pop(k) for k in list(base) if k in EngineConfig.__dataclass_fields__}
+    c = GRPOConfig(**base, engine=EngineConfig(**{"device": "cpu", "threads": 1, **engine}))
     c.validate()
     return c
 
@@ -81,19 +84,22 @@ def test_stage_advantages_are_the_math_modules(tiny_model_dir, prompts_file, tmp
         for p in ref.parameters():  # a reference that differs, so that the KL is not zero
             p.add_(0.05 * torch.randn_like(p))
     trainer = GRPOTrainer(c, policy, tok, LetterScorer(), ref)
-    torch.manual_seed(0)
-    rollout = trainer.generate(PROMPTS[:2])
-    assert rollout.prompts == [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4     # prompt-major groups
-    scores = trainer.score(rollout)
-    exp = trainer.make_experience(rollout, scores)
+    exp = trainer.generate(PROMPTS[:2])
+    assert exp.prompts == [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4     # prompt-major groups
+    scores = trainer.score(exp).clone()
+    trainer.make_experience(exp)
+    rm = exp.response_mask
+    with torch.no_grad():  # the reference's log-probabilities are a forward pass of the reference
+        assert torch.allclose(exp.ref_logprobs, policy_forward(ref, exp.query_ids, exp.query_mask, exp.response_ids, rm).logprobs,
+                              atol=1e-5)
     rewards = scores
     if kl_in == "reward":
-        rewards = kl_penalised_scores(scores, kl_k1(exp.logprobs, exp.ref_logprobs), exp.response_mask, 0.5)
+        rewards = kl_penalised_scores(scores, kl_k1(exp.logprobs, exp.ref_logprobs), rm, 0.5)
         assert not torch.allclose(rewards, scores)
-    assert torch.allclose(exp.rewards, rewards)
+    assert torch.allclose(exp.rewards.sum(dim=1), rewards, atol=1e-5)  # per token; a reply's sum is its reward
     expected = rloo_advantages(rewards.view(2, 4)) if estimator == "rloo" else group_advantages(rewards.view(2, 4))
-    assert torch.allclose(exp.advantages, expected.reshape(-1), atol=1e-6)
-    assert torch.allclose(exp.advantages.view(2, 4).sum(dim=1), torch.zeros(2), atol=1e-5)  # each group centred
+    assert torch.allclose(exp.advantages, expected.reshape(-1, 1) * rm, atol=1e-6)  # one advantage on each token
+    assert torch.allclose(exp.advantages[:, 0].view(2, 4).sum(dim=1), torch.zeros(2), atol=1e-5)  # each group centred
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -118,7 +124,9 @@ def test_stop_criteria_and_watch(tiny_model_dir, prompts_file, tmp_path):
     s = run_grpo(cfg(tiny_model_dir, prompts_file, tmp_path / "thr", score_threshold=-1.0))
     assert s["stop_reason"] == "reward_threshold" and s["steps"] == 1
     assert (tmp_path / "thr" / "checkpoints" / "step-00000001").is_dir() and (tmp_path / "thr" / "model").is_dir()
-    s = run_grpo(cfg(tiny_model_dir, prompts_file, tmp_path / "kl", kl_ceiling=1e-9, lr=5e-2))
+    # The first step's KL is float noise (~1e-7: the sampler's recorded logprobs against a reference
+    # forward); at this rate the second step's is several nats, far above a ceiling of 1.
+    s = run_grpo(cfg(tiny_model_dir, prompts_file, tmp_path / "kl", kl_ceiling=1.0, lr=5e-2))
     assert s["stop_reason"] == "kl_ceiling" and 1 < s["steps"] <= 6
     rows = read_metrics(tmp_path / "kl")
     assert rows[-1]["stop_reason"] == "kl_ceiling" and "policy_loss" not in rows[-1]  # no update on the crossing step
@@ -161,8 +169,9 @@ def test_packed_groups_give_the_padded_experience_and_update(tiny_model_dir, pro
             for p in ref.parameters():
                 p.add_(0.02 * torch.randn_like(p))
         trainer = GRPOTrainer(c, policy, tok, LetterScorer(), ref)
-        rollout = trainer.generate(PROMPTS[:2])
-        exp = trainer.make_experience(rollout, trainer.score(rollout))
+        exp = trainer.generate(PROMPTS[:2])
+        trainer.score(exp)
+        trainer.make_experience(exp)
         assert trainer.packing is packing
         results.append((exp, trainer.update(exp), {k: v.detach().clone() for k, v in policy.state_dict().items()}))
     (e1, s1, w1), (e2, s2, w2) = results

@@ -37,7 +37,7 @@ def dpo_stage(cfg, pairs: Path, out: Path) -> dict:
     prompts = {p.prompt for p in read_pairs(str(pairs), skip_bad=True)[0]}
     recipe = {**DPO_RECIPE, "val_fraction": DPO_RECIPE["val_fraction"] if len(prompts) >= 20 else 0.0}
     dcfg = DPOConfig(pairs=str(pairs), out=str(out), policy=cfg.policy, **recipe, skip_bad_pairs=True, seed=cfg.seed,
-                     device=cfg.device, save_every=50)
+                     engine=cfg.engine, save_every=50)
     dcfg.validate()
     summary = run_dpo(dcfg)
     return _with_demo_keys(out, summary)
@@ -49,7 +49,7 @@ def grpo_stage(cfg, prompts: str, reward: str, out: Path) -> dict:
                       batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
                       micro_batch_size=min(16, cfg.ppo_batch_size), kl_ceiling=cfg.kl_ceiling,
                       score_threshold=cfg.score_threshold, gold=cfg.labeler_scorer, watch_every=cfg.watch_every,
-                      seed=cfg.seed, device=cfg.device)
+                      seed=cfg.seed, engine=cfg.engine)
     gcfg.validate()
     return _with_demo_keys(out, run_grpo(gcfg))
 

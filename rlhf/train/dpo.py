@@ -19,6 +19,10 @@ Pairs come in every layout ``rlhf reward train`` reads (ours, TRL's, Anthropic H
 files), with the same errors and ``--skip-bad-pairs``. Exact resume: each epoch's batches are a
 function of (seed, epoch) and checkpoints hold the weights (or adapter), optimizer, scheduler and
 RNG, so a killed run restarted with the same command ends with the same weights.
+
+Under ``accelerate launch`` each process takes a contiguous share of every batch of pairs and DDP
+averages the gradients (rlhf/engine/distributed.py); the reference and validation scoring are
+split over the processes too, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -31,33 +35,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import click
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf.algos import dpo_loss, ipo_loss, sequence_logprobs
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.distributed import Distributed
+from rlhf.engine.runtime import Runtime, start
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import (disable_dropout, format_prompt, load_causal_lm, load_model_weights, load_tokenizer,
-                                 pick_device, resolve_model_path)
-from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward, trim_padding
+                                 resolve_model_path)
+from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward
 from rlhf.train.branch_packing import (Segment, pack_branches, packed_logits, packing_problem, per_sequence_sums,
                                        token_logprobs)
 from rlhf.train.optim import adamw
 from rlhf.train.ppo_loop import _publish_policy
 from rlhf.train.reward import epoch_batches, read_pairs, split_by_prompt
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_bytes, atomic_write_json
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
 
 REFERENCE_CACHE, REFERENCE_CACHE_VAL = "reference_logprobs.safetensors", "reference_logprobs_val.safetensors"
-# Options a checkpoint must share with the run resuming it: anything that changes what a step does.
-RESUME_KEYS = ("pairs", "val_pairs", "val_fraction", "policy", "reference", "loss", "beta", "label_smoothing", "aggregation",
-               "epochs", "batch_size", "micro_batch_size", "lr", "warmup_ratio", "weight_decay", "max_length", "lora",
-               "lora_r", "lora_alpha", "seed", "skip_bad_pairs", "packing")
 
 
 @dataclass
@@ -78,8 +82,9 @@ class DPOConfig:
     val_pairs: str | None = opt(None, help="Validation comparisons; without it --val-fraction of the prompts is held out.")
     val_fraction: float = opt(0.1, help="Share of prompts held out for validation when --val-pairs is not given (0 = none).")
     epochs: float = opt(1.0, help="Passes over the training pairs (fractions allowed).")
-    batch_size: int = opt(16, help="Pairs per optimizer step.")
-    micro_batch_size: int = opt(0, help="Pairs per forward/backward; gradients accumulate up to --batch-size (0 = the whole batch).")
+    batch_size: int = opt(16, help="Pairs per optimizer step, over all processes.")
+    micro_batch_size: int = opt(0, help="Pairs per forward/backward in each process; gradients accumulate up to "
+                                        "--batch-size (0 = the process's whole share of the batch).")
     lr: float = opt(5e-5, help="Peak learning rate (AdamW), reached after warmup, then linear decay to 0.")
     warmup_ratio: float = opt(0.1, help="Share of the optimizer steps spent warming the learning rate up.")
     weight_decay: float = opt(0.0, help="AdamW weight decay.")
@@ -95,15 +100,13 @@ class DPOConfig:
     save_every: int = opt(50, help="Checkpoint every N optimizer steps (and at the end).")
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed (split, data order, LoRA initialisation).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs.")
     progress: bool = opt(True, help="Show a progress bar.")
-    packing: bool = opt(True, help="Padding-free batches that read each prompt once: a pair's prompt, chosen and rejected "
-                                   "reply share one segment under a tree-shaped attention mask (same log-probabilities "
-                                   "as padded rows, fewer positions). Checked on real pairs at the start; models it "
-                                   "cannot reproduce are padded.")
+    # May change on resume (rlhf/utils/checkpoint.py): how far to go and how often to save.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, packing: padding-free "
+                                                          "batches that read each pair's prompt once, ...).")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 0 or self.eval_batch_size < 1:
@@ -194,9 +197,8 @@ def pair_logprobs(model, pairs: list[EncodedPair], pad_id: int, average: bool, d
     q, qm, r, rm = (t.to(device) for t in collate_pairs(pairs, pad_id))
     overhead = CPU_CHUNK_OVERHEAD_POSITIONS if device.type == "cpu" else None
     parts, order = [], []
-    for rows in length_chunks(qm, rm, max_rows, overhead):
-        tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
-        parts.append(sequence_logprobs(policy_forward(model, tq, tqm, tr, trm).logprobs, trm, average))
+    for rows in length_chunks(qm, rm, max_rows, overhead):  # policy_forward trims each chunk's own padding
+        parts.append(sequence_logprobs(policy_forward(model, q[rows], qm[rows], r[rows], rm[rows]).logprobs, rm[rows], average))
         order.append(rows)
     logps = torch.cat(parts)[torch.argsort(torch.cat(order))]
     return logps[:len(pairs)], logps[len(pairs):]
@@ -214,17 +216,36 @@ def padded_token_logprobs(model, pairs: list[EncodedPair], pad_id: int, device: 
     return policy_forward(model, q, qm, r, rm).logprobs
 
 
+class PairLogprobs(nn.Module):
+    """``pair_logprobs`` as a module: what a training step calls, and what several processes wrap
+    (DDP averages the gradients of a module's own forward; the packed path reaches the backbone
+    directly, so the policy is called inside this one)."""
+
+    def __init__(self, policy: nn.Module, pad_id: int, average: bool, device: torch.device, packing: bool):
+        super().__init__()
+        self.policy, self.pad_id, self.average, self.device, self.packing = policy, pad_id, average, device, packing
+
+    def forward(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logprobs(self.policy, pairs, self.pad_id, self.average, self.device, 2 * len(pairs), self.packing)
+
+
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, average: bool, device: torch.device,
-                batch_size: int, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int, packing: bool = False, dist: Distributed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``pair_logprobs`` over many pairs without gradients, ``batch_size`` pairs at a time, in length
-    order (less padding); returns ([N], [N]) in the pairs' own order, on the CPU."""
+    order (less padding); returns ([N], [N]) in the pairs' own order, on the CPU. With several
+    processes each scores every N-th batch and all of them receive every score."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = []
+    for idx in batches[rank::world]:
         c, r = pair_logprobs(model, [pairs[i] for i in idx], pad_id, average, device, 2 * batch_size, packing)
-        chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+        mine.append((idx, c.float().cpu(), r.float().cpu()))
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for part in dist.gather_objects(mine) if world > 1 else [mine]:
+        for idx, c, r in part:
+            chosen[idx], rejected[idx] = c, r
     return chosen, rejected
 
 
@@ -242,7 +263,7 @@ def _fingerprint(cfg: DPOConfig, reference: str, encoded: list[EncodedPair], pac
     return h.hexdigest()
 
 
-def reference_logprobs(cfg: DPOConfig, policy, encoded: list[EncodedPair], pad_id: int, device: torch.device,
+def reference_logprobs(cfg: DPOConfig, policy, encoded: list[EncodedPair], pad_id: int, rt: Runtime,
                        path: Path, packing: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The reference's log-probabilities of every pair's replies, computed once and cached in
     ``path`` (a safetensors file, reused when its fingerprint matches). The reference is
@@ -250,26 +271,30 @@ def reference_logprobs(cfg: DPOConfig, policy, encoded: list[EncodedPair], pad_i
     or with the cache in place. Returns ([N], [N], wall and CPU seconds spent computing)."""
     from safetensors.torch import load_file, save
 
+    dist, device = rt.dist, rt.device
     reference = cfg.reference or cfg.policy
     key = _fingerprint(cfg, reference, encoded, packing)
-    if path.is_file():
-        cached = load_file(str(path))
-        if "fingerprint" in cached and bytes(cached["fingerprint"].tolist()).decode() == key:
-            return cached["chosen"], cached["rejected"], 0.0, 0.0
+    cached = load_file(str(path)) if path.is_file() else {}
+    fresh = "fingerprint" in cached and bytes(cached["fingerprint"].tolist()).decode() == key
+    if all(dist.gather_objects(fresh)):  # every process reads it, or every process takes part in scoring
+        return cached["chosen"], cached["rejected"], 0.0, 0.0
     t0, c0 = time.perf_counter(), time.process_time()
+    score = lambda model: score_pairs(model, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing, dist)
     if cfg.reference:
-        model = load_causal_lm(cfg.reference, device=device)
-        chosen, rejected = score_pairs(model, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
+        model = load_causal_lm(cfg.reference, device=device, dtype=rt.dtype)
+        chosen, rejected = score(model)
         del model
     elif cfg.lora:
         with policy.disable_adapter():  # the adapter off: the base weights, whatever training did
-            chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
+            chosen, rejected = score(policy)
     else:
-        chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
+        chosen, rejected = score(policy)
     seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - c0
-    atomic_write_bytes(path, save({"chosen": chosen, "rejected": rejected,
-                                   "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
+    with dist.main_first() as main:
+        if main:
+            atomic_write_bytes(path, save({"chosen": chosen, "rejected": rejected,
+                                           "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
     return chosen, rejected, seconds, cpu_seconds
 
 
@@ -281,11 +306,11 @@ def preference_loss(cfg: DPOConfig, chosen_logratios: torch.Tensor, rejected_log
 
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, policy, encoded: list[EncodedPair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int,
-             device: torch.device, packing: bool) -> dict[str, float]:
+             device: torch.device, packing: bool, dist: Distributed | None = None) -> dict[str, float]:
     """Loss, implicit rewards, margin and accuracy of the current policy on held-out pairs."""
     was_training = policy.training
     policy.eval()
-    chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing)
+    chosen, rejected = score_pairs(policy, encoded, pad_id, cfg.average_logprobs, device, cfg.eval_batch_size, packing, dist)
     policy.train(was_training)
     loss, stats = preference_loss(cfg, chosen - ref[0], rejected - ref[1])
     return {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in stats.items()}}
@@ -295,9 +320,9 @@ def evaluate(cfg: DPOConfig, policy, encoded: list[EncodedPair], ref: tuple[torc
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def _load_policy(cfg: DPOConfig, device: torch.device):
+def _load_policy(cfg: DPOConfig, rt: Runtime):
     tok = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy, device=device, train=True)
+    policy = load_causal_lm(cfg.policy, device=rt.device, dtype=rt.dtype, train=True)
     disable_dropout(policy)  # deterministic forwards: the reference's and the policy's log-probabilities agree at step 0
     if cfg.reference and len(load_tokenizer(cfg.reference)) != len(tok):
         raise ConfigError(f"--reference {cfg.reference} has another vocabulary than --policy {cfg.policy}")
@@ -309,21 +334,16 @@ def _load_policy(cfg: DPOConfig, device: torch.device):
     return policy, tok
 
 
-def check_resumable(latest: Path, saved: dict, cfg, keys: tuple[str, ...]) -> None:
-    """Refuse to resume a checkpoint written with other options that change what a step does."""
-    changed = [k for k in keys if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ConfigError(f"{latest} was written with other options ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
-                          "use another --out or --no-resume")
-
-
-def run_dpo(cfg: DPOConfig) -> dict:
-    """Train to the end of the epochs (or --max-steps); returns the summary also written to ``out/summary.json``."""
+def run_dpo(cfg: DPOConfig) -> dict | None:
+    """Train to the end of the epochs (or --max-steps); returns the summary also written to
+    ``out/summary.json`` (on the main process; the others return None)."""
     from transformers import get_linear_schedule_with_warmup
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out, device = Path(cfg.out), pick_device(cfg.device)
+    rt = start(cfg.engine)
+    dist, device = rt.dist, rt.device
+    dist.local_rows(cfg.batch_size, "--batch-size")  # must split evenly over the processes
+    out = Path(cfg.out)
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
     seed_everything(cfg.seed)
     pairs, skipped = read_pairs(cfg.pairs, cfg.skip_bad_pairs)
     if cfg.val_pairs:
@@ -333,11 +353,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
     else:
         train_pairs, val_pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
     for msg in skipped[:5]:
-        print(f"skipped: {msg}", file=sys.stderr)
+        say(f"skipped: {msg}")
     if len(train_pairs) < cfg.batch_size:
         raise ConfigError(f"{cfg.pairs}: {len(train_pairs)} training pairs, fewer than --batch-size {cfg.batch_size}")
 
-    policy, tok = _load_policy(cfg, device)
+    policy, tok = _load_policy(cfg, rt)
     pad_id = tok.pad_token_id
     train_enc = [encode_pair(tok, p.prompt, p.chosen, p.rejected, cfg.max_length) for p in train_pairs]
     val_enc = [encode_pair(tok, p.prompt, p.chosen, p.rejected, cfg.max_length) for p in val_pairs]
@@ -353,20 +373,21 @@ def run_dpo(cfg: DPOConfig) -> dict:
     step, latest = 0, ckpts.latest() if cfg.resume else None
     if latest is not None:
         state = ckpts.load_state(latest)
-        check_resumable(latest, state.get("config", {}), cfg, RESUME_KEYS)
+        check_resume_options(latest, cfg, state.get("config"))
     # The reference scores every pair before the policy's weights move (or comes from the cache).
     # Validation pairs are scored on their own, batched exactly as ``evaluate`` batches them, so the
     # starting policy's implicit rewards there are exactly 0 (accuracy 0.5), not float noise.
-    packing = cfg.packing
+    packing = cfg.engine.packing
     if packing:
         probe = train_enc[:4]
         problem = packing_problem(policy, segments(probe), pad_id, lambda m: padded_token_logprobs(m, probe, pad_id, device))
         if problem:
-            print(f"packed pairs off for this model: {problem}", file=sys.stderr)
+            say(f"packed pairs off for this model: {problem}")
             packing = False
-    ref_c, ref_r, ref_seconds, ref_cpu = reference_logprobs(cfg, policy, train_enc, pad_id, device, out / REFERENCE_CACHE,
+    ref_c, ref_r, ref_seconds, ref_cpu = reference_logprobs(cfg, policy, train_enc, pad_id, rt, out / REFERENCE_CACHE,
                                                             packing)
-    ref_val = reference_logprobs(cfg, policy, val_enc, pad_id, device, out / REFERENCE_CACHE_VAL, packing) if val_enc else None
+    ref_val = reference_logprobs(cfg, policy, val_enc, pad_id, rt, out / REFERENCE_CACHE_VAL, packing) if val_enc else None
+    forward, optim = dist.prepare(PairLogprobs(policy, pad_id, cfg.average_logprobs, device, packing), optim)
     if latest is not None:
         load_model_weights(policy, latest / "model")
         ts = ckpts.load_trainer_state(latest)
@@ -374,23 +395,28 @@ def run_dpo(cfg: DPOConfig) -> dict:
         sched.load_state_dict(ts["scheduler"])
         set_rng_state(ts["rng"])
         step = state["step"]
-        print(f"resuming from {latest} (step {step} of {total_steps})", file=sys.stderr)
+        say(f"resuming from {latest} (step {step} of {total_steps})")
 
     def checkpoint() -> None:
-        ckpts.save(step, lambda d: policy.save_pretrained(str(d / "model"), safe_serialization=True),
-                   {"total_steps": total_steps, "train_pairs": len(train_enc), "config": config_to_dict(cfg)},
-                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+        with dist.main_first() as main:  # one writer; the others wait until the checkpoint is in place
+            if main:
+                ckpts.save(step, lambda d: policy.save_pretrained(str(d / "model"), safe_serialization=True),
+                           {"total_steps": total_steps, "train_pairs": len(train_enc), "config": config_to_dict(cfg),
+                            "processes": dist.world_size},
+                           {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
-    logger = MetricsLogger(out, resume_step=step if latest is not None else None)
+    logger = MetricsLogger(out, resume_step=step if latest is not None else None) if dist.is_main else None
     first_val = None
     if latest is None and val_enc:  # the starting point: accuracy 0.5, loss log 2 (sigmoid) — every reward is 0
-        first_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing)
-        logger.log(0, first_val)
-    bar = tqdm(total=run_until, initial=step, desc=f"dpo ({cfg.loss})", unit="step", disable=not cfg.progress)
-    micro = cfg.micro_batch_size or cfg.batch_size
+        first_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing, dist)
+        if logger is not None:
+            logger.log(0, first_val)
+    bar = tqdm(total=run_until, initial=step, desc=f"dpo ({cfg.loss})", unit="step",
+               disable=not (cfg.progress and dist.is_main))
+    micro = cfg.micro_batch_size or cfg.batch_size // dist.world_size
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     t0, c0, pairs_seen, last_val = time.perf_counter(), time.process_time(), 0, None
-    policy.train()
+    forward.train()
     epochs: dict[int, list[list[int]]] = {}
     try:
         while step < run_until:
@@ -398,46 +424,55 @@ def run_dpo(cfg: DPOConfig) -> dict:
             if epoch not in epochs:
                 epochs = {epoch: step_batches(train_enc, cfg.batch_size, cfg.seed, epoch)}
             batch_ids = epochs[epoch][within]
+            mine = dist.shard(batch_ids, "--batch-size")  # this process's pairs of the batch
             sums: dict[str, torch.Tensor] = {}
-            for m in range(0, len(batch_ids), micro):
-                ids = batch_ids[m:m + micro]
-                chosen, rejected = pair_logprobs(policy, [train_enc[i] for i in ids], pad_id, cfg.average_logprobs, device,
-                                                 2 * micro, packing)
-                loss, stats = preference_loss(cfg, chosen - ref_c[ids].to(device), rejected - ref_r[ids].to(device))
-                share = len(ids) / len(batch_ids)  # micro-batch losses are pair means: weight by share of pairs
-                (loss * share).backward()
+            for m in range(0, len(mine), micro):
+                ids = mine[m:m + micro]
+                with dist.no_sync(forward, skip=m + micro < len(mine)):  # gradients averaged once, at the last
+                    chosen, rejected = forward([train_enc[i] for i in ids])
+                    loss, stats = preference_loss(cfg, chosen - ref_c[ids].to(device), rejected - ref_r[ids].to(device))
+                    share = len(ids) / len(batch_ids)  # micro-batch losses are pair means: weight by share of pairs
+                    dist.backward(loss * share)  # this process's part of the batch mean (a global sum over processes)
                 stats.update(loss=loss.detach(), logps_chosen=chosen.detach().mean(), logps_rejected=rejected.detach().mean())
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + share * v
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not (torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
-                raise TrainingError(f"non-finite DPO loss or gradient at step {step + 1} (loss {float(sums['loss'])}); "
+            grad_norm = dist.clip_grad_norm_(forward, params, max_norm)
+            names = sorted(sums)
+            totals = dist.sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]))
+            metrics = {k: float(v) for k, v in zip(names, totals)}  # batch means over every process
+            if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
+                raise TrainingError(f"non-finite DPO loss or gradient at step {step + 1} (loss {metrics['loss']}); "
                                     f"the last good checkpoint is kept in {ckpts.root}. Try a lower --lr.")
             optim.step()
             optim.zero_grad(set_to_none=True)  # before the next forward: lower peak memory
             sched.step()
             step += 1
             pairs_seen += len(batch_ids)
-            metrics = {k: float(v) for k, v in sums.items()}
             metrics.update(grad_norm=float(grad_norm), lr=sched.get_last_lr()[0], epoch=step / steps_per_epoch)
             if val_enc and (step % eval_every == 0 or step == run_until):
-                last_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing)
+                last_val = evaluate(cfg, policy, val_enc, ref_val, pad_id, device, packing, dist)
                 metrics.update(last_val)
-            logger.log(step, metrics)
+            if logger is not None:
+                logger.log(step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
             if step % cfg.save_every == 0 or step == run_until:
                 checkpoint()
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     # A LoRA policy is published merged into its base weights (plain HF folder), its adapter in model/adapter.
-    _publish_policy(policy, tok, out / "model")
-    summary = _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, pairs_seen,
-                       elapsed, cpu, ref_seconds, ref_cpu, packing)
-    atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
+    summary = None
+    with dist.main_first() as main:
+        if main:
+            _publish_policy(policy, tok, out / "model")
+            summary = _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val, last_val, pairs_seen,
+                               elapsed, cpu, ref_seconds, ref_cpu, packing)
+            summary["processes"] = dist.world_size
+            atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
     return summary
 
 
@@ -475,6 +510,8 @@ def _summary(cfg, out, step, total_steps, train_enc, val_enc, skipped, first_val
 def dpo_command(cfg: DPOConfig) -> None:
     """Train a policy straight from preference pairs (DPO or IPO); prints a JSON summary (also in OUT/summary.json)."""
     summary = run_dpo(cfg)
+    if summary is None:  # not the main process: it printed nothing and wrote nothing
+        return
     click.echo(f"{cfg.loss} loss, {summary['steps']} steps: validation accuracy {summary['val_accuracy_first']} → "
                f"{summary['val_accuracy_last']}", err=True)
     click.echo(json.dumps(summary))

@@ -15,13 +15,20 @@ goes either into the loss, as the k3 estimator per token (GRPO's choice), or int
 as −β·Σ_t log π/π_ref before the baselines (RLOO's). The loss is averaged per token (DAPO) or per
 reply (GRPO as written), ``--loss-aggregation``.
 
-What is shared with PPO, so the two behave the same where they should: sampling (``sample_tokens``),
-the log-probability forward (``policy_forward``, length-grouped chunks), scorer checks, prompt order
-(``step_prompts``), the over-optimisation watch and the policy publisher (``rlhf.train.ppo_loop``),
-checkpoints (``CheckpointManager``) and metrics (``MetricsLogger``). Stop criteria are checked on a
-step's rollouts before its update, as in PPO. Exact resume: the prompts of a step are a function of
-(seed, step), minibatch shuffles of (seed, step), and checkpoints hold the weights (or adapter),
-optimizer, watch and RNG state.
+What is shared with PPO, so the two behave the same where they should: the engine section and
+rollout backend (``make_backend``, per-episode seeds), the one batch record (``Experience``), the
+log-probability forward (``policy_forward``, length-grouped chunks), scorer checks, prompt order
+(``step_prompts``), model loading, the over-optimisation watch and the policy publisher
+(``rlhf.train.ppo_loop``), checkpoints with their resume check and metrics. Stop criteria are
+checked on a step's rollouts before its update, as in PPO. Exact resume: the prompts of a step are
+a function of (seed, step), sampling of (seed, step, episode), minibatch shuffles of (seed, step),
+and checkpoints hold the weights (or adapter), optimizer, watch and RNG state.
+
+In the ``Experience`` record, ``rewards`` [B, R] are PPO's layout (−β·KL_t per token with
+``--kl-in reward``, the score on the last token), so a reply's sum is what its group's baseline
+sees; ``advantages`` [B, R] hold the reply's one advantage on each of its tokens; ``values`` stay
+empty. Under ``accelerate launch`` each process samples whole groups (its share of the step's
+prompts), statistics are global, and gradients are averaged as PPO's are.
 """
 
 from __future__ import annotations
@@ -31,36 +38,36 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import click
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from rlhf.algos import (entropy_from_logits, group_advantages, grpo_policy_loss, kl_k1,
-                        kl_penalised_scores, masked_mean, rloo_advantages)
+from rlhf.algos import (entropy_from_logits, group_advantages, grpo_policy_loss, kl_k1, kl_penalised_scores,
+                        kl_shaped_rewards, masked_mean, rloo_advantages)
 from rlhf.config import config_command, config_to_dict, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.distributed import Distributed
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError, TrainingError
 from rlhf.judges import load_scorer, score_checked
-from rlhf.models.loading import load_model_weights, pick_device, shipped_prompts
-from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward, trim_padding
-from rlhf.rollout.generate import SamplingParams, decode_responses, sample_tokens
+from rlhf.models.loading import load_model_weights, shipped_prompts
+from rlhf.models.policy import CPU_CHUNK_OVERHEAD_POSITIONS, length_chunks, policy_forward
+from rlhf.rollout.backends import RolloutBackend, make_backend
+from rlhf.rollout.experience import Experience
+from rlhf.rollout.generate import SamplingParams, sample_tokens
 from rlhf.train.branch_packing import Segment, pack_branches, packed_logits, packing_problem, to_rows, token_logprobs
-from rlhf.train.dpo import check_resumable
 from rlhf.train.optim import adamw
-from rlhf.train.ppo import Rollout, timed
-from rlhf.train.ppo_loop import _load_models, _publish_policy, _Watcher, step_prompts
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.train.ppo import episode_seeds, timed
+from rlhf.train.ppo_loop import _load_models, _publish_policy, _resume_note, _Watcher, step_prompts
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb, read_metrics
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
-
-RESUME_KEYS = ("policy", "reward", "prompts", "reference", "group_size", "estimator", "scale_std", "batch_size", "packing",
-               "mini_batch_size", "micro_batch_size", "ppo_epochs", "lr", "max_new_tokens", "temperature", "top_p", "top_k",
-               "kl_coef", "kl_in", "loss_aggregation", "cliprange", "seed", "lora", "gold", "watch_every")
-
 
 @dataclass
 class GRPOConfig:
@@ -82,19 +89,19 @@ class GRPOConfig:
     score_threshold: float | None = opt(None, help="Stop once a step's mean score reaches this value (unset = never).")
     kl_ceiling: float | None = opt(None, help="Stop once a step's mean KL from the reference (nats per reply) exceeds this.")
     # rollouts
-    batch_size: int = opt(32, help="Episodes (replies) per step: batch-size / group-size prompts, G replies each.")
+    batch_size: int = opt(32, help="Episodes (replies) per step over all processes: batch-size / group-size prompts, "
+                                   "G replies each.")
     max_new_tokens: int = opt(32, help="Longest reply in tokens.")
     temperature: float = opt(1.0, help="Sampling temperature; logprobs are computed at the same temperature.")
     top_p: float = opt(1.0, help="Nucleus sampling mass (1 = off).")
     top_k: int = opt(0, help="Top-k sampling (0 = off).")
     missing_eos_penalty: float = opt(1.0, help="Subtracted from the score of a reply that hit --max-new-tokens without EOS.")
     score_clip: float | None = opt(None, help="Clip scores to ±this before the baselines (unset = no clipping).")
-    sampler_logprobs: bool = opt(True, help="Take the sampling policy's logprobs from the sampling loop instead of a "
-                                            "second forward pass over the replies.")
     # optimisation
     ppo_epochs: int = opt(1, help="Passes over each batch of experience (GRPO's μ).")
-    mini_batch_size: int = opt(32, help="Episodes per optimizer step.")
-    micro_batch_size: int = opt(16, help="Episodes per forward/backward; gradients accumulate up to --mini-batch-size.")
+    mini_batch_size: int = opt(32, help="Episodes per optimizer step, over all processes.")
+    micro_batch_size: int = opt(16, help="Episodes per forward/backward in each process; gradients accumulate up to "
+                                         "--mini-batch-size.")
     lr: float = opt(5e-5, help="AdamW learning rate (constant).")
     weight_decay: float = opt(0.0, help="AdamW weight decay.")
     max_grad_norm: float = opt(1.0, help="Gradient clipping norm (0 = off).")
@@ -121,14 +128,12 @@ class GRPOConfig:
     save_every: int = opt(10, help="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     seed: int = opt(0, help="Random seed: prompt order, sampling, minibatch shuffles.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     progress: bool = opt(True, help="Show a progress bar.")
-    packing: bool = opt(True, help="Padding-free forwards that read each prompt once: a prompt and its G replies share "
-                                   "one segment under a tree-shaped attention mask (same log-probabilities as padded "
-                                   "rows, fewer positions). Checked on the first step's replies; models it cannot "
-                                   "reproduce are padded.")
+    # May change on resume (rlhf/utils/checkpoint.py): when to stop and how often to save, as for PPO.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every", "score_threshold", "kl_ceiling", "stop_on_hacking")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, rollout backend, "
+                                                          "packing: a prompt read once with its G replies, ...).")
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "mini_batch_size": self.mini_batch_size,
@@ -156,164 +161,185 @@ class GRPOConfig:
             raise ConfigError("--kl-ceiling must be positive")
 
 
-@dataclass
-class GroupExperience:
-    """One step's batch. B = episodes (N prompts × G replies, prompt-major), P = prompt, R = reply length."""
+def reply_logprobs(model, q: torch.Tensor, qm: torch.Tensor, r: torch.Tensor, rm: torch.Tensor, group: torch.Tensor,
+                   pad_id: int, temperature: float, packing: bool, entropy: str | None = None):
+    """Per-token log-probabilities [n, R] of the replies (0 past each one), and their entropy [n, R]
+    without gradients when ``entropy="stats"`` (else None): packed (a prompt once with its group's
+    replies as branches, rlhf/train/branch_packing.py) or padded rows (``policy_forward``)."""
+    if not packing:
+        out = policy_forward(model, q, qm, r, rm, temperature, entropy=entropy)
+        return out.logprobs, out.entropy
+    packed = pack_branches(_segments(q, qm, r, rm, group), pad_id).to(q.device)
+    logits = packed_logits(model, packed, temperature)
+    logprobs = to_rows(token_logprobs(logits, packed), packed, r.shape[1])
+    ent = None
+    if entropy is not None:
+        with torch.no_grad():
+            ent = to_rows(entropy_from_logits(logits.detach()), packed, r.shape[1])
+    return logprobs, ent
 
-    query_ids: torch.Tensor      # [B, P] left-padded
-    query_mask: torch.Tensor     # [B, P]
-    response_ids: torch.Tensor   # [B, R] right-padded
-    response_mask: torch.Tensor  # [B, R] 1 up to and including EOS
-    logprobs: torch.Tensor       # [B, R] log π_old(y_t), the policy that sampled
-    ref_logprobs: torch.Tensor   # [B, R] log π_ref(y_t)
-    scores: torch.Tensor         # [B] scorer output after the missing-EOS penalty and clipping
-    rewards: torch.Tensor        # [B] what the baselines see: the scores, minus β·Σ KL with --kl-in reward
-    advantages: torch.Tensor     # [B] one per reply, broadcast over its tokens in the loss
-    group: torch.Tensor          # [B] which prompt's group the reply belongs to (episode index // G)
 
-    def select(self, idx: torch.Tensor) -> "GroupExperience":
-        return GroupExperience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+class ReplyLogprobs(nn.Module):
+    """``reply_logprobs`` of the policy as a module: what a training forward calls, and what several
+    processes wrap (the packed path reaches the backbone directly, so DDP must see this forward)."""
+
+    def __init__(self, policy: nn.Module, pad_id: int, temperature: float):
+        super().__init__()
+        self.policy, self.pad_id, self.temperature = policy, pad_id, temperature
+
+    def forward(self, q, qm, r, rm, group, packing: bool, entropy: str | None = None):
+        return reply_logprobs(self.policy, q, qm, r, rm, group, self.pad_id, self.temperature, packing, entropy)
 
 
 class GRPOTrainer:
-    """Holds the policy, reference, scorer and optimizer; ``grpo_step`` runs one iteration."""
+    """Holds the policy, reference, scorer and optimizer; ``grpo_step`` runs one iteration.
 
-    def __init__(self, cfg: GRPOConfig, policy, tokenizer, scorer, reference=None, device: torch.device | str = "cpu"):
+    ``dist``: the process group (default: this process alone); ``backend``: how replies are sampled
+    (default: the one ``cfg.engine.rollout`` names)."""
+
+    def __init__(self, cfg: GRPOConfig, policy, tokenizer, scorer, reference=None, device: torch.device | str | None = None,
+                 dist: Distributed | None = None, backend: RolloutBackend | None = None):
         self.cfg, self.policy, self.tok, self.scorer, self.reference = cfg, policy, tokenizer, scorer, reference
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else next(policy.parameters()).device
+        self.dist = dist or Distributed(self.device.type)
         if reference is None and not hasattr(policy, "disable_adapter"):
             raise TrainingError("GRPO needs a reference model, or a LoRA policy whose adapter can be switched off")
         if reference is not None:
             reference.eval()
             reference.requires_grad_(False)
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.params, self.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(self.params, self.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.actor, self.optimizer = self.dist.prepare(ReplyLogprobs(policy, tokenizer.pad_token_id, cfg.temperature),
+                                                       optimizer)
+        self.backend = backend or make_backend(cfg.engine, policy, tokenizer)
         self.step = 0
-        self.packing: bool | None = None if cfg.packing else False  # decided on the first rollout
+        self.packing: bool | None = None if cfg.engine.packing else False  # decided on the first rollout
 
     # --- stages ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str]) -> Rollout:
-        """G replies for each prompt, prompt-major (prompt i's replies are rows i·G … i·G + G − 1)."""
+    def generate(self, prompts: list[str]) -> Experience:
+        """G replies for each prompt, prompt-major (prompt i's replies are rows i·G … i·G + G − 1);
+        this process samples its share of those rows (whole groups)."""
         cfg = self.cfg
         episodes = [p for p in prompts for _ in range(cfg.group_size)]
+        rows = self.dist.local_rows(len(episodes), "--batch-size")
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        seeds = episode_seeds(cfg.seed, self.step, rows.start, rows.stop - rows.start)
         self.policy.eval()
-        batch = sample_tokens(self.policy, self.tok, episodes, params, record=cfg.sampler_logprobs)
-        return Rollout(episodes, decode_responses(self.tok, batch), batch.query_ids, batch.query_mask, batch.response_ids,
-                       batch.response_mask, batch.ended_with_eos, logprobs=batch.logprobs)
+        return sample_tokens(self.policy, self.tok, episodes[rows], params, record=cfg.engine.sampler_logprobs,
+                             backend=self.backend, seeds=seeds)
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> torch.Tensor:
+    def score(self, exp: Experience) -> torch.Tensor:
         """Scores [B] (checked: finite, shape [B]), penalised where a reply has no EOS, optionally clipped."""
-        raw = score_checked(self.scorer, rollout.prompts, rollout.texts)
-        rollout.raw_scores = raw
-        scores = raw - self.cfg.missing_eos_penalty * (~rollout.ended_with_eos.cpu()).float()
+        exp.raw_scores = score_checked(self.scorer, exp.prompts, exp.texts)
+        scores = exp.raw_scores - self.cfg.missing_eos_penalty * (~exp.ended_with_eos.cpu()).float()
         if self.cfg.score_clip:
             scores = scores.clamp(-self.cfg.score_clip, self.cfg.score_clip)
-        return scores.to(self.device)
+        exp.scores = scores.to(self.device)
+        return exp.scores
 
     @torch.no_grad()
-    def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> GroupExperience:
-        """Reference logprobs (and the old ones, unless the sampler recorded them), the rewards the
-        baselines see, and one advantage per reply from its group."""
+    def make_experience(self, exp: Experience) -> Experience:
+        """Reference logprobs (and the old ones, unless the sampler recorded them), KL, the rewards
+        the baselines see, and one advantage per reply from its group, on ``exp``."""
         cfg = self.cfg
-        q, qm, r, rm = rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask
-        group = torch.arange(len(q), device=q.device) // cfg.group_size
+        q, qm, r, rm = exp.query_ids, exp.query_mask, exp.response_ids, exp.response_mask
+        group = self._groups(len(exp))
         if self.packing is None:
             self.packing = self._check_packing(q, qm, r, rm, group)
-        width = r.shape[1]
-        recorded = rollout.logprobs is not None
-        logprobs = rollout.logprobs * rm if recorded else torch.zeros(r.shape, device=r.device)
+        recorded = exp.logprobs is not None
+        logprobs = exp.logprobs * rm if recorded else torch.zeros(r.shape, device=r.device)
         ref_logprobs = torch.zeros(r.shape, device=r.device)
         for rows in self._chunks(qm, rm, group):  # rows are independent here: any chunking is exact
+            chunk = (q[rows], qm[rows], r[rows], rm[rows], group[rows], self.tok.pad_token_id, cfg.temperature, self.packing)
             if not recorded:
-                logprobs[rows] = _pad_to(self._forward(self.policy, q[rows], qm[rows], r[rows], rm[rows], group[rows])[0], width)
+                logprobs[rows] = reply_logprobs(self.policy, *chunk)[0]
             with self._reference() as ref_model:
-                ref_logprobs[rows] = _pad_to(self._forward(ref_model, q[rows], qm[rows], r[rows], rm[rows], group[rows])[0],
-                                             width)
-        rewards = scores
-        if cfg.kl_in == "reward" and cfg.kl_coef:
-            rewards = kl_penalised_scores(scores, kl_k1(logprobs, ref_logprobs), rm, cfg.kl_coef)
-        groups = rewards.view(-1, cfg.group_size)
+                ref_logprobs[rows] = reply_logprobs(ref_model, *chunk)[0]
+        exp.logprobs, exp.ref_logprobs, exp.hidden = logprobs, ref_logprobs, None
+        exp.kl = kl_k1(logprobs, ref_logprobs) * rm
+        beta = cfg.kl_coef if cfg.kl_in == "reward" else 0.0
+        exp.rewards = kl_shaped_rewards(exp.scores, exp.kl, rm, beta)  # [B, R], for the record (PPO's layout)
+        per_reply = kl_penalised_scores(exp.scores, exp.kl, rm, beta) if beta else exp.scores  # [B]: the same sums
+        groups = per_reply.view(-1, cfg.group_size)
         if cfg.estimator == "rloo":
             advantages = rloo_advantages(groups)
         else:
             advantages = group_advantages(groups, scale_std=cfg.scale_std)
-        return GroupExperience(q, qm, r, rm, logprobs, ref_logprobs, scores, rewards, advantages.reshape(-1), group)
+        exp.advantages = advantages.reshape(-1, 1) * rm  # [B, R]: each reply's advantage on its tokens
+        return exp
 
-    def update(self, exp: GroupExperience) -> dict[str, float]:
+    def update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; micro-batches accumulate gradients so that a
-        minibatch's loss is one token (or reply) mean however it is split."""
-        cfg = self.cfg
-        n = exp.query_ids.shape[0]
+        minibatch's loss is one token (or reply) mean however it is split, and over however many processes."""
+        cfg, dist = self.cfg, self.dist
+        n = len(exp)
+        mini = cfg.mini_batch_size // dist.world_size  # this process's share of a minibatch
+        group = self._groups(n)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)  # a function of (seed, step): exact resume
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        self.policy.train()
+        self.actor.train()
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(self.device)
-            for start in range(0, n, cfg.mini_batch_size):
-                mb_idx = perm[start:start + cfg.mini_batch_size]
-                normaliser = exp.response_mask[mb_idx].sum() if cfg.loss_aggregation == "token" else len(mb_idx)
+            for start in range(0, n, mini):
+                mb_idx = perm[start:start + mini]
+                # the whole minibatch's token (or reply) count, over every process
+                normaliser = (dist.sum(exp.response_mask[mb_idx].sum()) if cfg.loss_aggregation == "token"
+                              else len(mb_idx) * dist.world_size)
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
-                for rows in self._chunks(exp.query_mask[mb_idx], exp.response_mask[mb_idx], exp.group[mb_idx]):
-                    loss, stats = self._micro_step(exp.select(mb_idx[rows]), normaliser)
+                chunks = self._chunks(exp.query_mask[mb_idx], exp.response_mask[mb_idx], group[mb_idx])
+                for i, rows in enumerate(chunks):  # gradients averaged over processes once, at the last backward
+                    with dist.no_sync(self.actor, skip=i < len(chunks) - 1):
+                        loss, stats = self._micro_step(exp.select(mb_idx[rows]), group[mb_idx[rows]], normaliser)
                     finite &= torch.isfinite(loss)
                     for k, v in stats.items():
                         sums[k] = sums[k] + v if k in sums else v
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                grad_norm = dist.clip_grad_norm_(self.actor, self.params, max_norm)
                 if not bool(finite & torch.isfinite(grad_norm)):  # the one host sync of a minibatch
                     raise TrainingError(f"non-finite GRPO loss or gradient at step {self.step + 1}")
                 self.optimizer.step()
                 sums["grad_norm"] = sums["grad_norm"] + grad_norm if "grad_norm" in sums else grad_norm
                 count += 1
-        self.policy.eval()
-        return {k: float(v) / count for k, v in sums.items()}
+        self.actor.eval()
+        # Each process's statistics are its share of minibatch means; the gradient norm is already global.
+        names = sorted(k for k in sums if k != "grad_norm")
+        totals = dist.sum(torch.stack([sums[k].detach().float() for k in names]))
+        return {**{k: float(v) / count for k, v in zip(names, totals)}, "grad_norm": float(sums["grad_norm"]) / count}
 
-    def _micro_step(self, mb: GroupExperience, normaliser) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.cfg
-        logprobs, logits = self._forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, mb.group)
-        width = logprobs.shape[1]
-        trm = mb.response_mask[:, :width]
+    def _micro_step(self, mb: Experience, group: torch.Tensor, normaliser) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, rm = self.cfg, mb.response_mask
+        logprobs, entropy = self.actor(mb.query_ids, mb.query_mask, mb.response_ids, rm, group, self.packing, "stats")
         beta = cfg.kl_coef if cfg.kl_in == "loss" else 0.0
-        loss, stats = grpo_policy_loss(logprobs, mb.logprobs[:, :width], mb.advantages, trm, cfg.cliprange,
-                                       mb.ref_logprobs[:, :width], beta, cfg.loss_aggregation, normaliser)
-        loss.backward()  # a non-finite loss is reported by update(), before any optimizer step
+        # every reply has at least one token, so column 0 holds each reply's advantage
+        loss, stats = grpo_policy_loss(logprobs, mb.logprobs, mb.advantages[:, 0], rm, cfg.cliprange,
+                                       mb.ref_logprobs, beta, cfg.loss_aggregation, normaliser)
+        self.dist.backward(loss)  # this micro-batch's part of the minibatch loss; update() reports a non-finite one
         with torch.no_grad():
             # the loss is already this micro-batch's share; per-token statistics are weighted by token share
-            share = trm.sum() / max(float(normaliser), 1.0) if cfg.loss_aggregation == "token" else len(trm) / float(normaliser)
-            # padded path: logits [n, width, V] with junk past each reply; packed: [T, V], reply tokens only
-            entropy = entropy_from_logits(logits.detach())
-            entropy = masked_mean(entropy, trm) if entropy.dim() == 2 else entropy.mean()
-            stats = {"policy_loss": loss.detach(), **{k: share * v for k, v in stats.items()}, "entropy": share * entropy}
+            share = rm.sum() / max(float(normaliser), 1.0) if cfg.loss_aggregation == "token" else len(rm) / float(normaliser)
+            stats = {"policy_loss": loss.detach(), **{k: share * v for k, v in stats.items()},
+                     "entropy": share * masked_mean(entropy, rm)}
         return loss.detach(), stats
 
-    def _forward(self, model, q, qm, r, rm, group) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities [n, w] of the replies (w = the longest reply here) and the logits
-        behind them: packed (one segment per group, [T, V] logits) or padded rows ([n, w, V])."""
-        if self.packing:
-            packed = pack_branches(_segments(q, qm, r, rm, group), self.tok.pad_token_id).to(self.device)
-            logits = packed_logits(model, packed, self.cfg.temperature)
-            return to_rows(token_logprobs(logits, packed), packed, int(rm.sum(dim=1).max())), logits
-        tq, tqm, tr, trm = trim_padding(q, qm, r, rm)
-        out = policy_forward(model, tq, tqm, tr, trm, self.cfg.temperature)
-        return out.logprobs, out.logits
+    def _groups(self, n: int) -> torch.Tensor:
+        """[n] which prompt's group each local row belongs to (rows are prompt-major, whole groups)."""
+        return torch.arange(n, device=self.device) // self.cfg.group_size
 
     @torch.no_grad()
     def _check_packing(self, q, qm, r, rm, group) -> bool:
         rows = torch.arange(min(len(q), 2 * self.cfg.group_size), device=q.device)  # two groups' replies
-        tq, tqm, tr, trm = trim_padding(q[rows], qm[rows], r[rows], rm[rows])
         problem = packing_problem(self.policy, _segments(q[rows], qm[rows], r[rows], rm[rows], group[rows]),
                                   self.tok.pad_token_id,
-                                  lambda m: policy_forward(m, tq, tqm, tr, trm, self.cfg.temperature).logprobs,
+                                  lambda m: policy_forward(m, q[rows], qm[rows], r[rows], rm[rows], self.cfg.temperature).logprobs,
                                   self.cfg.temperature)
-        if problem:
+        if problem and self.dist.is_main:
             print(f"packed groups off for this model: {problem}", file=sys.stderr)
-        return problem is None
+        return all(self.dist.gather_objects(problem is None))  # every process takes the same path
 
     def _chunks(self, query_mask: torch.Tensor, response_mask: torch.Tensor, group: torch.Tensor) -> list[torch.Tensor]:
         """Forward chunks of at most ``micro_batch_size`` rows. Packed: consecutive rows in group order
@@ -334,41 +360,44 @@ class GRPOTrainer:
 
     # --- one iteration -----------------------------------------------------------------------
 
-    def rollout_stats(self, rollout: Rollout, exp: GroupExperience) -> dict[str, float]:
-        """What the step's samples looked like (before the update)."""
+    def rollout_stats(self, exp: Experience) -> dict[str, float]:
+        """What the step's samples looked like (before the update), over the global batch."""
         rm = exp.response_mask.float()
-        raw = rollout.raw_scores
+        rows = torch.stack([exp.raw_scores.to(rm.device), exp.rewards.sum(dim=1), (exp.kl * rm).sum(dim=1), rm.sum(dim=1),
+                            exp.ended_with_eos.float(), exp.advantages[:, 0].abs()], dim=1).float()
+        raw, reward, kl, length, eos, adv = self.dist.gather(rows).unbind(dim=1)  # [B] each, global prompt-major order
         groups = raw.view(-1, self.cfg.group_size)
         return {"score_mean": float(raw.mean()), "score_std": float(raw.std()) if raw.numel() > 1 else 0.0,
                 "group_score_std": float(groups.std(dim=1).mean()),
                 "groups_without_signal": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
-                "reward_mean": float(exp.rewards.mean()), "kl": float((kl_k1(exp.logprobs, exp.ref_logprobs) * rm).sum(1).mean()),
-                "beta": self.cfg.kl_coef, "response_length": float(rm.sum(dim=1).mean()),
-                "eos_fraction": float(rollout.ended_with_eos.float().mean()),
-                "advantage_abs_mean": float(exp.advantages.abs().mean())}
+                "reward_mean": float(reward.mean()), "kl": float(kl.mean()), "beta": self.cfg.kl_coef,
+                "response_length": float(length.mean()), "eos_fraction": float(eos.mean()),
+                "advantage_abs_mean": float(adv.mean())}
 
     def grpo_step(self, prompts: list[str], before_update=None) -> tuple[dict[str, float], bool]:
-        """One iteration on ``prompts`` (N of them, G replies each). ``before_update(rollout, stats) -> bool``
-        may veto the update (a stop criterion fired on these rollouts). Returns (metrics, updated)."""
+        """One iteration on ``prompts`` (N of them, G replies each, over all processes).
+        ``before_update(exp, stats) -> bool`` may veto the update (a stop criterion fired on these
+        rollouts). Returns (metrics, updated)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with timed(timings, "time_generate"):
-            rollout = self.generate(prompts)
+            exp = self.generate(prompts)
         with timed(timings, "time_score"):
-            scores = self.score(rollout)
+            self.score(exp)
         with timed(timings, "time_forward"):
-            exp = self.make_experience(rollout, scores)
-        stats = self.rollout_stats(rollout, exp)
+            self.make_experience(exp)
+        stats = self.rollout_stats(exp)
         updated = True
         if before_update is not None:
             with timed(timings, "time_watch"):
-                updated = before_update(rollout, stats)
+                updated = before_update(exp, stats)
         if updated:
             with timed(timings, "time_update"):
                 stats.update(self.update(exp))
+                self.backend.sync_weights(self.policy)
         timings["time_step"] = time.perf_counter() - t0
         stats.update(timings)
-        stats["episodes_per_second"] = len(rollout.prompts) / timings["time_step"]
+        stats["episodes_per_second"] = len(prompts) * self.cfg.group_size / timings["time_step"]
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.step += 1
         return stats, updated
@@ -386,30 +415,32 @@ def _segments(q: torch.Tensor, qm: torch.Tensor, r: torch.Tensor, rm: torch.Tens
     return list(segments.values())
 
 
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-pad [B, w] with zeros to [B, width] (chunks were trimmed to their own longest reply)."""
-    return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def run_grpo(cfg: GRPOConfig) -> dict:
-    """Run GRPO / RLOO to a stop criterion; returns the summary also written to ``out/summary.json``."""
+def run_grpo(cfg: GRPOConfig) -> dict | None:
+    """Run GRPO / RLOO to a stop criterion; returns the summary also written to ``out/summary.json``
+    (on the main process; the others return None)."""
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out, device = Path(cfg.out), pick_device(cfg.device)
+    rt = start(cfg.engine)
+    dist, device = rt.dist, rt.device
+    for name in ("batch_size", "mini_batch_size"):  # each must split evenly over processes, in whole groups
+        dist.local_rows(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    if (cfg.batch_size // dist.world_size) % cfg.group_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} over {dist.world_size} processes leaves "
+                          f"{cfg.batch_size // dist.world_size} replies each, not whole groups of {cfg.group_size}")
+    out = Path(cfg.out)
     seed_everything(cfg.seed)
     prompts_path = cfg.prompts or shipped_prompts("train")
     prompts = [p.prompt for p in read_records(prompts_path, PromptRecord)]
     if not prompts:
         raise ConfigError(f"{prompts_path}: no prompts")
-    policy, tok, reference = _load_models(cfg, device)
-    trainer = GRPOTrainer(cfg, policy, tok, load_scorer(cfg.reward, str(device)), reference, device)
+    policy, tok, reference = _load_models(cfg, rt)
+    trainer = GRPOTrainer(cfg, policy, tok, load_scorer(cfg.reward, str(device)), reference, device, dist=dist,
+                          backend=make_backend(rt.engine, policy, tok))
     watcher = _Watcher(cfg, device) if cfg.gold else None
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
 
@@ -417,7 +448,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     stop_reason, wall_before = None, 0.0
     if latest is not None:
         state = ckpts.load_state(latest)
-        check_resumable(latest, state.get("config", {}), cfg, RESUME_KEYS)
+        check_resume_options(latest, cfg, state.get("config"))
         load_model_weights(policy, latest / "model")
         ts = ckpts.load_trainer_state(latest)
         trainer.optimizer.load_state_dict(ts["optimizer"])
@@ -425,28 +456,37 @@ def run_grpo(cfg: GRPOConfig) -> dict:
         if watcher is not None and state.get("watch"):
             watcher.watch.load_state_dict(state["watch"])
         trainer.step, stop_reason, wall_before = state["step"], state.get("stop_reason"), state.get("wall_seconds", 0.0)
-        print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
+        if dist.is_main:
+            print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
+        stop_reason = _resume_note(out, trainer.step, stop_reason, cfg.max_steps, say=dist.is_main)
     t_start = time.perf_counter() - wall_before
 
     def checkpoint() -> None:
-        ckpts.save(trainer.step, lambda d: policy.save_pretrained(str(d / "model"), safe_serialization=True),
-                   {"stop_reason": stop_reason, "wall_seconds": time.perf_counter() - t_start, "config": config_to_dict(cfg),
-                    "watch": watcher.watch.state_dict() if watcher else None},
-                   {"optimizer": trainer.optimizer.state_dict(), "rng": rng_state()})
+        with dist.main_first() as main:  # one writer; the others wait until the checkpoint is in place
+            if main:
+                ckpts.save(trainer.step, lambda d: policy.save_pretrained(str(d / "model"), safe_serialization=True),
+                           {"stop_reason": stop_reason, "wall_seconds": time.perf_counter() - t_start,
+                            "config": config_to_dict(cfg), "processes": dist.world_size,
+                            "watch": watcher.watch.state_dict() if watcher else None},
+                           {"optimizer": trainer.optimizer.state_dict(), "rng": rng_state()})
 
     best_gold_dir = out / "best-gold"
 
-    def before_update(rollout: Rollout, stats: dict) -> bool:
-        """Stop criteria and the watch on this step's rollouts (as PPO checks them); False vetoes the update."""
+    def before_update(exp: Experience, stats: dict) -> bool:
+        """Stop criteria and the watch on this step's rollouts (as PPO checks them); False vetoes the
+        update. Every input is a global statistic, so every process decides the same."""
         nonlocal stop_reason
         step = trainer.step + 1
         if watcher is not None and (watcher.due(trainer.step) or step >= cfg.max_steps):
-            flag, best = watcher.observe(step, rollout, stats)
+            flag, best = watcher.observe(step, exp, stats, dist)
             if best:
-                _publish_policy(policy, tok, best_gold_dir)
+                with dist.main_first() as main:
+                    if main:
+                        _publish_policy(policy, tok, best_gold_dir)
             if flag:
                 stats["hacking_flag"] = flag
-                print(f"over-optimisation watch: {flag}", file=sys.stderr)
+                if dist.is_main:
+                    print(f"over-optimisation watch: {flag}", file=sys.stderr)
                 if cfg.stop_on_hacking:
                     stop_reason = "reward_hacking"
                     return False
@@ -459,12 +499,14 @@ def run_grpo(cfg: GRPOConfig) -> dict:
         return True
 
     n_prompts = cfg.batch_size // cfg.group_size
-    logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None)
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc=f"{cfg.estimator}", unit="step", disable=not cfg.progress)
+    logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None) if dist.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc=f"{cfg.estimator}", unit="step",
+               disable=not (cfg.progress and dist.is_main))
     try:
         while stop_reason is None and trainer.step < cfg.max_steps:
             stats, _ = trainer.grpo_step(step_prompts(prompts, trainer.step, n_prompts, cfg.seed), before_update)
-            logger.log(trainer.step, {**stats, "stop_reason": stop_reason} if stop_reason else stats)
+            if logger is not None:
+                logger.log(trainer.step, {**stats, "stop_reason": stop_reason} if stop_reason else stats)
             bar.update(1)
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
             if stop_reason is None and trainer.step >= cfg.max_steps:
@@ -473,17 +515,22 @@ def run_grpo(cfg: GRPOConfig) -> dict:
                 checkpoint()
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     if stop_reason is None:  # resumed a run that had already finished its steps
         stop_reason = "max_steps"
 
-    if stop_reason == "reward_hacking" and best_gold_dir.is_dir():  # the final policy: the best-gold one
-        load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
-    _publish_policy(policy, tok, out / "model")
-    summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
-    atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
-    if watcher is not None:
-        atomic_write_json(out / "watch.json", watcher.watch.summary())
+    summary = None
+    with dist.main_first() as main:
+        if main:
+            if stop_reason == "reward_hacking" and best_gold_dir.is_dir():  # the final policy: the best-gold one
+                load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
+            _publish_policy(policy, tok, out / "model")
+            summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
+            summary["processes"] = dist.world_size
+            atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
+            if watcher is not None:
+                atomic_write_json(out / "watch.json", watcher.watch.summary())
     return summary
 
 
@@ -519,6 +566,8 @@ def grpo_command(cfg: GRPOConfig) -> None:
     """GRPO or RLOO against a scorer, G replies per prompt, KL to the reference in the loss or the reward, until a
     reward threshold, a KL ceiling, a reward-hacking flag or the step limit; prints a JSON summary."""
     summary = run_grpo(cfg)
+    if summary is None:  # not the main process: it printed nothing and wrote nothing
+        return
     click.echo(f"stopped: {summary['stop_reason']} after {summary['steps']} steps; "
                f"score {summary['score_first']:.3f} → {summary['score_last']:.3f}, KL {summary['kl_last']:.2f}", err=True)
     click.echo(json.dumps(summary))
