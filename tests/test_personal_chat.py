@@ -41,7 +41,7 @@ def env(tmp_path, tiny_model_dir):
     camp = import_campaign(store, comp, "helpfulness", 1, name="camp")
     _, admin = store.add_user("boss", "admin", None)
     _, labeler = store.add_user("lab", "labeler", camp.id)
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), max_new_tokens=8, device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), max_new_tokens=8), device="cpu")
     client = TestClient(create_chat_app(store, chat), raise_server_exceptions=False)
     tokens = {n: client.post("/api/admin/chat/users", json={"name": n}, headers=h(admin)).json()["token"] for n in ("ann", "bob")}
     yield store, chat, client, admin, labeler, tokens
@@ -201,8 +201,7 @@ def _save_adapter(tiny_model_dir, folder: Path, seed: int, version: str) -> None
 def test_rerank_by_the_users_reward_then_their_adapter_when_one_exists(tiny_model_dir, personal_model_dir, tmp_path):
     model_dir = tmp_path / "prm"
     shutil.copytree(personal_model_dir, model_dir)
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=6, max_new_tokens=8,
-                                       device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=6, max_new_tokens=8), device="cpu")
     assert chat.mode("ann") == "rerank"
     replies, version = chat.replies("ann", "my house is too hot", 7)
     assert version.endswith("+rerank6:v0001")
@@ -231,8 +230,7 @@ def test_loop_refits_a_new_user_and_the_live_server_swaps_without_dropping_reque
     store = open_store(tmp_path / "labels.sqlite")
     pstore = PersonalStore(store)
     _, cy = pstore.add_user("cy")
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=4, max_new_tokens=6,
-                                       device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=4, max_new_tokens=6), device="cpu")
     reward = PersonalReward(model_dir)
     cfg = LoopConfig(model=str(model_dir), feedback=str(tmp_path / "labels.sqlite"), every=5, holdout=0.2)
     state = LoopState()

@@ -13,6 +13,7 @@ from conftest import personal_feedback_records, safetensors_weights
 
 from rlhf.algos import personal_rewards
 from rlhf.cli import app
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges.base import load_scorer
 from rlhf.personal import model as pmodel
@@ -179,7 +180,7 @@ def test_update_reads_cached_features_not_the_backbone(personal_model_dir, tmp_p
 
 def _train_cfg(feedback: Path, out: Path, base: Path, **kw) -> PersonalTrainConfig:
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=str(base), dim=4, epochs=2, batch_size=8,
-                              lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=1, save_every=2, keep_checkpoints=20,
+                              lr=1e-3, head_lr=1e-2, max_length=48, engine=EngineConfig(device="cpu", threads=1), seed=1, save_every=2, keep_checkpoints=20,
                               freeze_backbone=False, **kw)
     cfg.validate()
     return cfg
@@ -199,9 +200,13 @@ def test_exact_resume(tiny_model_dir, tmp_path):
     ua = safetensors_weights(tmp_path / "full" / "versions" / "v0001")
     ub = safetensors_weights(tmp_path / "resumed" / "versions" / "v0001")
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
-    with pytest.raises(Exception, match="other feedback or options"):
-        more = write_jsonl(tmp_path / "g.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 14))
-        train_personal(_train_cfg(more, tmp_path / "resumed", tiny_model_dir))
+    # the one resume check of every trainer (rlhf.utils.checkpoint.check_resume_options): another option refuses,
+    with pytest.raises(ConfigError, match=r"other options: --prior 1\.0 → 2\.0"):
+        train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir, prior=2.0))
+    # and so does more feedback in the same source (a database that grew)
+    write_jsonl(feedback, personal_feedback_records({"ann": "kind", "bob": "mean"}, 14))
+    with pytest.raises(ConfigError, match="other feedback"):
+        train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir))
 
 
 def test_frozen_backbone_training_and_cli_train_update(tiny_model_dir, tmp_path):

@@ -23,14 +23,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from rlhf.algos import personal_preference_loss, personal_rewards
 from rlhf.config import config_to_dict, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError, TrainingError
-from rlhf.models.loading import disable_dropout, pick_device
+from rlhf.models.loading import disable_dropout
 from rlhf.models.reward_model import (RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model)
 from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel,
@@ -38,7 +41,7 @@ from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, Perso
 from rlhf.personal.records import FeedbackRecord, read_feedback
 from rlhf.train.optim import adamw
 from rlhf.train.reward import TruncationStats, _lr_lambda, encode_pairs, epoch_batches, freeze_lower, pair_metrics
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
@@ -50,6 +53,9 @@ USER_PART_FILE = "user_part.safetensors"
 class PersonalTrainConfig:
     """Train a personal reward model (shared backbone + generic head + per-user part) on everyone's feedback."""
 
+    # Options a resumed run may change: --max-steps only stops earlier or later (the schedule spans
+    # all epochs), --save-every only adds checkpoints. Everything else must match the checkpoint's.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every")
     feedback: str = opt(help="Personal feedback: a labeling database (.sqlite) holding chat choices, or a JSON Lines "
                              "file of feedback records (`rlhf personal export`).")
     out: str = opt(help="Output folder: backbone/, versions/, current.json, features.sqlite, checkpoints/, metrics.jsonl, summary.json.")
@@ -76,8 +82,7 @@ class PersonalTrainConfig:
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     save_every: int = opt(0, help="Checkpoint every N steps (0 = once per epoch).")
     seed: int = opt(0, help="Random seed (order, generic draws, basis initialisation).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, ...).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many steps (0 = all epochs); the schedule still spans all epochs.")
 
@@ -122,8 +127,7 @@ def user_accuracies(scores_c: torch.Tensor, scores_r: torch.Tensor, pairs: list)
 
 def train_personal(cfg: PersonalTrainConfig) -> dict:
     """Run joint training; returns the summary also written to ``out/summary.json``."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
     out, mdir = Path(cfg.out), ModelDir(cfg.out)
     seed_everything(cfg.seed)
     records = read_feedback(cfg.feedback)
@@ -137,7 +141,7 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
     counts = torch.tensor([sum(p.extra["user"] == n for p in train_pairs) for n in names], dtype=torch.float32)
     train_rows = torch.tensor([row_of[p.extra["user"]] for p in train_pairs])
 
-    device = pick_device(cfg.device)
+    device = rt.device
     rm, tok, spec = new_reward_model(cfg.base, max_length=cfg.max_length, seed=cfg.seed, device=device)
     if not cfg.dropout:
         disable_dropout(rm)
@@ -172,8 +176,9 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
     latest = ckpts.latest() if cfg.resume else None
     if latest is not None:
         state = ckpts.load_state(latest)
+        check_resume_options(latest, cfg, state.get("config"))
         if (state.get("total_steps"), state.get("train_pairs"), state.get("users")) != (total_steps, len(train_pairs), names):
-            raise ConfigError(f"{latest} was written by a run with other feedback or options "
+            raise ConfigError(f"{latest} was written by a run with other feedback "
                               f"({state.get('train_pairs')} pairs, {state.get('total_steps')} steps); use another --out or --no-resume")
         load_weights_into(rm, latest / "model")
         _load_user_part(model, latest / USER_PART_FILE)
