@@ -106,8 +106,13 @@ def export_cmd(db: str, out: str, user: str | None, pairs: bool) -> None:
 
 @config_command(PersonalTrainConfig, name="train")
 def train_cmd(cfg: PersonalTrainConfig) -> None:
-    """Train the personal reward model on everyone's feedback; prints a JSON summary."""
-    click.echo(json.dumps(train_personal(cfg)))
+    """Train the personal reward model on everyone's feedback; prints a JSON summary.
+
+    Runs on several processes under ``accelerate launch --num_processes N -m rlhf personal train ...``
+    (docs/scaling.md); the main process prints the summary."""
+    summary = train_personal(cfg)
+    if summary is not None:
+        click.echo(json.dumps(summary))
 
 
 @dataclass
