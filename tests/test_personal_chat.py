@@ -128,6 +128,13 @@ def test_one_users_token_never_reaches_anothers_data(env):
     assert client.get("/api/admin/chat/export", headers=h(labeler)).status_code == 403
     assert client.post("/api/admin/chat/users", json={"name": "eve"}, headers=bob).status_code == 401
     assert client.post("/api/admin/chat/users", json={"name": "ann"}, headers=h(admin)).status_code == 409
+    # The labeling app's Guard checks chat tokens too, before the body: without a valid one, 401 whatever it holds
+    huge = json.dumps({**choose, "edit": "x" * (2 << 20)}).encode()
+    for headers in ({}, h("forged-token"), h(labeler)):
+        for body in (b"{not json", huge):
+            r = client.post("/api/chat/choose", headers=headers, content=body)
+            assert r.status_code == 401 and len(r.content) < 300, (headers, r.status_code)
+    assert client.post("/api/chat/choose", headers=bob, content=huge).status_code == 413  # a valid token: then the size
 
 
 @pytest.mark.parametrize("body, message", [
