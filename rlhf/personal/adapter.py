@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.config import opt
 from rlhf.engine.config import EngineConfig
