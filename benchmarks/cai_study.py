@@ -53,6 +53,7 @@ def prepare(out: Path, train_prompts: int) -> None:
 def run_seed(args) -> None:
     from rlhf.cai.recipe import CAIOptions, run_cai_demo
     from rlhf.demo import DemoConfig
+    from rlhf.engine.config import EngineConfig
 
     out = Path(args.out)
     heldout = out / "prompts-heldout.jsonl"
@@ -63,7 +64,7 @@ def run_seed(args) -> None:
     cfg = DemoConfig(out=str(out / f"seed-{args.seed}"), policy=args.model, prompts=str(out / "prompts-train.jsonl"),
                      eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
                      ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
-                     seed=args.seed, threads=args.threads, device="cpu", recipe="cai")
+                     seed=args.seed, recipe="cai", engine=EngineConfig(device="cpu", threads=args.threads))
     opts = CAIOptions(feedback_model=args.feedback_model or args.model, method=args.method,
                       principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
                       calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,

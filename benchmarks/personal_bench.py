@@ -77,7 +77,7 @@ def collect(work: Path, train_turns: int, heldout_turns: int, noise: float, seed
         raise SystemExit(f"{db} exists: remove {work} to collect again")
     store = open_store(db)
     _, admin = store.add_user("bench-admin", "admin", None)
-    chat = ChatPolicy(ChatPolicyConfig(device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(), device="cpu")
     prompts = [p.prompt for p in read_records(shipped_prompts("train"), PromptRecord)]
     t0 = time.perf_counter()
     with start_in_thread(store, app=create_chat_app(store, chat)) as srv:
@@ -167,6 +167,7 @@ def train_frozen(feedback: Path, out: Path, generic_rate: float, n_pairs: int, d
     backbone once per benchmark, not once per model."""
     import shutil
 
+    from rlhf.engine.config import EngineConfig
     from rlhf.personal.train import PersonalTrainConfig, train_personal
 
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,7 @@ def train_frozen(feedback: Path, out: Path, generic_rate: float, n_pairs: int, d
     epochs = max(3.0, 300 / max(1, n_pairs // 16))
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior,
                               generic_rate=generic_rate, freeze_backbone=True, epochs=epochs, batch_size=16,
-                              head_lr=3e-3, val_fraction=0.0, device="cpu", threads=1, seed=seed, save_every=10 ** 6)
+                              head_lr=3e-3, val_fraction=0.0, engine=EngineConfig(device="cpu", threads=1), seed=seed, save_every=10 ** 6)
     cfg.validate()
     return train_personal(cfg)
 
@@ -250,6 +251,7 @@ def finetune_check(work: Path, train_turns: int, n: int, dim: int, prior: float,
 
     import torch
 
+    from rlhf.engine.config import EngineConfig
     from rlhf.personal.model import PersonalReward
     from rlhf.personal.train import PersonalTrainConfig, train_personal
 
@@ -260,7 +262,7 @@ def finetune_check(work: Path, train_turns: int, n: int, dim: int, prior: float,
     feedback = write_feedback(work / f"finetune-feedback-{n}.jsonl", [r for u in sorted(pool) for r in pool[u][:n]])
     t0 = time.perf_counter()
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior, freeze_layers=freeze_layers,
-                              epochs=epochs, lr=lr, head_lr=3e-3, val_fraction=0.0, device="cpu", threads=1, seed=seed,
+                              epochs=epochs, lr=lr, head_lr=3e-3, val_fraction=0.0, engine=EngineConfig(device="cpu", threads=1), seed=seed,
                               save_every=10 ** 6)
     cfg.validate()
     train_personal(cfg)
@@ -287,6 +289,7 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     import torch
     from peft import PeftModel
 
+    from rlhf.engine.config import EngineConfig
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
     from rlhf.eval.stats import summarise
@@ -330,7 +333,7 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     pooled_run = gen / "pooled-ppo"
     ppo = PPOConfig(out=str(pooled_run), policy="bundled", reward=f"rm:{gen / 'pooled' / 'backbone'}", max_steps=ppo_steps,
                     batch_size=32, mini_batch_size=16, micro_batch_size=16, lr=3e-4, lora=True, lora_r=8, lora_alpha=16,
-                    init_kl_coef=0.05, max_new_tokens=48, seed=seed, threads=1, device="cpu", progress=False,
+                    init_kl_coef=0.05, max_new_tokens=48, seed=seed, engine=EngineConfig(device="cpu", threads=1), progress=False,
                     save_every=max(1, ppo_steps // 4))
     t0 = time.perf_counter()
     pooled_summary = run_ppo(ppo)
@@ -339,8 +342,8 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     replies["adapter"], ppo_runs = {}, {"pooled": {k: pooled_summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}}
     for user in users:
         t0 = time.perf_counter()
-        summary = train_adapter(AdapterConfig(model=str(gen / "personal"), user=user, steps=ppo_steps, seed=seed, threads=1,
-                                              device="cpu", progress=False))
+        summary = train_adapter(AdapterConfig(model=str(gen / "personal"), user=user, steps=ppo_steps, seed=seed,
+                                              engine=EngineConfig(device="cpu", threads=1), progress=False))
         timings[f"adapter_{user}_s"] = round(time.perf_counter() - t0, 1)
         ppo_runs[user] = {k: summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}
         replies["adapter"][user] = adapter_replies(Path(summary["adapter"]), user)

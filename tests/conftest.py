@@ -152,6 +152,7 @@ def personal_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A personal reward model on the tiny backbone, trained on users ann (kind) and bob (mean)."""
     import json
 
+    from rlhf.engine.config import EngineConfig
     from rlhf.personal.train import PersonalTrainConfig, train_personal
 
     root = tmp_path_factory.mktemp("personal")
@@ -159,8 +160,8 @@ def personal_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     feedback.write_text("".join(json.dumps(r) + "\n" for r in personal_feedback_records({"ann": "kind", "bob": "mean"}, 24)),
                         encoding="utf-8")
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(root / "prm"), base=str(tiny_model_dir), dim=4, epochs=4,
-                              batch_size=8, lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=0,
-                              freeze_backbone=False)
+                              batch_size=8, lr=1e-3, head_lr=1e-2, max_length=48, seed=0,
+                              engine=EngineConfig(device="cpu", threads=1), freeze_backbone=False)
     cfg.validate()
     train_personal(cfg)
     return root / "prm"

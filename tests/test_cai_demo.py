@@ -7,6 +7,7 @@ import pytest
 
 from rlhf.cai.recipe import CAIOptions, run_cai_demo
 from rlhf.demo import DemoConfig
+from rlhf.engine.config import EngineConfig
 
 PROMPTS = ["my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next",
            "how can I sleep better", "my plant is dying"]
@@ -30,8 +31,9 @@ def test_cai_recipe_runs_every_stage(tiny_model_dir, tmp_path):
     constitution.write_text(CONSTITUTION)
     cfg = DemoConfig(out=str(tmp_path / "run"), policy=str(tiny_model_dir), prompts=str(prompts), eval_prompts=str(prompts),
                      num_completions=4, reward_base=str(tiny_model_dir), reward_epochs=2, reward_lr=1e-3, ppo_steps=2,
-                     ppo_batch_size=8, watch_every=1, eval_samples=2, device="cpu", kl_ceiling=1000.0,
-                     labeler_scorer="weighted:sentiment+length", threads=1, recipe="cai")
+                     ppo_batch_size=8, watch_every=1, eval_samples=2, kl_ceiling=1000.0,
+                     labeler_scorer="weighted:sentiment+length", recipe="cai",
+                     engine=EngineConfig(device="cpu", threads=1))
     opts = CAIOptions(constitution=str(constitution), feedback_model=str(tiny_model_dir), method="choice",
                       principles_per_pair=0, sl_stage="on", revise_tokens=6, sft_epochs=1)
     summary = run_cai_demo(cfg, opts)

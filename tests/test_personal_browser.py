@@ -26,7 +26,7 @@ def server(tmp_path):
     store = open_store(tmp_path / "labels.sqlite")
     pstore = PersonalStore(store)
     _, token = pstore.add_user("ann")
-    chat = ChatPolicy(ChatPolicyConfig(policy="bundled", device="cpu"))  # the bundled model: real-looking replies
+    chat = ChatPolicy(ChatPolicyConfig(policy="bundled"), device="cpu")  # the bundled model: real-looking replies
     with start_in_thread(store, app=create_chat_app(store, chat)) as srv:
         yield pstore, srv.url, token
 

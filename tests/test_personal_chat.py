@@ -41,7 +41,7 @@ def env(tmp_path, tiny_model_dir):
     camp = import_campaign(store, comp, "helpfulness", 1, name="camp")
     _, admin = store.add_user("boss", "admin", None)
     _, labeler = store.add_user("lab", "labeler", camp.id)
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), max_new_tokens=8, device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), max_new_tokens=8), device="cpu")
     client = TestClient(create_chat_app(store, chat), raise_server_exceptions=False)
     tokens = {n: client.post("/api/admin/chat/users", json={"name": n}, headers=h(admin)).json()["token"] for n in ("ann", "bob")}
     yield store, chat, client, admin, labeler, tokens
@@ -123,10 +123,18 @@ def test_one_users_token_never_reaches_anothers_data(env):
     assert client.get("/api/chat/me", headers=h(admin)).status_code == 401
     assert client.get("/api/chat/me").status_code == 401
     assert client.get("/api/me", headers=bob).status_code == 401
-    assert client.get("/api/admin/chat/export", headers=bob).status_code == 403
+    # a chat token is unknown to the labeling users that admin routes check: 401, as for any unknown token
+    assert client.get("/api/admin/chat/export", headers=bob).status_code == 401
     assert client.get("/api/admin/chat/export", headers=h(labeler)).status_code == 403
-    assert client.post("/api/admin/chat/users", json={"name": "eve"}, headers=bob).status_code == 403
+    assert client.post("/api/admin/chat/users", json={"name": "eve"}, headers=bob).status_code == 401
     assert client.post("/api/admin/chat/users", json={"name": "ann"}, headers=h(admin)).status_code == 409
+    # The labeling app's Guard checks chat tokens too, before the body: without a valid one, 401 whatever it holds
+    huge = json.dumps({**choose, "edit": "x" * (2 << 20)}).encode()
+    for headers in ({}, h("forged-token"), h(labeler)):
+        for body in (b"{not json", huge):
+            r = client.post("/api/chat/choose", headers=headers, content=body)
+            assert r.status_code == 401 and len(r.content) < 300, (headers, r.status_code)
+    assert client.post("/api/chat/choose", headers=bob, content=huge).status_code == 413  # a valid token: then the size
 
 
 @pytest.mark.parametrize("body, message", [
@@ -200,8 +208,7 @@ def _save_adapter(tiny_model_dir, folder: Path, seed: int, version: str) -> None
 def test_rerank_by_the_users_reward_then_their_adapter_when_one_exists(tiny_model_dir, personal_model_dir, tmp_path):
     model_dir = tmp_path / "prm"
     shutil.copytree(personal_model_dir, model_dir)
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=6, max_new_tokens=8,
-                                       device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=6, max_new_tokens=8), device="cpu")
     assert chat.mode("ann") == "rerank"
     replies, version = chat.replies("ann", "my house is too hot", 7)
     assert version.endswith("+rerank6:v0001")
@@ -230,8 +237,7 @@ def test_loop_refits_a_new_user_and_the_live_server_swaps_without_dropping_reque
     store = open_store(tmp_path / "labels.sqlite")
     pstore = PersonalStore(store)
     _, cy = pstore.add_user("cy")
-    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=4, max_new_tokens=6,
-                                       device="cpu"))
+    chat = ChatPolicy(ChatPolicyConfig(policy=str(tiny_model_dir), reward=str(model_dir), candidates=4, max_new_tokens=6), device="cpu")
     reward = PersonalReward(model_dir)
     cfg = LoopConfig(model=str(model_dir), feedback=str(tmp_path / "labels.sqlite"), every=5, holdout=0.2)
     state = LoopState()

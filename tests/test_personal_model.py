@@ -13,6 +13,7 @@ from conftest import personal_feedback_records, safetensors_weights
 
 from rlhf.algos import personal_rewards
 from rlhf.cli import app
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError, DataError
 from rlhf.judges.base import load_scorer
 from rlhf.personal import model as pmodel
@@ -179,7 +180,7 @@ def test_update_reads_cached_features_not_the_backbone(personal_model_dir, tmp_p
 
 def _train_cfg(feedback: Path, out: Path, base: Path, **kw) -> PersonalTrainConfig:
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=str(base), dim=4, epochs=2, batch_size=8,
-                              lr=1e-3, head_lr=1e-2, max_length=48, device="cpu", seed=1, save_every=2, keep_checkpoints=20,
+                              lr=1e-3, head_lr=1e-2, max_length=48, engine=EngineConfig(device="cpu", threads=1), seed=1, save_every=2, keep_checkpoints=20,
                               freeze_backbone=False, **kw)
     cfg.validate()
     return cfg
@@ -199,9 +200,13 @@ def test_exact_resume(tiny_model_dir, tmp_path):
     ua = safetensors_weights(tmp_path / "full" / "versions" / "v0001")
     ub = safetensors_weights(tmp_path / "resumed" / "versions" / "v0001")
     assert all(torch.equal(ua[k], ub[k]) for k in ua)
-    with pytest.raises(Exception, match="other feedback or options"):
-        more = write_jsonl(tmp_path / "g.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 14))
-        train_personal(_train_cfg(more, tmp_path / "resumed", tiny_model_dir))
+    # the one resume check of every trainer (rlhf.utils.checkpoint.check_resume_options): another option refuses,
+    with pytest.raises(ConfigError, match=r"other options: --prior 1\.0 → 2\.0"):
+        train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir, prior=2.0))
+    # and so does more feedback in the same source (a database that grew)
+    write_jsonl(feedback, personal_feedback_records({"ann": "kind", "bob": "mean"}, 14))
+    with pytest.raises(ConfigError, match="other feedback"):
+        train_personal(_train_cfg(feedback, tmp_path / "resumed", tiny_model_dir))
 
 
 def test_frozen_backbone_training_and_cli_train_update(tiny_model_dir, tmp_path):
@@ -233,3 +238,33 @@ def test_feature_cache_empties_itself_for_another_backbone(tmp_path):
     cache.put({"k": torch.tensor([1.0, 2.0])})
     assert torch.equal(FeatureCache(tmp_path / "f.sqlite", "backbone-a").get(["k"])["k"], torch.tensor([1.0, 2.0]))
     assert FeatureCache(tmp_path / "f.sqlite", "backbone-b").get(["k"]) == {}  # features of other weights are never served
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_backbone", [True, False], ids=["cached-features", "fine-tune"])
+def test_personal_training_on_two_processes_equals_one(tiny_model_dir, tmp_path, freeze_backbone):
+    """`accelerate launch --num_processes 2 -m rlhf personal train` takes the same steps as one process
+    with the same global batch (tolerance and why: tests/test_distributed.py's docstring), with the
+    generic draws made for the whole batch; one writer of metrics, checkpoints and the model."""
+    from test_distributed import assert_same_metrics, close, launch, written_once
+
+    from rlhf.utils.metrics import read_metrics
+
+    feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 16))
+    args = dict(feedback=str(feedback), base=str(tiny_model_dir), dim=4, epochs=2, batch_size=8, lr=1e-3, head_lr=1e-2,
+                max_length=48, seed=1, save_every=2, generic_rate=0.5)
+    one = train_personal(PersonalTrainConfig(out=str(tmp_path / "one"), freeze_backbone=freeze_backbone, **args,
+                                             engine=EngineConfig(device="cpu", threads=1)))
+    flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    res = launch(["personal", "train", "--out", str(tmp_path / "two"), "--device", "cpu",
+                  "--freeze-backbone" if freeze_backbone else "--no-freeze-backbone", *flags])
+    written_once(tmp_path / "two", res.stdout)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["processes"] == 1 and two["steps"] == one["steps"] > 2
+    assert two["user_pairs"] == one["user_pairs"] and two["val"].keys() == one["val"].keys()
+    assert float(safetensors_weights(tmp_path / "one" / "versions" / "v0001")["user_table.safetensors/embeddings"].abs().max()) > 1e-3  # users trained
+    for name in ("backbone", "versions/v0001"):  # shared weights and generic head; the user part (basis, embeddings)
+        assert close(safetensors_weights(tmp_path / "one" / name), safetensors_weights(tmp_path / "two" / name)) < 1e-5
+    assert_same_metrics(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), ("loss", "accuracy", "grad_norm", "user_norm"))
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+    assert ckpts == sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir())

@@ -185,3 +185,24 @@ def test_label_against_a_garbage_server_writes_nothing(broken, tmp_path):
     assert "error:" in run.stderr and "not JSON" in run.stderr
     assert not out.exists() and not list(tmp_path.glob(".rankings*"))
     assert math.isfinite(len(run.stderr))
+
+
+def test_servers_take_the_engine_section_but_refuse_its_rollout_options():
+    """`rlhf serve` and `rlhf personal serve` sample with their own forward passes: a rollout backend or
+    --compile asked for is an error, not silently ignored; device, dtype and threads are the section's."""
+    from click.testing import CliRunner
+
+    from rlhf.cli import app
+    from rlhf.engine.config import EngineConfig
+    from rlhf.errors import ConfigError
+    from rlhf.personal.policy import ChatPolicyConfig
+    from rlhf.serve.server import ServeConfig
+
+    for verb, flags, said in ((["serve"], ["--rollout", "vllm"], "--rollout vllm does not apply"),
+                              (["serve"], ["--rollout", "fast", "--compile"], "--rollout fast and --compile do not apply"),
+                              (["personal", "serve"], ["--compile"], "--compile does not apply")):
+        result = CliRunner().invoke(app, [*verb, *flags])
+        assert result.exit_code != 0 and said in result.output, result.output
+    ServeConfig(engine=EngineConfig(rollout="hf", threads=1, device="cpu")).validate()  # what the server runs anyway
+    with pytest.raises(ConfigError, match="rlhf personal serve samples with its own forward passes"):
+        ChatPolicyConfig(engine=EngineConfig(rollout="fast")).validate()

@@ -12,6 +12,7 @@ import click
 from rlhf.cai.recipe import CAIOptions, print_summary, run_cai_demo
 from rlhf.config import config_command, config_to_dict, opt
 from rlhf.demo import DemoConfig
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 
 
@@ -32,21 +33,19 @@ class ModelAccess:
     cache: str = opt("", help="Answer cache (SQLite file) so a rerun pays for nothing twice; default in the output "
                               "folder (feedback-cache.sqlite); 'off' = none.")
     batch_size: int = opt(8, help="Sequences per forward pass (or generation batch) of a local model.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
     seed: int = opt(0, help="Seed: principles drawn, sampling, which reply is shown first.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How a local model and the evaluators run (device, dtype, "
+                                                          "threads; a local model samples with transformers' generate).")
 
-    def open_model(self, model: str, endpoint: str, tokenizer: str, out_dir: Path, required: bool = False):
-        import torch
-
+    def open_model(self, model: str, endpoint: str, tokenizer: str, out_dir: Path, rt, required: bool = False):
+        """The model to ask, run on ``rt`` (the Runtime ``start(self.engine)`` returned)."""
         from rlhf.cai.feedback import load_feedback_model
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
         if required and (not model or model == "none") and not endpoint:
             raise ConfigError("this command needs a model: a local folder or named model, or an endpoint URL")
         cache = None if self.cache == "off" else (self.cache or str(out_dir / "feedback-cache.sqlite"))
-        return load_feedback_model(model or None, endpoint or None, device=self.device, tokenizer=tokenizer or None,
+        return load_feedback_model(model or None, endpoint or None, device=rt.device, dtype=rt.dtype,
+                                   tokenizer=tokenizer or None,
                                    cache=cache, timeout=self.timeout, retries=self.retries, rate_limit=self.rate_limit,
                                    api_key=self.api_key, batch_size=self.batch_size)
 
@@ -60,8 +59,8 @@ class FeedbackOptions(ModelAccess):
     feedback_tokenizer: str = opt("", help="With --feedback-endpoint: a local tokenizer whose chat template formats the "
                                            "prompts (default: plain Human:/Assistant: text).")
 
-    def open_feedback(self, out_dir: Path):
-        return self.open_model(self.feedback_model, self.feedback_endpoint, self.feedback_tokenizer, out_dir)
+    def open_feedback(self, out_dir: Path, rt):
+        return self.open_model(self.feedback_model, self.feedback_endpoint, self.feedback_tokenizer, out_dir, rt)
 
 
 @dataclass(kw_only=True)
@@ -113,12 +112,14 @@ def revise(cfg: ReviseConfig) -> None:
     """Sample a reply, critique it under a principle drawn at random, revise it; N rounds per prompt."""
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.revise import run_revise
+    from rlhf.engine.runtime import start
     from rlhf.data.io import read_records, write_records
     from rlhf.data.records import PromptRecord
 
+    rt = start(cfg.engine)
     out = Path(cfg.out)
     constitution = load_constitution(cfg.constitution)
-    model = cfg.open_model(cfg.model, cfg.endpoint, cfg.tokenizer, out, required=True)
+    model = cfg.open_model(cfg.model, cfg.endpoint, cfg.tokenizer, out, rt, required=True)
     prompts = cfg.prompts
     if cfg.limit:
         prompts = str(out / "prompts.jsonl")
@@ -147,15 +148,17 @@ def run_label(cfg: LabelConfig) -> dict:
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.label import label_completions
     from rlhf.cai.labeler import AILabeler
+    from rlhf.engine.runtime import start
     from rlhf.data.io import read_records, write_records
     from rlhf.data.records import CompletionsRecord
     from rlhf.utils.io import atomic_write_json
 
+    rt = start(cfg.engine)
     out = Path(cfg.out)
     constitution = load_constitution(cfg.constitution)
     settings = cfg.settings()
     records = read_records(cfg.completions, CompletionsRecord)
-    feedback = cfg.open_feedback(out.parent)
+    feedback = cfg.open_feedback(out.parent, rt)
     warning = None
     if feedback is not None:
         with_evaluators = settings.use_evaluators and bool(constitution.evaluators)
@@ -164,7 +167,7 @@ def run_label(cfg: LabelConfig) -> dict:
             "human preference pairs and pass --calibration; a small feedback model is often near chance.")
     if warning:
         print_banner(warning)
-    labeler = AILabeler(constitution, feedback, settings, device=cfg.device)
+    labeler = AILabeler(constitution, feedback, settings, device=str(rt.device))
     rankings, summary = label_completions(labeler, records)
     write_records(out, rankings)
     summary.update(constitution=constitution.name, warning=warning, out=str(out), config=config_to_dict(cfg))
@@ -205,17 +208,19 @@ def calibrate(cfg: CalibrateConfig) -> None:
     from rlhf.cai.calibrate import calibrate as run, format_table, print_banner
     from rlhf.cai.constitution import load_constitution
     from rlhf.train.reward import read_pairs
+    from rlhf.engine.runtime import start
     from rlhf.utils.io import atomic_write_json, atomic_write_text
 
+    rt = start(cfg.engine)
     out = Path(cfg.out)
     constitution = load_constitution(cfg.constitution)
     settings = cfg.settings()
     pairs, skipped = read_pairs(cfg.pairs, skip_bad=True)
     if cfg.limit:
         pairs = pairs[: cfg.limit]
-    feedback = cfg.open_feedback(out)
+    feedback = cfg.open_feedback(out, rt)
     result = run(constitution, feedback, pairs, list(cfg.methods), list(cfg.principles), cfg.draw, list(cfg.reference),
-                 settings, device=cfg.device)
+                 settings, device=str(rt.device))
     result.update(source=cfg.pairs, skipped_pairs=len(skipped), constitution=constitution.name,
                   feedback_model=getattr(feedback, "name", None), config=config_to_dict(cfg))
     result["config"].pop("api_key", None)

@@ -117,7 +117,8 @@ class EndpointFeedbackModel:
         return texts
 
 
-def load_feedback_model(model: str | None, endpoint: str | None = None, *, device: str = "auto",
+def load_feedback_model(model: str | None, endpoint: str | None = None, *, device: str | torch.device = "auto",
+                        dtype: torch.dtype = torch.float32,
                         tokenizer: str | None = None, cache: str | Path | None = None, timeout: float = 60.0,
                         retries: int = 3, rate_limit: float = 0.0, api_key: str = "", batch_size: int = 16):
     """A local model, an endpoint's model, or None for ``none`` (evaluators decide alone)."""
@@ -132,5 +133,5 @@ def load_feedback_model(model: str | None, endpoint: str | None = None, *, devic
         return EndpointFeedbackModel(client, name, tokenizer)
     if not model or model == "none":
         return None
-    return LocalFeedbackModel(model, device=device, batch_size=batch_size, cache=cache)
+    return LocalFeedbackModel(model, device=device, dtype=dtype, batch_size=batch_size, cache=cache)
 

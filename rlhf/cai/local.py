@@ -117,8 +117,8 @@ class PrefixScorer:
 class LocalFeedbackModel:
     """Any local Hugging Face causal LM (or named model) as a feedback model; see rlhf/cai/feedback.py."""
 
-    def __init__(self, model: str, device: str = "auto", batch_size: int = 8, max_length: int = 2048,
-                 cache: str | Path | None = None):
+    def __init__(self, model: str, device: str | torch.device = "auto", batch_size: int = 8, max_length: int = 2048,
+                 cache: str | Path | None = None, dtype: torch.dtype = torch.float32):
         if str(model) in BUNDLED_NAMES:
             raise ConfigError(TOO_SMALL)
         self.name = str(model)
@@ -126,7 +126,7 @@ class LocalFeedbackModel:
         self.cache = ResponseCache(cache) if cache else None
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(model, padding_side="left")
-        self.model = load_causal_lm(model, device=self.device)
+        self.model = load_causal_lm(model, device=self.device, dtype=dtype)
         self.model.eval()
         self.batch_size = batch_size
         context = int(getattr(self.model.config, "max_position_embeddings", max_length) or max_length)

@@ -80,17 +80,21 @@ def resolve_feedback(name: str) -> str:
 
 
 def run_cai_demo(cfg, opts: CAIOptions) -> dict:
-    """``cfg`` is the demo's DemoConfig (policy, prompts, reward and PPO settings); returns the summary."""
-    import torch
-
+    """``cfg`` is the demo's DemoConfig (policy, prompts, reward and PPO settings); returns the summary.
+    Every stage runs on ``cfg.engine`` (the stages it hands to other modules get the same section)."""
     from rlhf import demo as D
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.local import SMALL_PARAMETERS
+    from rlhf.engine.runtime import start
     from rlhf.models.loading import shipped_prompts
+    from rlhf.models.named import with_model_defaults
     from rlhf.utils.io import atomic_write_json
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # The demo's options left unset (PPO steps, batch, learning rate, evaluation samples) take what
+    # suits the model, as in run_demo; the recipe's own reply length, temperature, LoRA and PPO
+    # epochs are CAIOptions' (set, so never overridden here).
+    cfg = with_model_defaults(cfg)
+    rt = start(cfg.engine)  # each stage applies the same section again; the first says what it chose
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = cfg.prompts or str(shipped_prompts("train"))
@@ -122,7 +126,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     start = cfg.policy
     if sl:
         revise_dir, sl_dir = out / "revise", out / "sl"
-        stage("revise", revise_dir / "summary.json", lambda: _revise(cfg, opts, prompts, revise_dir))
+        stage("revise", revise_dir / "summary.json", lambda: _revise(cfg, opts, prompts, revise_dir, rt))
         stage("sft", sl_dir / "summary.json", lambda: _sft(cfg, opts, revise_dir / "sft.jsonl", sl_dir))
         start = str(sl_dir / "model")
     run = dataclasses.replace(cfg, policy=start)
@@ -168,7 +172,7 @@ def optimised_judges(constitution, judges: list[str], reward_model: Path) -> lis
     return [j for j in judges if j == f"rm:{reward_model}" or SAME_CLASSIFIER.get(j, j) in used]
 
 
-def _revise(cfg, opts: CAIOptions, prompts: str, out: Path) -> None:
+def _revise(cfg, opts: CAIOptions, prompts: str, out: Path, rt) -> None:
     from rlhf.cai.constitution import load_constitution
     from rlhf.cai.local import LocalFeedbackModel
     from rlhf.cai.revise import run_revise
@@ -180,7 +184,7 @@ def _revise(cfg, opts: CAIOptions, prompts: str, out: Path) -> None:
         limited = out / "prompts.jsonl"
         write_records(limited, read_records(prompts, PromptRecord)[: opts.revise_limit])
         prompts = str(limited)
-    model = LocalFeedbackModel(cfg.policy, device=cfg.device, cache=out / "cache.sqlite")
+    model = LocalFeedbackModel(cfg.policy, device=rt.device, dtype=rt.dtype, cache=out / "cache.sqlite")
     run_revise(model, load_constitution(opts.constitution), prompts, out, rounds=opts.revise_rounds,
                max_new_tokens=opts.revise_tokens, seed=cfg.seed)
 
@@ -190,8 +194,8 @@ def _sft(cfg, opts: CAIOptions, data: Path, sl_dir: Path) -> None:
 
     examples = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
     scfg = SFTConfig(data=str(data), out=str(sl_dir), model=cfg.policy, epochs=opts.sft_epochs,
-                     lr=opts.sft_lr, lora=True, batch_size=min(8, examples), warmup_steps=2, seed=cfg.seed, device=cfg.device,
-                     threads=cfg.threads)
+                     lr=opts.sft_lr, lora=True, batch_size=min(8, examples), warmup_steps=2, seed=cfg.seed,
+                     engine=cfg.engine)
     scfg.validate()
     run_sft(scfg)
 
@@ -201,7 +205,7 @@ def _label(cfg, opts: CAIOptions, feedback: str, completions: Path, rankings: Pa
 
     lcfg = LabelConfig(constitution=opts.constitution, feedback_model=feedback, completions=str(completions),
                        out=str(rankings), method=opts.method, principles_per_pair=opts.principles_per_pair,
-                       calibration=opts.calibration, seed=cfg.seed, device=cfg.device)
+                       calibration=opts.calibration, seed=cfg.seed, engine=cfg.engine)
     run_label(lcfg)
 
 
@@ -210,7 +214,7 @@ def _generate(cfg, opts: CAIOptions, prompts: str, out: Path) -> None:
 
     generate_file(GenerateConfig(prompts=prompts, out=str(out), model=cfg.policy, num_completions=cfg.num_completions,
                                  max_new_tokens=opts.reply_tokens, temperature=opts.temperature, batch_size=32,
-                                 seed=cfg.seed, device=cfg.device))
+                                 seed=cfg.seed, engine=cfg.engine))
 
 
 def _ppo(cfg, opts: CAIOptions, prompts: str, reward_model: Path, completions: Path, out: Path) -> None:
@@ -226,8 +230,7 @@ def _ppo(cfg, opts: CAIOptions, prompts: str, reward_model: Path, completions: P
                      micro_batch_size=min(8, batch), ppo_epochs=opts.ppo_epochs, lr=cfg.ppo_lr,
                      init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, kl_ceiling=cfg.kl_ceiling,
                      max_new_tokens=opts.reply_tokens, temperature=opts.temperature, lora=opts.lora,
-                     gold=cfg.labeler_scorer, watch_every=cfg.watch_every, seed=cfg.seed, device=cfg.device,
-                     threads=cfg.threads)
+                     gold=cfg.labeler_scorer, watch_every=cfg.watch_every, seed=cfg.seed, engine=cfg.engine)
     pcfg.validate()
     run_ppo(pcfg)
 
@@ -238,7 +241,7 @@ def _eval(cfg, opts: CAIOptions, prompts: str, models: list[str], judges: list[s
 
     ecfg = EvalConfig(out=str(out), model=models, prompts=prompts, judge=judges, reference=cfg.policy,
                       samples_per_prompt=cfg.eval_samples, max_new_tokens=opts.reply_tokens,
-                      temperature=opts.temperature, seed=cfg.seed + 1, device=cfg.device)
+                      temperature=opts.temperature, seed=cfg.seed + 1, engine=cfg.engine)
     ecfg.validate()
     _, text = run_eval(ecfg)
     D._say(text)

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any, Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
@@ -97,9 +97,11 @@ class Guard:
     """ASGI middleware in front of the app: Host allow-list, token before body, body size (see the
     module docstring). Its refusals carry the same JSON error shape and security headers."""
 
-    def __init__(self, app, store: Store, allowed_hosts: Iterable[str] | None, max_body_bytes: int):
+    def __init__(self, app, store: Store, allowed_hosts: Iterable[str] | None, max_body_bytes: int,
+                 other_tokens: Mapping[str, Callable[[str], Any]] | None = None):
         self.app, self.store, self.max_body_bytes = app, store, max_body_bytes
         self.allowed_hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
+        self.other_tokens = dict(other_tokens or {})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -146,8 +148,14 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    async def _user(self, path: str, headers: Headers) -> User:
+    async def _user(self, path: str, headers: Headers) -> Any:
         token = _bearer(headers.get("authorization", ""))
+        for prefix, lookup in self.other_tokens.items():  # routes whose users live elsewhere (chat users)
+            if path.startswith(prefix):
+                user = await run_in_threadpool(lookup, token)
+                if user is None:
+                    raise ApiError(401, "unknown access token: ask the admin for a new link")
+                return user
         user = await run_in_threadpool(self.store.user_by_token, token)
         if user is None:
             raise ApiError(401, "unknown access token: ask the campaign admin for a new link")
@@ -205,11 +213,15 @@ def admin_link(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}/admin#token={token}"
 
 
-def create_app(store: Store, allowed_hosts: Iterable[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(store: Store, allowed_hosts: Iterable[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               other_tokens: Mapping[str, Callable[[str], Any]] | None = None) -> FastAPI:
     """The app over ``store``. ``allowed_hosts``: the only Host names answered (None: any; a server
-    bound to loopback passes :data:`LOOPBACK_HOSTS`, see :func:`default_allowed_hosts`)."""
+    bound to loopback passes :data:`LOOPBACK_HOSTS`, see :func:`default_allowed_hosts`).
+    ``other_tokens``: API path prefix → token lookup (None: unknown) for routes mounted later whose
+    users are not labelers or admins (the chat routes); :class:`Guard` checks those tokens too."""
     app = FastAPI(title="rlhf labeling", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, store=store, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, store=store, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes,
+                       other_tokens=other_tokens)
 
     def current_user(request: Request) -> User:
         user = request.scope.get("state", {}).get("user")  # Guard checked it before the body was read

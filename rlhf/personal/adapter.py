@@ -12,9 +12,9 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.config import opt
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 from rlhf.personal.model import ModelDir
 from rlhf.personal.policy import ADAPTER_META
@@ -40,8 +40,7 @@ class AdapterConfig:
     init_kl_coef: float = opt(0.05, help="Initial β of the KL penalty against the base policy.")
     max_new_tokens: int = opt(48, help="Longest reply in tokens.")
     seed: int = opt(0, help="Random seed.")
-    threads: int = opt(1, help="CPU threads for torch.")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the PPO run executes (device, threads, rollout backend, ...).")
     progress: bool = opt(True, help="Show a progress bar.")
 
     def validate(self) -> None:
@@ -61,7 +60,7 @@ def train_adapter(cfg: AdapterConfig) -> dict:
                     prompts=cfg.prompts, max_steps=cfg.steps, batch_size=cfg.batch_size,
                     mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.mini_batch_size, lr=cfg.lr,
                     lora=True, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, init_kl_coef=cfg.init_kl_coef,
-                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, engine=cfg.engine,
                     progress=cfg.progress, save_every=max(1, cfg.steps // 4))
     ppo.validate()
     summary = run_ppo(ppo)

@@ -72,13 +72,15 @@ def personal_router(store: Store, chat: ChatPolicy | None) -> APIRouter:
     router = APIRouter()
 
     def chat_user(request: Request) -> ChatUser:
-        user = pstore.user_by_token(_bearer(request))
+        user = request.scope.get("state", {}).get("user")  # the Guard looked the chat token up (other_tokens)
+        if not isinstance(user, ChatUser):
+            user = pstore.user_by_token(_bearer(request.headers.get("authorization", "")))
         if user is None:
             raise ApiError(401, "unknown chat token: ask the admin for a new chat link")
         return user
 
     def admin(request: Request) -> User:
-        user = store.user_by_token(_bearer(request))
+        user = store.user_by_token(_bearer(request.headers.get("authorization", "")))
         if user is None or user.role != "admin":
             raise ApiError(403, "admin only: creating chat users and exporting feedback need an admin token")
         return user
@@ -162,7 +164,8 @@ def create_chat_app(store: Store, chat: ChatPolicy | None, allowed_hosts=None) -
     allow-list apply to them; ``allowed_hosts`` as in ``rlhf.feedback.server.create_app``)."""
     from rlhf.feedback.server import create_app
 
-    app = create_app(store, allowed_hosts)
+    pstore = PersonalStore(store)
+    app = create_app(store, allowed_hosts, other_tokens={"/api/chat/": pstore.user_by_token})
     app.include_router(personal_router(store, chat))
     return app
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from rlhf.config import config_command, opt
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 from rlhf.personal.adapter import AdapterConfig, train_adapter
 from rlhf.personal.loop import LoopConfig, run_loop
@@ -40,7 +41,6 @@ class PersonalServeConfig(ChatPolicyConfig):
     port: int = opt(8000, help="TCP port.")
     synchronous: str = opt("FULL", help="SQLite synchronous mode: FULL fsyncs every acknowledged choice.")
     access_log: bool = opt(True, help="Log every request line (chat tokens in /chat/<token> are redacted).")
-    threads: int = opt(1, help="CPU threads for torch.")
 
     def validate(self) -> None:
         super().validate()
@@ -51,16 +51,15 @@ class PersonalServeConfig(ChatPolicyConfig):
 @config_command(PersonalServeConfig, name="serve")
 def serve_cmd(cfg: PersonalServeConfig) -> None:
     """Serve the chat page and API (and the labeling pages) until Ctrl-C."""
-    import torch
-
+    from rlhf.engine.runtime import start
     from rlhf.feedback.server import default_allowed_hosts, serve
     from rlhf.feedback.store import open_store
     from rlhf.personal.api import create_chat_app, redact_chat_tokens
     from rlhf.personal.policy import ChatPolicy
 
-    torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
     store = open_store(cfg.db, synchronous=cfg.synchronous)
-    chat = ChatPolicy(cfg)
+    chat = ChatPolicy(cfg, rt.device, rt.dtype)
     redact_chat_tokens()
     click.echo(f"chat server on http://{cfg.host}:{cfg.port} (database {cfg.db}; replies: "
                f"{'reranked by ' + cfg.reward if cfg.reward else 'plain samples'})", err=True)
@@ -107,8 +106,13 @@ def export_cmd(db: str, out: str, user: str | None, pairs: bool) -> None:
 
 @config_command(PersonalTrainConfig, name="train")
 def train_cmd(cfg: PersonalTrainConfig) -> None:
-    """Train the personal reward model on everyone's feedback; prints a JSON summary."""
-    click.echo(json.dumps(train_personal(cfg)))
+    """Train the personal reward model on everyone's feedback; prints a JSON summary.
+
+    Runs on several processes under ``accelerate launch --num_processes N -m rlhf personal train ...``
+    (docs/scaling.md); the main process prints the summary."""
+    summary = train_personal(cfg)
+    if summary is not None:
+        click.echo(json.dumps(summary))
 
 
 @dataclass
@@ -120,20 +124,20 @@ class UpdateConfig:
     users: list[str] = opt(factory=list, flag="user", help="Users to refit (default: everyone whose comparison count changed).")
     holdout: float = opt(0.2, help="Share of each user's most recent feedback held out to judge the candidate.")
     gate: bool = opt(True, help="Deploy a candidate only when it is not worse on the held-out choices.")
-    threads: int = opt(1, help="CPU threads for torch.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the backbone runs for replies it has no cached features "
+                                                          "of (device, threads).")
 
 
 @config_command(UpdateConfig, name="update")
 def update_cmd(cfg: UpdateConfig) -> None:
     """Fit new or changed users from their comparisons without retraining the backbone."""
-    import torch
-
+    from rlhf.engine.runtime import start
     from rlhf.personal.model import PersonalReward
     from rlhf.personal.records import feedback_pairs, read_feedback
     from rlhf.personal.update import refit_user
 
-    torch.set_num_threads(cfg.threads)
-    reward = PersonalReward(cfg.model, "cpu")
+    rt = start(cfg.engine)
+    reward = PersonalReward(cfg.model, str(rt.device))
     by_user = feedback_pairs(read_feedback(cfg.feedback))
     users = cfg.users or [u for u, ps in by_user.items() if len(ps) != reward.table.n_pairs(u)]
     for user in users:

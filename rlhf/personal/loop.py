@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError
-from rlhf.models.loading import pick_device
 from rlhf.personal.model import PersonalReward
 from rlhf.personal.records import feedback_pairs, read_feedback
 from rlhf.personal.update import RefitResult, refit_user
@@ -48,8 +49,8 @@ class LoopConfig:
     users: list[str] = opt(factory=list, help="Only these users (default: everyone with feedback).")
     once: bool = opt(False, help="Look once, refit who is due, and exit.")
     max_seconds: float = opt(0.0, help="Stop after this long (0 = until interrupted).")
-    threads: int = opt(1, help="CPU threads for torch.")
-    device: str = opt("cpu", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the backbone runs for replies it has no cached features "
+                                                          "of (device, threads).")
 
     def validate(self) -> None:
         if self.every < 1 or self.interval <= 0 or not 0 < self.holdout < 1 or self.max_seconds < 0:
@@ -113,8 +114,8 @@ def _has_feedback(source: str) -> bool:
 
 def run_loop(cfg: LoopConfig) -> list[RefitResult]:
     """Loop until interrupted (or ``--once`` / ``--max-seconds``); returns every refit it made."""
-    torch.set_num_threads(cfg.threads)
-    reward = PersonalReward(cfg.model, str(pick_device(cfg.device)))
+    rt = start(cfg.engine)
+    reward = PersonalReward(cfg.model, str(rt.device))
     state = LoopState.read(reward.dir.root)
     started, done = time.monotonic(), []
     while True:

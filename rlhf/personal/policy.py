@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from rlhf.config import opt
+from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer, pick_device
 from rlhf.personal.model import PersonalReward
 from rlhf.rollout.generate import SamplingParams, decode_responses, sample_tokens
+from rlhf.serve.engine import check_serving_engine
 
 ADAPTER_META = "adapter.json"
 
@@ -56,13 +58,15 @@ class ChatPolicyConfig:
     top_p: float = opt(1.0, help="Nucleus sampling mass (1 = off).")
     top_k: int = opt(0, help="Top-k sampling (0 = off).")
     max_adapters: int = opt(16, help="Adapters kept loaded at once (least recently used are dropped).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the policy and the reward run: device, dtype, threads "
+                                                          "(replies are sampled with transformers' forward passes).")
 
     def validate(self) -> None:
         if self.candidates < 2 or self.candidates % 2:
             raise ConfigError("--candidates must be an even number of at least 2")
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.max_adapters < 1:
             raise ConfigError("--max-new-tokens and --max-adapters must be at least 1, --temperature positive, --top-p in (0, 1]")
+        check_serving_engine(self.engine, "rlhf personal serve")
 
 
 def adapter_key(user: str, stamp: tuple[int, int]) -> str:
@@ -77,12 +81,13 @@ def seed_for(*parts: str) -> int:
 
 
 class ChatPolicy:
-    def __init__(self, cfg: ChatPolicyConfig):
+    def __init__(self, cfg: ChatPolicyConfig, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32):
+        """``device`` and ``dtype``: where the command's ``start(cfg.engine)`` put this process."""
         cfg.validate()
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(device)
         self.tok = load_tokenizer(cfg.policy)
-        self.base = load_causal_lm(cfg.policy, device=self.device)
+        self.base = load_causal_lm(cfg.policy, device=self.device, dtype=dtype)
         disable_dropout(self.base)
         self.model = self.base  # becomes a peft model once the first adapter is loaded
         self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)

@@ -13,6 +13,11 @@ their own reward and under the generic one.
 
 Exact resume as in ``rlhf reward train``: each epoch's order and each step's generic draws are
 functions of (seed, epoch, step); checkpoints hold weights, user part, optimizer, scheduler and RNG.
+
+Several processes (``accelerate launch --num_processes N -m rlhf personal train``) as in reward
+training (rlhf/engine/distributed.py): the generic draws are made for the whole batch, each process
+scores its share, DDP averages the gradients, and only the main process writes checkpoints, the
+feature cache (first; the others then read it), metrics and the published model.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf.algos import personal_preference_loss, personal_rewards
 from rlhf.config import config_to_dict, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError, TrainingError
-from rlhf.models.loading import disable_dropout, pick_device
+from rlhf.models.loading import disable_dropout
 from rlhf.models.reward_model import (RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model)
 from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel,
@@ -38,7 +47,7 @@ from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, Perso
 from rlhf.personal.records import FeedbackRecord, read_feedback
 from rlhf.train.optim import adamw
 from rlhf.train.reward import TruncationStats, _lr_lambda, encode_pairs, epoch_batches, freeze_lower, pair_metrics
-from rlhf.utils.checkpoint import CheckpointManager
+from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
@@ -50,6 +59,9 @@ USER_PART_FILE = "user_part.safetensors"
 class PersonalTrainConfig:
     """Train a personal reward model (shared backbone + generic head + per-user part) on everyone's feedback."""
 
+    # Options a resumed run may change: --max-steps only stops earlier or later (the schedule spans
+    # all epochs), --save-every only adds checkpoints. Everything else must match the checkpoint's.
+    resume_free: ClassVar[tuple[str, ...]] = ("max_steps", "save_every")
     feedback: str = opt(help="Personal feedback: a labeling database (.sqlite) holding chat choices, or a JSON Lines "
                              "file of feedback records (`rlhf personal export`).")
     out: str = opt(help="Output folder: backbone/, versions/, current.json, features.sqlite, checkpoints/, metrics.jsonl, summary.json.")
@@ -76,8 +88,7 @@ class PersonalTrainConfig:
     keep_checkpoints: int = opt(2, help="How many recent checkpoints to keep.")
     save_every: int = opt(0, help="Checkpoint every N steps (0 = once per epoch).")
     seed: int = opt(0, help="Random seed (order, generic draws, basis initialisation).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the run executes (device, threads, ...).")
     resume: bool = opt(True, help="Continue from the last checkpoint in --out if there is one.")
     max_steps: int = opt(0, help="Stop after this many steps (0 = all epochs); the schedule still spans all epochs.")
 
@@ -120,10 +131,25 @@ def user_accuracies(scores_c: torch.Tensor, scores_r: torch.Tensor, pairs: list)
     return out
 
 
-def train_personal(cfg: PersonalTrainConfig) -> dict:
-    """Run joint training; returns the summary also written to ``out/summary.json``."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+class PersonalForward(nn.Module):
+    """The call DDP wraps (its gradient hooks are armed by a forward through the wrapper): rewards and
+    embeddings from cached backbone features [B, H] or from a token batch, for user rows [B]."""
+
+    def __init__(self, model: PersonalRewardModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(inputs, torch.Tensor):
+            return self.model.from_features(inputs, rows)
+        return self.model(inputs, rows)
+
+
+def train_personal(cfg: PersonalTrainConfig) -> dict | None:
+    """Run joint training; returns the summary also written to ``out/summary.json`` (on the main
+    process; the others return None)."""
+    rt = start(cfg.engine)
+    dist = rt.dist
     out, mdir = Path(cfg.out), ModelDir(cfg.out)
     seed_everything(cfg.seed)
     records = read_feedback(cfg.feedback)
@@ -137,7 +163,7 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
     counts = torch.tensor([sum(p.extra["user"] == n for p in train_pairs) for n in names], dtype=torch.float32)
     train_rows = torch.tensor([row_of[p.extra["user"]] for p in train_pairs])
 
-    device = pick_device(cfg.device)
+    device = rt.device
     rm, tok, spec = new_reward_model(cfg.base, max_length=cfg.max_length, seed=cfg.seed, device=device)
     if not cfg.dropout:
         disable_dropout(rm)
@@ -150,11 +176,19 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
     train_enc = encode_pairs(RewardEncoder(tok, spec), train_pairs, trunc)
     cached = None
     if cfg.freeze_backbone:  # the backbone never changes: its features once (cached in --out), then head-only steps
-        extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", backbone_fingerprint(rm)))
-        prompts = [p.prompt for p in train_pairs]
-        cached = (extract(prompts, [p.chosen for p in train_pairs]), extract(prompts, [p.rejected for p in train_pairs]))
+        def features() -> tuple[torch.Tensor, torch.Tensor]:
+            extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", backbone_fingerprint(rm)))
+            prompts = [p.prompt for p in train_pairs]
+            return extract(prompts, [p.chosen for p in train_pairs]), extract(prompts, [p.rejected for p in train_pairs])
+
+        with dist.main_first() as main:  # one writer of the cache; the other processes then read it
+            if main:
+                cached = features()
+        if cached is None:
+            cached = features()
 
     batch_size = min(cfg.batch_size, len(train_pairs))
+    dist.local_rows(batch_size, "--batch-size")  # must split evenly over the processes
     steps_per_epoch = len(train_pairs) // batch_size
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     run_until = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -166,79 +200,101 @@ def train_personal(cfg: PersonalTrainConfig) -> dict:
         groups.insert(0, {"params": backbone_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     optim = adamw(groups, device, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(int(cfg.warmup_ratio * total_steps), total_steps))
+    forward, optim = dist.prepare(PersonalForward(model), optim)
+    if dist.world_size > 1:  # the same weights everywhere (DDP broadcast them); dropout differs by process
+        seed_everything(cfg.seed + 1_000_003 * dist.rank)
     ckpts = CheckpointManager(out, keep=cfg.keep_checkpoints)
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
 
     step = 0
     latest = ckpts.latest() if cfg.resume else None
     if latest is not None:
         state = ckpts.load_state(latest)
+        check_resume_options(latest, cfg, state.get("config"))
         if (state.get("total_steps"), state.get("train_pairs"), state.get("users")) != (total_steps, len(train_pairs), names):
-            raise ConfigError(f"{latest} was written by a run with other feedback or options "
+            raise ConfigError(f"{latest} was written by a run with other feedback "
                               f"({state.get('train_pairs')} pairs, {state.get('total_steps')} steps); use another --out or --no-resume")
         load_weights_into(rm, latest / "model")
         _load_user_part(model, latest / USER_PART_FILE)
         ts = ckpts.load_trainer_state(latest)
         optim.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
-        set_rng_state(ts["rng"])
+        per_process = ts.get("rng_per_process") or [ts["rng"]]
+        if len(per_process) != dist.world_size:
+            say(f"{latest} was written by {len(per_process)} process(es), this run has {dist.world_size}: the data "
+                "order, generic draws and weights resume exactly, dropout's random streams start afresh")
+        set_rng_state(per_process[dist.rank] if len(per_process) == dist.world_size else ts["rng"])
         step = state["step"]
-        print(f"resuming from {latest} (step {step} of {total_steps})", file=sys.stderr)
+        say(f"resuming from {latest} (step {step} of {total_steps})")
 
     def checkpoint(at: int) -> None:
         def write(folder: Path) -> None:
             save_reward_model(rm, tok, folder / "model")
             _save_user_part(model, folder / USER_PART_FILE)
 
-        ckpts.save(at, write, {"total_steps": total_steps, "train_pairs": len(train_pairs), "users": names,
-                               "config": config_to_dict(cfg)},
-                   {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+        rngs = dist.gather_objects(rng_state())  # every process's dropout stream, for an exact resume
+        with dist.main_first() as main:
+            if main:
+                ckpts.save(at, write, {"total_steps": total_steps, "train_pairs": len(train_pairs), "users": names,
+                                       "config": config_to_dict(cfg), "processes": dist.world_size},
+                           {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rngs[0],
+                            "rng_per_process": rngs})
 
-    logger = MetricsLogger(out, resume_step=step if latest is not None else None)
-    bar = tqdm(total=run_until, initial=step, desc="personal reward", unit="step")
+    logger = MetricsLogger(out, resume_step=step if latest is not None else None) if dist.is_main else None
+    bar = tqdm(total=run_until, initial=step, desc="personal reward", unit="step", disable=not dist.is_main)
+    params = [p for g in groups for p in g["params"]]
     t0 = time.perf_counter()
-    model.train()
+    forward.train()
     while step < run_until:
         epoch, within = divmod(step, steps_per_epoch)
-        ids = epoch_batches(train_enc, batch_size, cfg.seed, epoch)[within]
-        rows = train_rows[ids].clone()
-        draw = torch.rand(len(ids), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-        rows[draw < cfg.generic_rate] = -1  # scored generically this step
+        batch_ids = epoch_batches(train_enc, batch_size, cfg.seed, epoch)[within]
+        rows = train_rows[batch_ids].clone()
+        draw = torch.rand(len(batch_ids), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+        rows[draw < cfg.generic_rate] = -1  # scored generically this step (drawn for the whole batch)
+        share = dist.local_rows(len(batch_ids), "--batch-size")  # this process's pairs of the batch
+        ids, rows = batch_ids[share], rows[share]
         rows2 = torch.cat([rows, rows]).to(device)
         if cached is not None:
-            rewards, emb = model.from_features(torch.cat([cached[0][ids], cached[1][ids]]).to(device), rows2)
+            rewards, emb = forward(torch.cat([cached[0][ids], cached[1][ids]]).to(device), rows2)
         else:
             items = [train_enc[i][0] for i in ids] + [train_enc[i][1] for i in ids]  # chosen..., rejected...
-            rewards, emb = model({k: v.to(device) for k, v in collate(items, pad_id).items()}, rows2)
+            rewards, emb = forward({k: v.to(device) for k, v in collate(items, pad_id).items()}, rows2)
         n = len(ids)
         user_pairs = counts[train_rows[ids]].to(device)
         loss = personal_preference_loss(rewards[:n], rewards[n:], emb[:n], user_pairs, cfg.prior)
-        if not torch.isfinite(loss):
+        dist.backward(loss / dist.world_size)  # this process's share of the batch mean
+        grad_norm = dist.clip_grad_norm_(forward, params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        with torch.no_grad():  # batch means over every process (equal shares)
+            stats = dist.sum(torch.stack([loss.detach(), (rewards[:n] > rewards[n:]).float().mean()])) / dist.world_size
+        if not torch.isfinite(stats[0]):
             raise TrainingError(f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {ckpts.root}. "
                                 "Try a lower --lr or --head-lr.")
-        loss.backward()
-        params = [p for g in groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optim.step()
         optim.zero_grad(set_to_none=True)
         sched.step()
         step += 1
-        logger.log(step, {"loss": loss.item(), "accuracy": float((rewards[:n] > rewards[n:]).float().mean()),
-                          "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                          "user_norm": float(model.embeddings.detach().norm(dim=1).mean()), "epoch": step / steps_per_epoch})
+        if logger is not None:
+            logger.log(step, {"loss": float(stats[0]), "accuracy": float(stats[1]), "grad_norm": float(grad_norm),
+                              "lr": sched.get_last_lr()[0], "user_norm": float(model.embeddings.detach().norm(dim=1).mean()),
+                              "epoch": step / steps_per_epoch})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{float(stats[0]):.3f}")
         if step % save_every == 0 or step == run_until:
             checkpoint(step)
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     elapsed = time.perf_counter() - t0
+    if not dist.is_main:
+        return None
     if step < total_steps:  # stopped early on purpose (--max-steps): checkpointed, nothing published
         return {"steps": step, "total_steps": total_steps, "finished": False}
-    return _publish(cfg, mdir, model, rm, tok, names, counts, train_pairs, val_pairs, len(records), step, elapsed, frozen, trunc)
+    return _publish(cfg, mdir, model, rm, tok, names, counts, train_pairs, val_pairs, len(records), step, elapsed, frozen,
+                    trunc, dist.world_size)
 
 
 def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, counts, train_pairs, val_pairs,
-             n_records: int, step: int, elapsed: float, frozen: int, trunc: TruncationStats) -> dict:
+             n_records: int, step: int, elapsed: float, frozen: int, trunc: TruncationStats, processes: int = 1) -> dict:
     """Write backbone, config, features of every text seen, the first user-table version (deployed), summary."""
     staged = staging_dir(mdir.backbone)
     try:
@@ -271,7 +327,7 @@ def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, co
                "records": n_records, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "val": val,
                "steps": step, "seconds": round(elapsed, 2), "frozen_weights": frozen, "freeze_backbone": cfg.freeze_backbone,
                "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
-               "peak_rss_mb": round(peak_rss_mb())}
+               "processes": processes, "peak_rss_mb": round(peak_rss_mb())}
     atomic_write_json(mdir.root / "summary.json", {**summary, "config": config_to_dict(cfg)})
     return summary
 

@@ -14,7 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf.engine.config import EngineConfig
+from rlhf.errors import ConfigError
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
+
+
+def check_serving_engine(engine: EngineConfig, verb: str) -> None:
+    """Servers take device, dtype, threads and the CPU GEMM routing from the ``engine`` section, and
+    sample with plain forward passes of their own (per-token log-probabilities, stop strings, per-user
+    adapters), not with a rollout backend: refuse the rollout options rather than ignore them."""
+    asked = ([f"--rollout {engine.rollout}"] if engine.rollout in ("fast", "vllm") else []) + (["--compile"] if engine.compile else [])
+    if asked:
+        raise ConfigError(f"{verb} samples with its own forward passes: {' and '.join(asked)} "
+                          f"{'do' if len(asked) > 1 else 'does'} not apply here (leave --rollout at auto or hf, --compile off)")
 
 
 @dataclass
@@ -37,10 +49,10 @@ class Completion:
 class ServedModel:
     """A loaded model plus tokenizer, with the few operations the OpenAI API needs."""
 
-    def __init__(self, model_ref: str, device: str = "auto"):
+    def __init__(self, model_ref: str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32):
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(model_ref, padding_side="left")
-        self.model = load_causal_lm(model_ref, device=self.device)
+        self.model = load_causal_lm(model_ref, device=self.device, dtype=dtype)
         self.model.eval()
         self.lock = threading.Lock()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)

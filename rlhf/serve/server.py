@@ -35,8 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from rlhf.config import config_command, opt
+from rlhf.engine.config import EngineConfig
+from rlhf.engine.runtime import start
 from rlhf.errors import ConfigError
-from rlhf.serve.engine import Completion, ServedModel, TokenInfo, finite
+from rlhf.serve.engine import Completion, ServedModel, TokenInfo, check_serving_engine, finite
 
 log = logging.getLogger("rlhf.serve")
 
@@ -223,14 +225,15 @@ class ServeConfig:
     api_key: str = opt("", help="Require 'Authorization: Bearer <key>' on every request (empty = no key).")
     max_tokens_limit: int = opt(1024, help="Largest max_tokens a request may ask for.")
     max_logprobs: int = opt(20, help="Most alternatives a request may ask for per token (logprobs / top_logprobs).")
-    device: str = opt("auto", help="cpu, cuda, or auto.")
-    threads: int = opt(0, help="CPU threads for torch (0 = torch's default).")
+    engine: EngineConfig = opt(factory=EngineConfig, help="How the model runs: device, dtype, threads, CPU GEMM routing "
+                                                          "(the rollout options do not apply: the server samples itself).")
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         if self.max_tokens_limit < 1 or self.max_logprobs < 0:
             raise ConfigError("--max-tokens-limit must be at least 1 and --max-logprobs not negative")
+        check_serving_engine(self.engine, "rlhf serve")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -252,15 +255,13 @@ def serve_command(cfg: ServeConfig) -> None:
 
     Prints one JSON line with the base URL once the server listens; runs until interrupted.
     """
-    import torch
     import uvicorn
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rt = start(cfg.engine)
     if cfg.host not in LOOPBACK and not cfg.api_key:
         click.echo(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use the model",
                    err=True)
-    served = ServedModel(cfg.model, cfg.device)
+    served = ServedModel(cfg.model, rt.device, rt.dtype)
     name = cfg.served_name or cfg.model
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
