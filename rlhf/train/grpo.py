@@ -63,7 +63,7 @@ from rlhf.rollout.generate import SamplingParams, sample_tokens
 from rlhf.train.branch_packing import Segment, pack_branches, packed_logits, packing_problem, to_rows, token_logprobs
 from rlhf.train.optim import adamw
 from rlhf.train.ppo import episode_seeds, timed
-from rlhf.train.ppo_loop import _load_models, _publish_policy, _resume_note, _Watcher, step_prompts
+from rlhf.train.ppo_loop import _load_models, _publish_policy, _resume_note, _Watcher, check_stops, step_prompts
 from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
 from rlhf.utils.io import atomic_write_json
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb, read_metrics
@@ -477,26 +477,10 @@ def run_grpo(cfg: GRPOConfig) -> dict | None:
         update. Every input is a global statistic, so every process decides the same."""
         nonlocal stop_reason
         step = trainer.step + 1
-        if watcher is not None and (watcher.due(trainer.step) or step >= cfg.max_steps):
-            flag, best = watcher.observe(step, exp, stats, dist)
-            if best:
-                with dist.main_first() as main:
-                    if main:
-                        _publish_policy(policy, tok, best_gold_dir)
-            if flag:
-                stats["hacking_flag"] = flag
-                if dist.is_main:
-                    print(f"over-optimisation watch: {flag}", file=sys.stderr)
-                if cfg.stop_on_hacking:
-                    stop_reason = "reward_hacking"
-                    return False
-        if cfg.kl_ceiling is not None and stats["kl"] > cfg.kl_ceiling:
-            stop_reason = "kl_ceiling"
-            return False
-        if cfg.score_threshold is not None and stats["score_mean"] >= cfg.score_threshold:
-            stop_reason = "reward_threshold"
-            return False
-        return True
+        watch_now = watcher is not None and (watcher.due(trainer.step) or step >= cfg.max_steps)
+        stop_reason = check_stops(cfg, watcher if watch_now else None, step, exp, stats, dist,
+                                  lambda: _publish_policy(policy, tok, best_gold_dir))
+        return stop_reason is None
 
     n_prompts = cfg.batch_size // cfg.group_size
     logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None) if dist.is_main else None

@@ -177,27 +177,11 @@ def run_ppo(cfg: PPOConfig) -> dict | None:
         """Stop criteria and the watch, on this step's rollouts; False vetoes the update. Every input
         is a global statistic, so every process decides the same."""
         nonlocal stop_reason
-        step = trainer.step + 1
-        if watcher is not None and (watcher.due(trainer.step) or stop_reason is None and step >= cfg.max_steps):
-            flag, best = watcher.observe(step, exp, stats, dist)
-            if best:  # these rollouts came from the current weights: keep them as the best-gold policy
-                with dist.main_first() as main:
-                    if main:
-                        _publish_policy(policy, tok, best_gold_dir)
-            if flag:
-                stats["hacking_flag"] = flag
-                if dist.is_main:
-                    print(f"over-optimisation watch: {flag}", file=sys.stderr)
-                if cfg.stop_on_hacking:
-                    stop_reason = "reward_hacking"
-                    return False
-        if cfg.kl_ceiling is not None and stats["kl"] > cfg.kl_ceiling:
-            stop_reason = "kl_ceiling"
-            return False
-        if cfg.score_threshold is not None and stats["score_mean"] >= cfg.score_threshold:
-            stop_reason = "reward_threshold"
-            return False
-        return True
+        watch_now = watcher is not None and (watcher.due(trainer.step) or stop_reason is None
+                                             and trainer.step + 1 >= cfg.max_steps)
+        stop_reason = check_stops(cfg, watcher if watch_now else None, trainer.step + 1, exp, stats, dist,
+                                  lambda: _publish_policy(policy, tok, best_gold_dir))
+        return stop_reason is None
 
     logger = MetricsLogger(out, resume_step=trainer.step if latest is not None else None) if dist.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="ppo", unit="step", disable=not (cfg.progress and dist.is_main))
@@ -264,6 +248,31 @@ def _summary(cfg: PPOConfig, out: Path, trainer: PPOTrainer, stop_reason: str, w
         raise TrainingError(f"non-finite summary values {bad}")
     return summary
 
+
+
+def check_stops(cfg, watcher: "_Watcher | None", step: int, exp: Experience, stats: dict, dist: Distributed,
+                publish_best) -> str | None:
+    """The stop criteria shared by PPO and GRPO, on one step's rollouts: the over-optimisation watch
+    (when ``watcher`` is given: it is due), the KL ceiling and the score threshold. Returns the stop
+    reason, or None to go on. ``publish_best()`` keeps the current weights as the best-gold policy
+    (main process only) when the watch's gold score is its best yet; a flag goes into ``stats``."""
+    if watcher is not None:
+        flag, best = watcher.observe(step, exp, stats, dist)
+        if best:  # these rollouts came from the current weights: keep them as the best-gold policy
+            with dist.main_first() as main:
+                if main:
+                    publish_best()
+        if flag:
+            stats["hacking_flag"] = flag
+            if dist.is_main:
+                print(f"over-optimisation watch: {flag}", file=sys.stderr)
+            if cfg.stop_on_hacking:
+                return "reward_hacking"
+    if cfg.kl_ceiling is not None and stats["kl"] > cfg.kl_ceiling:
+        return "kl_ceiling"
+    if cfg.score_threshold is not None and stats["score_mean"] >= cfg.score_threshold:
+        return "reward_threshold"
+    return None
 
 def _resume_note(out: Path, step: int, stop_reason: str | None, max_steps: int, say: bool = True) -> str | None:
     """Say what resuming a finished run does: a higher --max-steps extends it, anything else is a no-op.
