@@ -5,6 +5,7 @@ resumes exactly; and no trainer resumes silently with changed options."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -139,7 +140,9 @@ def test_sigkilled_sft_run_resumes_exactly(sft_full, tiny_model_dir, tmp_path):
     killed = tmp_path / "killed"
     cfg = sft_cfg(sft_full, tiny_model_dir, killed)
     args = [sys.executable, "-m", "rlhf", "sft"]
-    for key, value in vars(cfg).items():
+    options = [(k, v) for key, value in vars(cfg).items()  # a section's options are flags of their own
+               for k, v in (vars(value).items() if dataclasses.is_dataclass(value) else [(key, value)])]
+    for key, value in options:
         flag = "--" + key.replace("_", "-")
         args += [flag if value is not False else "--no-" + key.replace("_", "-")] if isinstance(value, bool) else [flag, str(value)]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
