@@ -129,3 +129,19 @@ def test_pooler_pooling_packs_like_padding(tiny_bert_dir):
         padded = model.eval()(**collate(items, pad_id_of(tok)))
         packed = packed_rewards(model, pack(items, pad_id_of(tok), causal=False))
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "pooler"])
+def test_every_trainable_weight_gets_a_gradient(tiny_bert_dir, pooling):
+    """A layer the reward never reads must not be trainable: DDP on several processes waits for its
+    gradient and stops (BERT's pooler under mean pooling did, in reward training on 2 processes)."""
+    from rlhf.models.reward_model import new_reward_model
+
+    model, tok, _ = new_reward_model(tiny_bert_dir, pooling=pooling, max_length=64)
+    with torch.no_grad():
+        model.head.weight.fill_(0.1)
+    enc = tok(["how do I cook rice", "open the windows"], return_tensors="pt", padding=True)
+    model(enc["input_ids"], enc["attention_mask"]).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert any(p.requires_grad for n, p in model.named_parameters() if "pooler" in n) == (pooling == "pooler")

@@ -166,6 +166,10 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden_size, 1, bias=spec.head_bias)
         if spec.pooling == "pooler" and getattr(unwrap_peft(backbone), "pooler", None) is None:
             raise ConfigError(f"{type(unwrap_peft(backbone)).__name__} has no pooler layer: use --pooling mean or cls")
+        if spec.pooling != "pooler" and getattr(unwrap_peft(backbone), "pooler", None) is not None:
+            # The reward never reads the pooler layer, so it gets no gradient; left trainable, DDP on
+            # several processes waits for that gradient and stops ("parameters that were not used").
+            unwrap_peft(backbone).pooler.requires_grad_(False)
 
     def init_head(self, seed: int) -> None:
         # A zero head: every reward starts at 0, so the first pairwise loss is exactly log 2 and the
