@@ -222,10 +222,12 @@ def test_freeze_lower_layers_and_head_learning_rate(tiny_model_dir, tmp_path):
 
     model, _, _ = new_reward_model("minilm", max_length=32)
     n = freeze_lower(model.backbone, embeddings=False, layers=2)
-    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
+    # (the pooler is frozen from the start: mean pooling never reads it)
+    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad and not name.startswith("pooler.")}
     assert all(name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1.")) for name in frozen)
     assert any(name.startswith("embeddings.") for name in frozen) and any(".layer.1." in name for name in frozen)
-    assert n == sum(p.numel() for p in model.backbone.parameters() if not p.requires_grad)
+    assert n == sum(p.numel() for name, p in model.backbone.named_parameters()
+                    if not p.requires_grad and not name.startswith("pooler."))
     assert all(p.requires_grad for name, p in model.backbone.named_parameters() if name.startswith("encoder.layer.2."))
     with pytest.raises(ConfigError, match="exceeds the backbone's 6 layers"):
         freeze_lower(new_reward_model("minilm", max_length=32)[0].backbone, embeddings=False, layers=7)
