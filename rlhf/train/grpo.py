@@ -63,9 +63,8 @@ from rlhf.rollout.generate import SamplingParams, sample_tokens
 from rlhf.train.branch_packing import Segment, pack_branches, packed_logits, packing_problem, to_rows, token_logprobs
 from rlhf.train.optim import adamw
 from rlhf.train.ppo import episode_seeds, timed
-from rlhf.train.ppo_loop import _load_models, _publish_policy, _resume_note, _Watcher, check_stops, step_prompts
+from rlhf.train.ppo_loop import _load_models, _publish_policy, _resume_note, _Watcher, check_stops, finish_run, step_prompts
 from rlhf.utils.checkpoint import CheckpointManager, check_resume_options
-from rlhf.utils.io import atomic_write_json
 from rlhf.utils.metrics import MetricsLogger, peak_rss_mb, read_metrics
 from rlhf.utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -504,18 +503,8 @@ def run_grpo(cfg: GRPOConfig) -> dict | None:
     if stop_reason is None:  # resumed a run that had already finished its steps
         stop_reason = "max_steps"
 
-    summary = None
-    with dist.main_first() as main:
-        if main:
-            if stop_reason == "reward_hacking" and best_gold_dir.is_dir():  # the final policy: the best-gold one
-                load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
-            _publish_policy(policy, tok, out / "model")
-            summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
-            summary["processes"] = dist.world_size
-            atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
-            if watcher is not None:
-                atomic_write_json(out / "watch.json", watcher.watch.summary())
-    return summary
+    return finish_run(cfg, out, policy, tok, dist, stop_reason, best_gold_dir, watcher,
+                      lambda: _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher))
 
 
 def _summary(cfg: GRPOConfig, out: Path, trainer: GRPOTrainer, stop_reason: str, wall: float, watcher) -> dict:

@@ -204,15 +204,27 @@ def run_ppo(cfg: PPOConfig) -> dict | None:
     if stop_reason is None:  # resumed a run that had already finished its steps
         stop_reason = "max_steps"
 
-    # The final policy: the best-gold one when the watch stopped the run, else the last.
+    return finish_run(cfg, out, policy, tok, dist, stop_reason, best_gold_dir, watcher,
+                      lambda: _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher),
+                      lambda: _save_value_head(trainer, out / VALUE_HEAD_FILE))
+
+
+def finish_run(cfg, out: Path, policy, tok, dist: Distributed, stop_reason: str, best_gold_dir: Path,
+               watcher: "_Watcher | None", make_summary, save_extra=None) -> dict | None:
+    """The end of a PPO or GRPO run, on the main process (the others return None): publish the final
+    policy (the best-gold one when the watch stopped the run, else the last), ``save_extra()`` beside
+    it, and write summary.json (``make_summary()`` plus the process count and config) and watch.json."""
+    from rlhf.models.loading import load_model_weights
+
     summary = None
     with dist.main_first() as main:
         if main:
             if stop_reason == "reward_hacking" and best_gold_dir.is_dir():
                 load_model_weights(policy, best_gold_dir / "adapter" if cfg.lora else best_gold_dir)
             _publish_policy(policy, tok, out / "model")
-            _save_value_head(trainer, out / VALUE_HEAD_FILE)
-            summary = _summary(cfg, out, trainer, stop_reason, time.perf_counter() - t_start, watcher)
+            if save_extra is not None:
+                save_extra()
+            summary = make_summary()
             summary["processes"] = dist.world_size
             atomic_write_json(out / "summary.json", {**summary, "config": config_to_dict(cfg)})
             if watcher is not None:
