@@ -404,7 +404,11 @@ def demo(cfg: DemoConfig) -> None:
         from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
 
         out = cfg.out if cfg.out != "runs/demo" else "runs/agent"
-        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, engine=cfg.engine, resume=cfg.resume))
+        # The demo's PPO options, where given, set the RL stage's budget; every other knob of the
+        # recipe is on `rlhf agent demo`.
+        rl = {"rl_steps": cfg.ppo_steps, "rl_batch_size": cfg.ppo_batch_size, "rl_lr": cfg.ppo_lr}
+        summary = run_agent_demo(AgentDemoConfig(out=out, policy=cfg.policy, seed=cfg.seed, engine=cfg.engine,
+                                                 resume=cfg.resume, **{k: v for k, v in rl.items() if v is not None}))
         click.echo(summary_markdown(summary))
         return
     if cfg.recipe == "cai":  # constitutional AI: its own module (rlhf/cai/recipe.py)

@@ -106,13 +106,37 @@ def test_agent_train_runs_checkpoints_and_resumes(small_kb, tiny_model_dir, tmp_
 
 
 def test_agent_verbs_show_the_engine_options():
-    for verb in (["agent", "run"], ["agent", "train"], ["agent", "eval"]):
+    for verb in (["agent", "run"], ["agent", "train"], ["agent", "eval"], ["agent", "demo"]):
         out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
         for flag in ("--device", "--dtype", "--threads", "--rollout [", "--rollout-threads", "--cpu-gemm"):
             assert flag in out, (verb, flag)
     for verb in (["index", "build"], ["index", "add"]):
         out = CliRunner().invoke(app, [*verb, "--help"], terminal_width=200).output
         assert "--device" in out and "--threads" in out and "--rollout" not in out, verb
+
+
+def test_the_agent_recipe_takes_its_budget_from_either_command(monkeypatch, tmp_path):
+    """`rlhf demo --recipe agent` passes the demo's PPO budget to the RL stage (unset ones keep the
+    recipe's defaults), and `rlhf agent demo` sets every knob of the recipe."""
+    import rlhf.agents.commands as commands
+    import rlhf.agents.demo as agent_demo
+
+    seen = []
+    fake = lambda cfg: seen.append(cfg) or {"exact_match": []}  # noqa: E731
+    monkeypatch.setattr(agent_demo, "run_agent_demo", fake)
+    monkeypatch.setattr(agent_demo, "summary_markdown", lambda s: "table")
+    monkeypatch.setattr(commands, "run_agent_demo", fake)
+    monkeypatch.setattr(commands, "summary_markdown", lambda s: "table")
+    res = CliRunner().invoke(app, ["demo", "--recipe", "agent", "--out", str(tmp_path / "a"), "--ppo-steps", "7",
+                                   "--ppo-lr", "1e-4", "--seed", "3", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = seen[-1]
+    assert (cfg.rl_steps, cfg.rl_lr, cfg.seed, cfg.engine.threads) == (7, 1e-4, 3, 1)
+    assert cfg.rl_batch_size == agent_demo.AgentDemoConfig(out="x").rl_batch_size  # not given: the recipe's default
+    res = CliRunner().invoke(app, ["agent", "demo", "--out", str(tmp_path / "b"), "--rl-batch-size", "8",
+                                   "--sft-epochs", "0.5", "--eval-limit", "20"])
+    assert res.exit_code == 0, res.output
+    assert (seen[-1].rl_batch_size, seen[-1].sft_epochs, seen[-1].eval_limit) == (8, 0.5, 20) and "table" in res.output
 
 
 @pytest.mark.slow

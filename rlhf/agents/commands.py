@@ -1,4 +1,4 @@
-"""``rlhf agent run | train | eval | kb``: thin entry points over rlhf.agents."""
+"""``rlhf agent run | train | eval | demo | kb``: thin entry points over rlhf.agents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from rlhf.agents.demo import AgentDemoConfig, run_agent_demo, summary_markdown
 from rlhf.agents.runner import AgentConfig
 from rlhf.agents.train import AgentTrainConfig, agent_config, select_tasks, train_agent
 from rlhf.config import config_command, opt
@@ -148,6 +149,13 @@ def eval_command(cfg: AgentEvalConfig) -> None:
     click.echo(table)
 
 
+@config_command(AgentDemoConfig, name="demo")
+def demo_command(cfg: AgentDemoConfig) -> None:
+    """The agent recipe with every knob (what `rlhf demo --recipe agent` runs with the demo's options):
+    index → SFT on the worked examples → RL over episodes → evaluation; prints the table."""
+    click.echo(summary_markdown(run_agent_demo(cfg)))
+
+
 @agent.command("kb")
 @click.option("--out", required=True, help="Folder for kb.jsonl, questions.jsonl, index/ and sft.jsonl.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the invented world.")
@@ -161,3 +169,4 @@ def kb(out: str, seed: int) -> None:
 agent.add_command(run)
 agent.add_command(train)
 agent.add_command(eval_command)
+agent.add_command(demo_command)
