@@ -130,6 +130,21 @@ def test_each_process_reads_a_disjoint_share_and_an_epoch_covers_every_example_o
         as_rank(0, world).shard(list(range(world + 1)))
 
 
+@pytest.mark.parametrize("variable, kind", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_sharded_engine_config_is_refused_before_training(monkeypatch, variable, kind):
+    """`accelerate launch --config_file fsdp.yaml` (or a DeepSpeed one) sets these; on a CPU
+    accelerate would silently fall back to DDP, so the refusal reads them, before any process group."""
+    from rlhf.engine.distributed import sharded_engine_requested
+    from rlhf.errors import ConfigError
+
+    assert sharded_engine_requested({}) is None and sharded_engine_requested({variable: "false"}) is None
+    assert sharded_engine_requested({variable: "True"}) == kind
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"{kind} is not supported .*ddp.yaml"):
+        Distributed("cpu")
+
+
 def test_ppo_rollouts_differ_across_processes_and_match_one_process(tiny_model_dir):
     """Each process samples its share of the step with per-episode seeds: two processes draw
     different replies, and together exactly the replies one process draws for the whole batch."""

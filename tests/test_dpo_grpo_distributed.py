@@ -44,16 +44,33 @@ def flags(args: dict) -> list[str]:
             ((f"--{k.replace('_', '-')}", str(v)) if not isinstance(v, bool) else (f"--{'' if v else 'no-'}{k.replace('_', '-')}",))]
 
 
-def test_dpo_on_two_processes_equals_one(tiny_model_dir, data, tmp_path):
+def dpo_args(tiny_model_dir, data) -> dict:
+    return dict(pairs=str(data["pairs"]), policy=str(tiny_model_dir), val_fraction=0.25, epochs=1.0, batch_size=8,
+                micro_batch_size=2, lr=2e-3, max_steps=4, eval_every=2, save_every=2, keep_checkpoints=10,
+                eval_batch_size=4, seed=1)
+
+
+def dpo_flags(args: dict, out: Path) -> list[str]:
+    return ["dpo", "--out", str(out), "--device", "cpu", "--no-progress", *flags(args)]
+
+
+@pytest.fixture(scope="module")
+def dpo_two(tiny_model_dir, data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process DPO run (checkpoints at steps 2 and 4)."""
+    out = tmp_path_factory.mktemp("dpo") / "two"
+    res = launch(dpo_flags(dpo_args(tiny_model_dir, data), out))
+    written_once(out, res.stdout)
+    return out
+
+
+def test_dpo_on_two_processes_equals_one(tiny_model_dir, data, dpo_two, tmp_path):
     """Each process takes half of every batch of pairs and scores half of the reference's and the
     validation's batches; the gathered scores and averaged gradients give one process's run."""
     from rlhf.train.dpo import DPOConfig, run_dpo
 
-    args = dict(pairs=str(data["pairs"]), policy=str(tiny_model_dir), val_fraction=0.25, epochs=1.0, batch_size=8,
-                micro_batch_size=2, lr=2e-3, max_steps=4, eval_every=2, save_every=2, eval_batch_size=4, seed=1)
+    args = dpo_args(tiny_model_dir, data)
     one = run_dpo(DPOConfig(out=str(tmp_path / "one"), progress=False, **args, engine=EngineConfig(device="cpu", threads=1)))
-    res = launch(["dpo", "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress", *flags(args)])
-    written_once(tmp_path / "two", res.stdout)
+    shutil.copytree(dpo_two, tmp_path / "two")
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["steps"] == one["steps"] == 4 and two["val_accuracy_first"] == one["val_accuracy_first"] == 0.5
     assert close(weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")) < 1e-5
@@ -69,6 +86,22 @@ def test_dpo_on_two_processes_equals_one(tiny_model_dir, data, tmp_path):
         assert torch.allclose(a["rejected"], b["rejected"], atol=1e-5)
     ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004"]
+
+
+def test_dpo_resumes_under_two_processes(tiny_model_dir, data, dpo_two, tmp_path):
+    """What a run killed after its step-2 checkpoint leaves (that checkpoint, the cached reference
+    log-probabilities, the metrics written so far) resumes under 2 processes to the same weights and
+    metrics as the uninterrupted run."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(dpo_two / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    for name in ("metrics.jsonl", "reference_logprobs.safetensors", "reference_logprobs_val.safetensors"):
+        shutil.copy(dpo_two / name, resumed / name)
+    res = launch(dpo_flags(dpo_args(tiny_model_dir, data), resumed))
+    assert res.stderr.count("resuming from") == 1
+    a, b = weights(dpo_two / "model"), weights(resumed / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "pairs_per"))} for r in rows]  # noqa: E731
+    assert strip(read_metrics(dpo_two)) == strip(read_metrics(resumed))
 
 
 GRPO_ARGS = dict(reward="length", max_steps=4, group_size=4, batch_size=8, mini_batch_size=8, micro_batch_size=2,

@@ -26,6 +26,20 @@ def launched_world_size(environ: dict[str, str] | None = None) -> int:
     return int(environ.get("WORLD_SIZE", "1") or 1)
 
 
+def sharded_engine_requested(environ: dict[str, str] | None = None) -> str | None:
+    """"FSDP" or "DeepSpeed" when the launcher's accelerate config asks for one (None otherwise).
+
+    Read from the variables ``accelerate launch`` sets from the config file, because on a CPU
+    accelerate itself drops both silently (it enables FSDP only for GPU-like devices and DeepSpeed
+    only when ``cpu`` is off) and would train plain DDP under a config that says FSDP.
+    """
+    environ = os.environ if environ is None else environ
+    for name, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if environ.get(name, "false").lower() == "true":
+            return kind
+    return None
+
+
 class Distributed:
     """Rank, world size and the few collectives the trainers use. B = global batch, N = processes."""
 
@@ -33,6 +47,15 @@ class Distributed:
         self.accelerator = None
         self.rank, self.world_size, self.local_rank, self.local_world_size = 0, 1, 0, 1
         if launched_world_size() > 1:
+            sharded = sharded_engine_requested()
+            if sharded:
+                # DeepSpeed's engine steps the optimizer inside backward() after a fixed number of
+                # accumulation steps (the trainers here accumulate a varying number of length-grouped
+                # micro-batches); FSDP shards the weights, which every checkpoint and PPO's sampling
+                # read whole from the main process. Neither is wired in yet: refuse rather than
+                # train or save something else (on a CPU, accelerate would quietly run DDP instead).
+                raise ConfigError(f"{sharded} is not supported by rlhf's trainers yet (docs/scaling.md); "
+                                  "use configs/accelerate/ddp.yaml")
             # accelerate is imported only for multi-process runs: a single process needs none of it.
             from accelerate import Accelerator
             from accelerate.utils import DistributedType
@@ -43,12 +66,7 @@ class Distributed:
             if state.distributed_type == DistributedType.NO:
                 raise ConfigError("WORLD_SIZE > 1 but accelerate set up no process group; start the run with "
                                   "`accelerate launch --config_file configs/accelerate/ddp.yaml ...` or torchrun")
-            if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-                # DeepSpeed's engine steps the optimizer inside backward() after a fixed number of
-                # accumulation steps (the trainers here accumulate a varying number of length-grouped
-                # micro-batches); FSDP shards the weights, which every checkpoint and PPO's sampling
-                # read whole from the main process. Neither is wired in yet: refuse rather than
-                # train or save something else.
+            if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # set another way
                 raise ConfigError(f"{state.distributed_type.value} is not supported by rlhf's trainers yet (docs/scaling.md); "
                                   "use configs/accelerate/ddp.yaml")
             self.rank, self.world_size = state.process_index, state.num_processes
