@@ -186,9 +186,23 @@ def test_worked_examples_are_shown_under_the_principle_they_answer():
     assert chats[-1]["content"] == f"Revision request: {polite.revision}"
 
 
-def test_fewshot_questions_share_the_examples_and_conversation_across_principles(feedback):
+@pytest.fixture(scope="module")
+def long_feedback(tiny_tokenizer, tmp_path_factory):
+    """The tiny model with room for worked examples (the shared one holds 256 positions; a longer prompt
+    would be cut on the left, and then neither shared nor equal to a plain forward pass)."""
+    from rlhf.models.architecture import ModelShape, new_causal_lm
+
+    out = tmp_path_factory.mktemp("tiny-long")
+    new_causal_lm(tiny_tokenizer, ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                             max_positions=2048), seed=0).save_pretrained(str(out))
+    tiny_tokenizer.save_pretrained(str(out))
+    return LocalFeedbackModel(str(out), device="cpu", batch_size=3)
+
+
+def test_fewshot_questions_share_the_examples_and_conversation_across_principles(long_feedback):
     """With every example under its own principle, the prompts for several principles differ only in
     the last question: the local model runs the examples and the conversation once per pair."""
+    feedback = long_feedback
     c = parse_constitution(SHOTS.replace("  - {prompt: \"rice?\"", "  - {principle: topic, prompt: \"rice?\""))
     shots = P.examples_for(c, "comparison", 2)
     it = ITEMS[0]
