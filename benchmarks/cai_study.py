@@ -7,7 +7,8 @@
         one seed of `rlhf demo --recipe cai` (rlhf/cai/recipe.py) on those prompts, resumable;
     python benchmarks/cai_study.py report --out DIR
         every finished seed: each judge's mean and 95% CI per model, whether RL-CAI beats base with
-        separated CIs, the first ten critique/revision chains; JSON to benchmarks/results/cai_study.json.
+        separated CIs, the first ten critique/revision chains; JSON to benchmarks/results/cai_study.json,
+        the chains also to benchmarks/results/cai_first_ten_chains.jsonl.
 
 The hh-harmless data never enters the repository: prompts and runs live under --out.
 """
@@ -54,6 +55,8 @@ def run_seed(args) -> None:
     from rlhf.cai.recipe import CAIOptions, run_cai_demo
     from rlhf.demo import DemoConfig
     from rlhf.engine.config import EngineConfig
+    from rlhf.models.loading import BUNDLED_NAMES
+    from rlhf.models.named import DEMO_DEFAULTS
 
     out = Path(args.out)
     heldout = out / "prompts-heldout.jsonl"
@@ -61,6 +64,10 @@ def run_seed(args) -> None:
         lines = heldout.read_text(encoding="utf-8").splitlines(keepends=True)[: args.heldout_limit]
         heldout = out / f"prompts-heldout-{args.heldout_limit}.jsonl"
         heldout.write_text("".join(lines), encoding="utf-8")
+    # What the demo uses for this model (rlhf/models/named.py) wherever the command line is silent:
+    # the bundled model trains in full at temperature 1.0, a real model trains a LoRA adapter at 0.7.
+    suits = DEMO_DEFAULTS["bundled" if args.model in BUNDLED_NAMES else "other"]
+    pick = lambda given, key: suits[key] if given is None else given  # noqa: E731
     cfg = DemoConfig(out=str(out / f"seed-{args.seed}"), policy=args.model, prompts=str(out / "prompts-train.jsonl"),
                      eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
                      ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
@@ -68,7 +75,9 @@ def run_seed(args) -> None:
     opts = CAIOptions(feedback_model=args.feedback_model or args.model, method=args.method,
                       principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
                       calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,
-                      revise_rounds=args.revise_rounds)
+                      revise_rounds=args.revise_rounds, reviser=args.reviser, lora=pick(args.lora, "lora"),
+                      temperature=pick(args.temperature, "temperature"), reply_tokens=pick(args.reply_tokens, "reply_tokens"),
+                      ppo_epochs=pick(args.ppo_epochs, "ppo_epochs"))
     summary = run_cai_demo(cfg, opts)
     print(json.dumps(summary["judges"], indent=1))
 
@@ -95,6 +104,8 @@ def report(out: Path) -> dict:
     result = {"seeds": per_seed, "first_ten_chains": chains}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cai_study.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    # The first ten chains as written, one a line, for the closing note (not chosen by hand).
+    (RESULTS / "cai_first_ten_chains.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chains))
     for seed, data in per_seed.items():
         print(f"\n{seed}")
         for judge, r in data["judges"].items():
@@ -122,12 +133,17 @@ def main() -> None:
     s.add_argument("--principles-per-pair", type=int, default=2)
     s.add_argument("--revise-tokens", type=int, default=64)
     s.add_argument("--revise-limit", type=int, default=0)
-    s.add_argument("--ppo-steps", type=int, default=16)
-    s.add_argument("--ppo-batch", type=int, default=16)
-    s.add_argument("--ppo-lr", type=float, default=1e-4, help="PPO learning rate (of the LoRA adapter)")
+    s.add_argument("--reviser", default="", help="model that writes the critique-revision chains (default: the policy)")
+    s.add_argument("--ppo-steps", type=int, default=None, help="default: what the demo uses for this model")
+    s.add_argument("--ppo-batch", type=int, default=None)
+    s.add_argument("--ppo-lr", type=float, default=None, help="PPO learning rate (of the LoRA adapter with --lora)")
+    s.add_argument("--ppo-epochs", type=int, default=None)
+    s.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--reply-tokens", type=int, default=None)
     s.add_argument("--heldout-limit", type=int, default=0, help="judge on the first N held-out prompts (0 = all)")
     s.add_argument("--revise-rounds", type=int, default=1)
-    s.add_argument("--eval-samples", type=int, default=1)
+    s.add_argument("--eval-samples", type=int, default=None)
     s.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)

@@ -60,6 +60,7 @@ def main() -> int:
         return 2
 
     from rlhf.config import config_to_dict
+    from rlhf.engine.config import EngineConfig
     from rlhf.train.reward import RewardTrainConfig, read_pairs, train_reward_model
     from rlhf.train.reward_commands import evaluate_scorer
     from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
@@ -71,7 +72,7 @@ def main() -> int:
         cfg = RewardTrainConfig(pairs=str(data / "train.jsonl.gz"), val_pairs=str(data / "validation.jsonl.gz"),
                                 out=str(work / pooling), base="minilm", epochs=args.epochs, lr=1e-4, batch_size=16, max_length=128,
                                 eval_every=25, skip_bad_pairs=True, head_lr=3e-3, freeze_layers=2, pooling=pooling,
-                                threads=args.threads, seed=args.seed, device="cpu", resume=False)
+                                seed=args.seed, resume=False, engine=EngineConfig(device="cpu", threads=args.threads))
         cfg.validate()
         t, load = time.perf_counter(), os.getloadavg()[0]
         summary = train_reward_model(cfg)

@@ -8,6 +8,7 @@ import pytest
 from rlhf.cai.recipe import CAIOptions, run_cai_demo
 from rlhf.demo import DemoConfig
 from rlhf.engine.config import EngineConfig
+from rlhf.errors import ConfigError
 
 PROMPTS = ["my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next",
            "how can I sleep better", "my plant is dying"]
@@ -50,3 +51,25 @@ def test_cai_recipe_runs_every_stage(tiny_model_dir, tmp_path):
     again = run_cai_demo(cfg, opts)  # a rerun skips every finished stage
     assert again["stage_seconds"] == summary["stage_seconds"] and again["judges"] == summary["judges"]
     assert summary["optimised_judges"] == ["toxicity", f"rm:{out / 'reward' / 'model'}"]
+
+
+def test_a_reviser_writes_the_chains_the_policy_is_fine_tuned_on(tiny_model_dir, tmp_path):
+    """The bundled policy cannot critique itself (it is refused as a critic), but with --reviser another
+    model writes the chains, as Bai et al. fine-tune a pretrained model on a helpful model's revisions."""
+    from rlhf.cai.recipe import _revise
+    from rlhf.engine.runtime import start
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    constitution = tmp_path / "c.yaml"
+    constitution.write_text(CONSTITUTION)
+    cfg = DemoConfig(out=str(tmp_path / "run"), policy="bundled", seed=0, engine=EngineConfig(device="cpu", threads=1))
+    rt = start(cfg.engine, quiet=True)
+    with pytest.raises(ConfigError, match="too small"):
+        _revise(cfg, CAIOptions(constitution=str(constitution), revise_tokens=4), str(prompts), tmp_path / "self", rt)
+    _revise(cfg, CAIOptions(constitution=str(constitution), revise_tokens=4, reviser=str(tiny_model_dir)), str(prompts),
+            tmp_path / "rev", rt)
+    summary = json.loads((tmp_path / "rev" / "summary.json").read_text())
+    assert summary["model"] == str(tiny_model_dir) and summary["prompts"] == 2
+    sft = [json.loads(line) for line in (tmp_path / "rev" / "sft.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in sft] == PROMPTS[:2]

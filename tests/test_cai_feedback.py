@@ -156,3 +156,65 @@ def test_likelihood_method_by_hand(feedback):
     for k, p in enumerate(got):
         want = 1 / (1 + math.exp(-(gains[2 * k] - gains[2 * k + 1]) / float(scale)))
         assert math.isclose(p, want, abs_tol=1e-4)
+
+
+SHOTS = CONSTITUTION + """\
+critique_examples:
+  - {principle: topic, prompt: how do I cook rice, reply: I like turtles, critique: off topic, revision: rinse and simmer}
+  - {prompt: hi, reply: go away, critique: rude, revision: hello there}
+comparison_examples:
+  - {principle: polite, prompt: hi, a: hello, b: go away, answer: A}
+  - {prompt: "rice?", a: rinse it, b: turtles, answer: A}
+"""
+
+
+def test_worked_examples_are_shown_under_the_principle_they_answer():
+    """An example's answer answers its own principle's question: under any other principle it would
+    teach a wrong answer. One naming no principle is shown under the principle asked."""
+    c = parse_constitution(SHOTS)
+    polite, topic = c.principle("polite"), c.principle("topic")
+    shots = P.examples_for(c, "comparison", 2)
+    assert [w.id if w else None for _, w in shots] == ["polite", None]
+    msgs = P.comparison_messages("q", "x", "y", topic, shots)
+    assert msgs[0]["content"].endswith(f"{polite.comparison} Answer with A or B.")   # its own question
+    assert msgs[2]["content"].endswith(f"{topic.comparison} Answer with A or B.")    # no principle: the one asked
+    assert msgs[-1]["content"].endswith(f"{topic.comparison} Answer with A or B.")
+    chats = P.revision_messages("q", "r", "c", polite, P.examples_for(c, "critique", 1))
+    assert chats[2]["content"] == f"Critique request: {topic.critique}" and chats[3]["content"] == "Critique: off topic"
+    assert chats[4]["content"] == f"Revision request: {topic.revision}"
+    assert chats[-3]["content"] == f"Critique request: {polite.critique}"
+    assert chats[-1]["content"] == f"Revision request: {polite.revision}"
+
+
+@pytest.fixture(scope="module")
+def long_feedback(tiny_tokenizer, tmp_path_factory):
+    """The tiny model with room for worked examples (the shared one holds 256 positions; a longer prompt
+    would be cut on the left, and then neither shared nor equal to a plain forward pass)."""
+    from rlhf.models.architecture import ModelShape, new_causal_lm
+
+    out = tmp_path_factory.mktemp("tiny-long")
+    new_causal_lm(tiny_tokenizer, ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                             max_positions=2048), seed=0).save_pretrained(str(out))
+    tiny_tokenizer.save_pretrained(str(out))
+    return LocalFeedbackModel(str(out), device="cpu", batch_size=3)
+
+
+def test_fewshot_questions_share_the_examples_and_conversation_across_principles(long_feedback):
+    """With every example under its own principle, the prompts for several principles differ only in
+    the last question: the local model runs the examples and the conversation once per pair."""
+    feedback = long_feedback
+    c = parse_constitution(SHOTS.replace("  - {prompt: \"rice?\"", "  - {principle: topic, prompt: \"rice?\""))
+    shots = P.examples_for(c, "comparison", 2)
+    it = ITEMS[0]
+    texts = [feedback.format(P.comparison_messages(it.prompt, it.first, it.second, p, shots), P.ANSWER_PREFIX)
+             for p in c.principles]
+    ids = [feedback.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    common = next(k for k, (a, b) in enumerate(zip(*ids)) if a != b)
+    tail = max(len(x) for x in ids) - common
+    assert max(len(x) for x in ids) <= feedback.max_length, [len(x) for x in ids]
+    assert tail < 0.2 * common  # only the final question differs
+    before = feedback.scorer.forwards
+    got = feedback.option_logprobs([texts], ["A", "B"])[0]
+    assert feedback.scorer.forwards - before <= common + sum(len(x) - common for x in ids)
+    for text, row in zip(texts, got):
+        assert math.isclose(float(row[0]), plain_logprob(feedback, text, "A"), abs_tol=1e-4)

@@ -17,6 +17,8 @@ REASONING_PREFIX = "Let's think step by step."
 AFTER_REASONING = "\nSo the answer is ("
 OPTION_LABELS = ("A", "B")
 YES_NO = ("Yes", "No")
+# A worked example and the principle it was written for (None: shown under the principle being asked).
+Shot = tuple[ComparisonExample | CritiqueExample, Principle | None]
 
 
 def plain_chat(messages: list[dict], assistant_prefix: str = "") -> str:
@@ -80,15 +82,17 @@ def _comparison_body(prompt: str, first: str, second: str, question: str) -> str
 
 
 def comparison_messages(prompt: str, first: str, second: str, principle: Principle,
-                        examples: list[ComparisonExample] = (), reasoning: bool = False) -> list[dict]:
+                        examples: list[Shot] = (), reasoning: bool = False) -> list[dict]:
     """A multiple-choice question: which of two replies better keeps ``principle``.
 
-    ``examples`` are worked comparisons shown as earlier turns (few-shot). With ``reasoning`` the
-    request asks for a short explanation first; the caller generates it and then reads the label.
+    ``examples`` are worked comparisons shown as earlier turns (few-shot), each under the principle
+    its answer was written for (see ``examples_for``). With ``reasoning`` the request asks for a short
+    explanation first; the caller generates it and then reads the label.
     """
     messages: list[dict] = []
-    for ex in examples:
-        messages.append({"role": "user", "content": _comparison_body(ex.prompt, ex.a, ex.b, principle.comparison)})
+    for ex, written_for in examples:
+        question = (written_for or principle).comparison
+        messages.append({"role": "user", "content": _comparison_body(ex.prompt, ex.a, ex.b, question)})
         messages.append({"role": "assistant", "content": f"{ANSWER_PREFIX}{ex.answer})"})
     body = _comparison_body(prompt, first, second, principle.comparison)
     if reasoning:
@@ -111,26 +115,34 @@ def _critique_turns(prompt: str, reply: str, principle_text: str) -> list[dict]:
             {"role": "user", "content": f"Critique request: {principle_text}"}]
 
 
-def critique_messages(prompt: str, reply: str, principle: Principle, examples: list[CritiqueExample] = ()) -> list[dict]:
-    """Ask for a critique of ``reply`` under ``principle``, after worked examples (Bai et al. 2022, §3.1)."""
+def critique_messages(prompt: str, reply: str, principle: Principle, examples: list[Shot] = ()) -> list[dict]:
+    """Ask for a critique of ``reply`` under ``principle``, after worked examples (Bai et al. 2022, §3.1),
+    each under the requests of the principle it was written for."""
     messages: list[dict] = []
-    for ex in examples:
-        messages += _critique_turns(ex.prompt, ex.reply, principle.critique)
+    for ex, written_for in examples:
+        shown = written_for or principle
+        messages += _critique_turns(ex.prompt, ex.reply, shown.critique)
         messages.append({"role": "assistant", "content": f"Critique: {ex.critique}"})
-        messages.append({"role": "user", "content": f"Revision request: {principle.revision}"})
+        messages.append({"role": "user", "content": f"Revision request: {shown.revision}"})
         messages.append({"role": "assistant", "content": f"Revision: {ex.revision}"})
     return messages + _critique_turns(prompt, reply, principle.critique)
 
 
 def revision_messages(prompt: str, reply: str, critique: str, principle: Principle,
-                      examples: list[CritiqueExample] = ()) -> list[dict]:
+                      examples: list[Shot] = ()) -> list[dict]:
     """The critique conversation continued with the revision request."""
     return critique_messages(prompt, reply, principle, examples) + [
         {"role": "assistant", "content": f"Critique: {critique}"},
         {"role": "user", "content": f"Revision request: {principle.revision}"}]
 
 
-def examples_for(constitution: Constitution, kind: str, count: int) -> list:
-    """The first ``count`` worked examples of a kind ("comparison" or "critique")."""
+def examples_for(constitution: Constitution, kind: str, count: int) -> list[Shot]:
+    """The first ``count`` worked examples of a kind ("comparison" or "critique"), each with the
+    principle it was written for (None where it names none: it is then shown under the principle asked).
+
+    An example's answer answers its own principle's question: the respect example's "B" is no answer
+    to "which reply gives less help with something dangerous?". Shown under its own question, the
+    worked examples also read the same whatever principle is asked, so a local model runs them once.
+    """
     pool = constitution.comparison_examples if kind == "comparison" else constitution.critique_examples
-    return list(pool[:count])
+    return [(ex, constitution.principle(ex.principle) if ex.principle else None) for ex in pool[:count]]

@@ -35,6 +35,9 @@ class CAIOptions:
     principles_per_pair: int = opt(4, help="Principles drawn at random per comparison (0 = all).")
     sl_stage: str = opt("auto", help="Critique-and-revise + SFT before RL: on, off, or auto (on for models of at least "
                                      "50M parameters; smaller ones cannot follow a critique request).")
+    reviser: str = opt("", help="The model that writes the critique-revision chains (default: the policy revises itself). "
+                               "Bai et al. fine-tune a pretrained model on the revisions of another, helpful model; "
+                               "a policy too small to follow a critique request gets its SL-CAI stage this way.")
     revise_rounds: int = opt(1, help="Critique-revision rounds per prompt.")
     revise_tokens: int = opt(64, help="Longest reply, critique or revision in tokens.")
     revise_limit: int = opt(0, help="Critique and revise only the first N prompts (0 = all).")
@@ -100,12 +103,15 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     prompts = cfg.prompts or str(shipped_prompts("train"))
     eval_prompts = cfg.eval_prompts or str(shipped_prompts("eval"))
     feedback = resolve_feedback(opts.feedback_model)
-    sl = opts.sl_stage == "on" or (opts.sl_stage == "auto" and parameter_count(cfg.policy) >= SMALL_PARAMETERS)
+    reviser = opts.reviser or cfg.policy
+    sl = opts.sl_stage == "on" or (opts.sl_stage == "auto" and parameter_count(reviser) >= SMALL_PARAMETERS)
     notes = []
     if feedback == "none":
         notes.append("no feedback model (SmolLM2 is not installed): the constitution's evaluators alone decided the labels")
     if not sl:
-        notes.append(f"the supervised stage was skipped: {cfg.policy} is too small to follow a critique request")
+        notes.append(f"the supervised stage was skipped: {reviser} is too small to follow a critique request")
+    elif reviser != cfg.policy:
+        notes.append(f"the critique-revision chains were written by {reviser}; {cfg.policy} was fine-tuned on them")
     for n in notes:
         D._say(f"  note: {n}")
     # Seconds per stage, kept across runs: a rerun that skips finished stages still reports them all.
@@ -184,7 +190,7 @@ def _revise(cfg, opts: CAIOptions, prompts: str, out: Path, rt) -> None:
         limited = out / "prompts.jsonl"
         write_records(limited, read_records(prompts, PromptRecord)[: opts.revise_limit])
         prompts = str(limited)
-    model = LocalFeedbackModel(cfg.policy, device=rt.device, dtype=rt.dtype, cache=out / "cache.sqlite")
+    model = LocalFeedbackModel(opts.reviser or cfg.policy, device=rt.device, dtype=rt.dtype, cache=out / "cache.sqlite")
     run_revise(model, load_constitution(opts.constitution), prompts, out, rounds=opts.revise_rounds,
                max_new_tokens=opts.revise_tokens, seed=cfg.seed)
 
