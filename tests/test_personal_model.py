@@ -358,3 +358,19 @@ def test_fit_row_in_the_span_of_few_pairs_is_the_full_fit():
     assert torch.allclose(fit_row(g, z, 0.7, init=torch.randn(20)), full, atol=1e-5)
     g2, z2 = torch.randn(30), torch.randn(30, 20)  # more pairs than dimensions: the plain fit itself
     assert torch.equal(fit_row(g2, z2, 0.7), fit_user_embedding(g2, z2, 0.7))
+
+
+def test_lowrank_part_on_frozen_pair_and_reply_features(tiny_model_dir, tmp_path):
+    """--user-part lowrank reads the wider features too when the backbone is frozen: B is [D, 2H + 2]."""
+    feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 16))
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(tmp_path / "prm"), base=str(tiny_model_dir), dim=4, prior=1.0,
+                              user_part="lowrank", user_features="pair+reply", epochs=20, batch_size=8, head_lr=3e-2,
+                              max_length=48, seed=0, engine=EngineConfig(device="cpu", threads=1))
+    cfg.validate()
+    summary = train_personal(cfg)
+    reward = PersonalReward(tmp_path / "prm")
+    assert reward.table.basis.shape == (4, 2 * reward.rm.head.in_features + 2) and summary["steps"] > 0
+    assert reward.config.user_part == "lowrank" and reward.config.prior_precision == 1.0
+    val = summary["val"]  # each user's held-out choices: their own reward gets them; one reward for both cannot
+    assert all(val[u]["personal"] >= 0.75 for u in ("ann", "bob")), val
+    assert sum(val[u]["personal"] for u in val) > sum(val[u]["generic"] for u in val), val

@@ -83,10 +83,10 @@ class PersonalTrainConfig:
                            "directions ('linear': D is the feature width).")
     prior: float = opt(0.0, help="Prior precision λ on each user's row (higher: users stay nearer the generic reward); 0 = "
                                  "choose it by cross-validation on the training comparisons ('linear' only).")
-    generic_rate: float = opt(0.25, help="Share of pairs scored with the generic reward alone in each step, so that it stays "
+    generic_rate: float = opt(0.25, help="(lowrank) Share of pairs scored with the generic reward alone in each step, so that it stays "
                                          "everyone's reward (what a new user starts from). 1 = a pooled reward model: "
                                          "no pair is scored with a user part, which then never trains.")
-    epochs: float = opt(3.0, help="Passes over the training pairs.")
+    epochs: float = opt(3.0, help="(lowrank) Passes over the training pairs; a linear part takes no steps.")
     batch_size: int = opt(16, help="Pairs per optimizer step (fewer when there are fewer training pairs).")
     lr: float = opt(3e-5, help="Peak learning rate of the backbone (AdamW), warmup then linear decay.")
     head_lr: float = opt(3e-3, help="Peak learning rate of the generic head, the basis B and the user embeddings.")
