@@ -159,7 +159,7 @@ def write_feedback(path: Path, records: list) -> Path:
 
 
 def train_frozen(feedback: Path, out: Path, generic_rate: float, n_pairs: int, dim: int, prior: float, seed: int,
-                 base: str, shared_cache: Path | None = None) -> dict:
+                 base: str, shared_cache: Path | None = None, user_part: str = "linear", user_features: str = "pair+reply") -> dict:
     """A personal (or, with generic_rate 1, pooled) reward model on frozen backbone features, ~300 steps.
 
     A frozen backbone's features are the same in every run, so ``shared_cache`` (a features.sqlite
@@ -174,20 +174,32 @@ def train_frozen(feedback: Path, out: Path, generic_rate: float, n_pairs: int, d
     if shared_cache is not None and shared_cache.is_file():
         shutil.copy(shared_cache, out / "features.sqlite")
     epochs = max(3.0, 300 / max(1, n_pairs // 16))
-    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior,
-                              generic_rate=generic_rate, freeze_backbone=True, epochs=epochs, batch_size=16,
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior, user_part=user_part,
+                              user_features=user_features, generic_rate=generic_rate, freeze_backbone=True, epochs=epochs, batch_size=16,
                               head_lr=3e-3, val_fraction=0.0, engine=EngineConfig(device="cpu", threads=1), seed=seed, save_every=10 ** 6)
     cfg.validate()
     return train_personal(cfg)
 
 
+def shared_cache(work: Path, base: str, user_features: str) -> Path:
+    """The benchmark's feature cache for one backbone and kind of features (a cache holds one kind)."""
+    return work / (f"features-{base}.sqlite" if user_features == "pair" else f"features-{base}-{user_features}.sqlite")
+
+
 def keep_cache(out: Path, shared_cache: Path) -> None:
-    import shutil
+    """Copy a model's feature cache back out through SQLite's backup API: the cache runs in WAL mode, so
+    the file alone can lack its newest rows (they sit in features.sqlite-wal until a checkpoint)."""
+    import sqlite3
 
-    shutil.copy(out / "features.sqlite", shared_cache)
+    src, dst = sqlite3.connect(out / "features.sqlite"), sqlite3.connect(shared_cache)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
 
 
-def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base: str) -> dict:
+def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base: str, part: tuple[str, str]) -> dict:
     import shutil
 
     import torch
@@ -199,8 +211,9 @@ def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base:
     pool, held = split_data(work, train_turns)
     gold = Gold()
     root = work / f"curve-{base}"
-    shared = work / f"features-{base}.sqlite"
-    result: dict = {"sizes": {}, "cold_start": {}, "dim": dim, "prior": prior, "backbone": base, "frozen": True}
+    shared = shared_cache(work, base, part[1])
+    result: dict = {"sizes": {}, "cold_start": {}, "dim": dim, "prior": prior, "backbone": base, "frozen": True,
+                    "user_part": part[0], "user_features": part[1]}
     for n in SIZES:
         if n > train_turns:
             continue
@@ -212,8 +225,9 @@ def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base:
             out = root / f"{kind}-{n}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            train_frozen(feedback, out, rate, n_pairs, dim, prior, seed, base, shared)
+            summary = train_frozen(feedback, out, rate, n_pairs, dim, prior, seed, base, shared, *part)
             row[f"{kind}_train_s"] = round(time.perf_counter() - t0, 1)
+            row[f"{kind}_prior"] = summary["prior"]  # λ (chosen by cross-validation on these training pairs when --prior 0)
             reward = PersonalReward(out)
             who = (lambda u: u) if kind == "personal" else (lambda u: None)
             row[kind] = score_heldout(lambda u, p, t: reward.score(who(u), p, t), held, gold)
@@ -227,9 +241,9 @@ def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base:
         feedback = write_feedback(root / f"feedback-without-{user}.jsonl", others)
         out = root / f"without-{user}"
         shutil.rmtree(out, ignore_errors=True)
-        train_frozen(feedback, out, 0.25, sum(len(r.pairs()) for r in others), dim, prior, seed, base, shared)
+        summary = train_frozen(feedback, out, 0.25, sum(len(r.pairs()) for r in others), dim, prior, seed, base, shared, *part)
         reward = PersonalReward(out)
-        row = {"generic": score_heldout(lambda u, p, t: reward.score(None, p, t), {user: held[user]}, gold)[user]}
+        row = {"prior": summary["prior"], "generic": score_heldout(lambda u, p, t: reward.score(None, p, t), {user: held[user]}, gold)[user]}
         for m in (5, 10, 20):
             pairs = [p for r in pool[user][:m] for p in r.pairs()]
             t0 = time.perf_counter()
@@ -240,7 +254,7 @@ def curve(work: Path, train_turns: int, dim: int, prior: float, seed: int, base:
                            "fit_seconds": round(fit_s, 3)}
         keep_cache(out, shared)
         result["cold_start"][user] = row
-        print(json.dumps({"backbone": base, "cold_start": user, **{k: v["accuracy"] for k, v in row.items()}}), flush=True)
+        print(json.dumps({"backbone": base, "cold_start": user, **{k: v["accuracy"] for k, v in row.items() if isinstance(v, dict)}}), flush=True)
     return result
 
 
@@ -261,7 +275,9 @@ def finetune_check(work: Path, train_turns: int, n: int, dim: int, prior: float,
     shutil.rmtree(out, ignore_errors=True)
     feedback = write_feedback(work / f"finetune-feedback-{n}.jsonl", [r for u in sorted(pool) for r in pool[u][:n]])
     t0 = time.perf_counter()
-    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior, freeze_layers=freeze_layers,
+    # the low-rank part learned jointly with the backbone (a linear part would sit on a backbone trained as the pooled reward)
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=base, dim=dim, prior=prior or 1.0, freeze_layers=freeze_layers,
+                              user_part="lowrank", user_features="pair",
                               epochs=epochs, lr=lr, head_lr=3e-3, val_fraction=0.0, engine=EngineConfig(device="cpu", threads=1), seed=seed,
                               save_every=10 ** 6)
     cfg.validate()
@@ -282,7 +298,7 @@ def sample(model, tok, prompts: list[str], k: int, seed: int) -> list[list[str]]
 
 
 def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, ppo_steps: int, draws: int, n_best: int,
-             base: str) -> dict:
+             base: str, part: tuple[str, str]) -> dict:
     """Base, pooled-RLHF, best-of-N by the user's reward, the user's PPO adapter: each user's gold utility."""
     import shutil
 
@@ -309,7 +325,7 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     for kind, rate in (("personal", 0.25), ("pooled", 1.0)):
         if not (gen / kind / "current.json").is_file():
             shutil.rmtree(gen / kind, ignore_errors=True)
-            train_frozen(feedback, gen / kind, rate, n_pairs, dim, prior, seed, base, work / f"features-{base}.sqlite")
+            train_frozen(feedback, gen / kind, rate, n_pairs, dim, prior, seed, base, shared_cache(work, base, part[1]), *part)
     reward = PersonalReward(gen / "personal")
     prompts = [p.prompt for p in read_records(shipped_prompts("eval"), PromptRecord)]
     tok, base = load_tokenizer("bundled"), load_causal_lm("bundled")
@@ -383,7 +399,8 @@ def report(out: dict) -> str:
                   f"each over HTTP ({c['turns']} turns in {c['wall_s']:.0f} s), noise σ = {c['noise']}; load average "
                   f"{c['machine']['load_average_1min']} at the end.", ""]
     for base, cv in out.get("curve", {}).items():
-        lines += [f"**Held-out accuracy, {base} backbone (frozen), personal / pooled** (% of each user's held-out choices; "
+        part = f"{cv.get('user_part', 'lowrank')} user part on {cv.get('user_features', 'pair')} features"
+        lines += [f"**Held-out accuracy, {base} backbone (frozen), {part}, personal / pooled** (% of each user's held-out choices; "
                   "in brackets: agreement with the user's noiseless preference)", "",
                   "| comparisons per user | " + " | ".join(users) + " | mean |", "|---" * (len(users) + 2) + "|"]
         for n, row in cv["sizes"].items():
@@ -397,14 +414,20 @@ def report(out: dict) -> str:
         any_row = next(iter(cv["sizes"].values()))
         lines.append("| choices agree with gold (ceiling) | " + " | ".join(pct(any_row["personal"][u]["choices_agree_with_gold"])
                                                                          for u in users) + " | |")
+        if "personal_prior" in any_row:
+            lines += ["", "Prior precision λ of the personal model (chosen on the training comparisons when --prior 0): "
+                      + ", ".join(f"{n} → {row['personal_prior']:g}" for n, row in cv["sizes"].items())]
         lines += ["", f"**Cold start, {base} backbone**: trained without the user, then fitted from their first m comparisons "
                   "(held-out accuracy %, fit time)", "",
-                  "| user | generic (m = 0) | m = 5 | m = 10 | m = 20 |", "|---|---|---|---|---|"]
+                  "| user | generic (m = 0) | m = 5 | m = 10 | m = 20 |" + (" λ (chosen without the user) |" if "prior" in
+                                                                         next(iter(cv["cold_start"].values()), {}) else ""),
+                  "|---|---|---|---|---|" + ("---|" if "prior" in next(iter(cv["cold_start"].values()), {}) else "")]
         for u in users:
             r = cv["cold_start"].get(u)
             if r:
                 lines.append(f"| {u} | {pct(r['generic']['accuracy'])} | " + " | ".join(
-                    f"{pct(r[m]['accuracy'])} ({1000 * r[m]['fit_seconds']:.0f} ms)" for m in ("5", "10", "20")) + " |")
+                    f"{pct(r[m]['accuracy'])} ({1000 * r[m]['fit_seconds']:.0f} ms)" for m in ("5", "10", "20")) + " |"
+                    + (f" {r['prior']:g} |" if "prior" in r else ""))
         lines.append("")
     ft = out.get("finetune")
     if ft:
@@ -438,12 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dim", type=int, default=8, help="user dimension D")
-    ap.add_argument("--prior", type=float, default=1.0, help="prior precision λ on user embeddings")
+    ap.add_argument("--prior", type=float, default=0.0, help="prior precision λ on user rows (0: chosen by cross-validation "
+                                                            "on the training comparisons; needs --user-part linear)")
+    ap.add_argument("--user-part", default="linear", choices=["linear", "lowrank"], help="`rlhf personal train --user-part`")
+    ap.add_argument("--user-features", default="pair+reply", choices=["pair", "pair+reply"],
+                    help="`rlhf personal train --user-features`")
     ap.add_argument("--ppo-steps", type=int, default=30, help="PPO steps of each adapter (pooled and per user)")
     ap.add_argument("--draws", type=int, default=4, help="replies per held-out prompt and method")
     ap.add_argument("--best-of", type=int, default=8, help="N of best-of-N reranking")
     args = ap.parse_args(argv)
     work = Path(args.work)
+    part = (args.user_part, args.user_features)
     out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.stage in ("collect", "all"):
         out["collect"] = {**collect(work, args.train_turns, args.heldout_turns, args.noise, args.seed), "machine": machine()}
@@ -451,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("curve", "all"):
         for base in args.backbones:
             t0 = time.perf_counter()
-            out.setdefault("curve", {})[base] = {**curve(work, args.train_turns, args.dim, args.prior, args.seed, base),
+            out.setdefault("curve", {})[base] = {**curve(work, args.train_turns, args.dim, args.prior, args.seed, base, part),
                                                  "machine": machine(), "wall_s": round(time.perf_counter() - t0, 1)}
             save(out)
     if args.stage in ("finetune", "all"):
@@ -461,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("generate", "all"):
         t0 = time.perf_counter()
         out["generate"] = {**generate(work, args.train_turns, args.dim, args.prior, args.seed, args.ppo_steps, args.draws,
-                                      args.best_of, args.gen_backbone), "machine": machine(),
+                                      args.best_of, args.gen_backbone, part), "machine": machine(),
                            "wall_s": round(time.perf_counter() - t0, 1)}
     save(out)
     return 0

@@ -60,6 +60,8 @@ class LoadConfig:
     edit_rate: float = 0.1
     max_new_tokens: int = 16  # short replies: this measures the feedback path, not generation
     max_seconds: float = 600.0
+    start_timeout_s: float = 120.0  # for the server to answer after a (re)start
+    client_timeout_s: float = 30.0  # per request; an ask waits behind every other user's generation on a busy CPU
     seed: int = 0
 
 
@@ -169,6 +171,7 @@ def call(client: httpx.Client, rec: Recorder, kind: str, path: str, body: dict, 
 def user_loop(url: str, name: str, token: str, rec: Recorder, budget: list[int], cfg: LoadConfig, deadline: float) -> None:
     rng = random.Random(f"{cfg.seed}:{name}")
     with http_client(url, token) as client:
+        client.timeout = httpx.Timeout(cfg.client_timeout_s)
         while time.monotonic() < deadline:
             with rec.lock:
                 if budget[0] <= 0:
@@ -220,7 +223,7 @@ def run(cfg: LoadConfig, work: Path) -> dict[str, Any]:
     _, admin_token = store.add_user("load-admin", "admin", None)
     store.close()
     server = ChatServer(db, free_port(), work / "server.log", cfg.max_new_tokens)
-    first_start = server.start()
+    first_start = server.start(cfg.start_timeout_s)
     tokens = {}
     with http_client(server.url, admin_token) as admin:
         for i in range(cfg.users):
@@ -245,7 +248,7 @@ def run(cfg: LoadConfig, work: Path) -> dict[str, Any]:
         before.extend(rec.snapshot())
         try:
             crash["export_while_down"] = check(before, export(db, work / "export-down.jsonl"))
-            crash["restart_s"] = round(server.start(), 2)
+            crash["restart_s"] = round(server.start(cfg.start_timeout_s), 2)
         except LoadTestError as exc:
             crash["error"] = str(exc)
         crash["downtime_s"] = round(time.monotonic() - t0, 2)

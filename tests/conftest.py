@@ -149,7 +149,8 @@ def personal_feedback_records(users: dict[str, str], per_user: int, seed: int = 
 
 @pytest.fixture(scope="session")
 def personal_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A personal reward model on the tiny backbone, trained on users ann (kind) and bob (mean)."""
+    """A personal reward model on the tiny backbone, trained on users ann (kind) and bob (mean): the default
+    user part (linear on pair+reply features of the frozen backbone, priors by cross-validation)."""
     import json
 
     from rlhf.engine.config import EngineConfig
@@ -161,7 +162,7 @@ def personal_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
                         encoding="utf-8")
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(root / "prm"), base=str(tiny_model_dir), dim=4, epochs=4,
                               batch_size=8, lr=1e-3, head_lr=1e-2, max_length=48, seed=0,
-                              engine=EngineConfig(device="cpu", threads=1), freeze_backbone=False)
+                              engine=EngineConfig(device="cpu", threads=1))
     cfg.validate()
     train_personal(cfg)
     return root / "prm"

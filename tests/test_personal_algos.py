@@ -100,3 +100,51 @@ def test_fit_user_embedding_invariances():
     assert torch.isfinite(sep).all() and sep.item() > 0
     with pytest.raises(ValueError):
         fit_user_embedding(g, z, 0.0)
+
+
+# -- the linear user part: feature-group scales and the prior chosen by cross-validation (rlhf/personal/update.py)
+
+def test_group_scales_give_each_group_unit_size_by_hand():
+    from rlhf.personal.update import group_scales
+
+    # a 2-wide block with difference norms 3 and 5 (mean 4), and one column with values 1, 3 (std √2)
+    diffs = torch.tensor([[3.0, 0.0, 1.0], [0.0, 5.0, 3.0]])
+    s = group_scales(diffs, [slice(0, 2), slice(2, 3)])
+    assert torch.allclose(s, torch.tensor([0.25, 0.25, 1 / math.sqrt(2)]))
+    # a group that never varies keeps scale 1 (nothing to normalise, no division by zero)
+    assert group_scales(torch.zeros(4, 2), [slice(0, 2)]).tolist() == [1.0, 1.0]
+
+
+def _users(n_users, pairs, signal, seed):
+    """Per user (g, z, record ids): choices from a hidden row of the given strength on 3-d features."""
+    gen = torch.Generator().manual_seed(seed)
+    users = []
+    for _ in range(n_users):
+        w = signal * torch.randn(3, generator=gen)
+        z = torch.randn(pairs, 3, generator=gen)
+        flip = torch.rand(pairs, generator=gen) > torch.sigmoid(z @ w)  # the user chose the other reply
+        z[flip] = -z[flip]
+        users.append((torch.zeros(pairs, dtype=torch.float64), z, [i // 2 for i in range(pairs)]))  # 2 pairs a record
+    return users
+
+
+def test_choose_prior_follows_the_evidence():
+    from rlhf.personal.update import PRIOR_GRID, choose_prior
+
+    strong, scores = choose_prior(_users(4, 60, 4.0, seed=0))
+    noise, _ = choose_prior(_users(4, 60, 0.0, seed=0))
+    assert strong < 3.0 and noise >= 30.0  # clear users: a weak prior; coin-flipping users: stay at the generic reward
+    assert set(scores) == set(PRIOR_GRID) and max(scores.values()) == scores[strong]
+
+
+def test_choose_prior_by_hand_and_keeps_records_together():
+    from rlhf.personal.update import choose_prior
+
+    # one user, two records of one pair each, 2 folds: each fold fits on the other record's pair (g = 0, z = 1:
+    # the one-dimensional fit by hand above gives e = 0.4010581375 at λ = 1) and scores log σ(z e) on its own
+    e1 = 0.4010581375
+    lam, scores = choose_prior([(torch.zeros(2, dtype=torch.float64), torch.ones(2, 1), ["a", "b"])], grid=(1.0,), folds=2)
+    assert lam == 1.0 and abs(scores[1.0] - math.log(1 / (1 + math.exp(-e1)))) < 1e-6
+    # the pairs of one record are never split: with all pairs in one record there is no other fold to fit on
+    _, scores = choose_prior([(torch.zeros(3, dtype=torch.float64), torch.ones(3, 1), ["a", "a", "a"])], grid=(1.0,), folds=2)
+    assert scores[1.0] == 0.0

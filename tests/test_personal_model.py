@@ -2,6 +2,7 @@
 isolation between users, versions and the gate, exact resume, the scorer spec, the feature cache."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rlhf.personal import model as pmodel
 from rlhf.personal.model import ModelDir, PersonalReward
 from rlhf.personal.records import FeedbackRecord, feedback_pairs, read_feedback
 from rlhf.personal.train import PersonalTrainConfig, split_recent, train_personal
-from rlhf.personal.update import margins, refit_user, split_heldout
+from rlhf.personal.update import PRIOR_GRID, margins, refit_user, split_heldout
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -89,7 +90,10 @@ def test_joint_training_learns_opposite_tastes_the_generic_reward_cannot(persona
     assert accuracy(reward, None, pairs) + accuracy(reward, None, flipped) == pytest.approx(1.0)
     # the layout a scorer and the server read
     mdir = ModelDir(personal_model_dir)
-    assert mdir.current() == "v0001" and mdir.config().dim == 4
+    cfg = mdir.config()  # the default user part: linear on pair+reply features (2H + 2 wide), λ by cross-validation
+    assert mdir.current() == "v0001" and (cfg.user_part, cfg.user_features) == ("linear", "pair+reply")
+    assert cfg.dim == 2 * reward.rm.head.in_features + 2 and cfg.prior_precision in PRIOR_GRID
+    assert summary["prior"] == cfg.prior_precision and len(summary["prior_cv_loglik"]) == len(PRIOR_GRID)
     assert (personal_model_dir / "backbone" / "rlhf_reward.json").is_file()
     assert mdir.read_log()[0]["source"] == "train"
 
@@ -98,8 +102,8 @@ def test_score_is_generic_head_plus_user_part(personal_model_dir):
     """Wiring: the served score equals the math module applied to the backbone's features."""
     reward = PersonalReward(personal_model_dir)
     prompts, replies = ["how do I cook rice"] * 2, ["Sure, rinse it.", "Whatever."]
-    feats = reward.features(prompts, replies)
-    generic = reward.rm.reward_from(feats)
+    feats = reward.features(prompts, replies)  # φ = [h, v, cos, log length]: the generic head reads h
+    generic = reward.rm.reward_from(feats[:, :reward.rm.head.in_features])
     table = reward.table
     for user in ("ann", "bob"):
         want = personal_rewards(generic, feats, table.basis, table.embedding(user).expand(2, -1))
@@ -175,13 +179,14 @@ def test_update_reads_cached_features_not_the_backbone(personal_model_dir, tmp_p
     assert calls == []
     margins(reward, [type(pairs[0])("a prompt never seen", "a new reply", "another new reply", {"user": "ann"})],
             reward.table.basis)
-    assert len(calls) == 2  # one backbone pass for the new chosen text, one for the new rejected one
+    # per new (prompt, reply): one backbone pass for the pair, one for the prompt alone, one for the reply alone
+    assert len(calls) == 2 * 3
 
 
 def _train_cfg(feedback: Path, out: Path, base: Path, **kw) -> PersonalTrainConfig:
     cfg = PersonalTrainConfig(feedback=str(feedback), out=str(out), base=str(base), dim=4, epochs=2, batch_size=8,
                               lr=1e-3, head_lr=1e-2, max_length=48, engine=EngineConfig(device="cpu", threads=1), seed=1, save_every=2, keep_checkpoints=20,
-                              freeze_backbone=False, **kw)
+                              freeze_backbone=False, **{"user_part": "lowrank", "user_features": "pair", "prior": 1.0, **kw})
     cfg.validate()
     return cfg
 
@@ -252,7 +257,7 @@ def test_personal_training_on_two_processes_equals_one(tiny_model_dir, tmp_path,
 
     feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 16))
     args = dict(feedback=str(feedback), base=str(tiny_model_dir), dim=4, epochs=2, batch_size=8, lr=1e-3, head_lr=1e-2,
-                max_length=48, seed=1, save_every=2, generic_rate=0.5)
+                max_length=48, seed=1, save_every=2, generic_rate=0.5, user_part="lowrank", user_features="pair", prior=1.0)
     one = train_personal(PersonalTrainConfig(out=str(tmp_path / "one"), freeze_backbone=freeze_backbone, **args,
                                              engine=EngineConfig(device="cpu", threads=1)))
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
@@ -268,3 +273,104 @@ def test_personal_training_on_two_processes_equals_one(tiny_model_dir, tmp_path,
     assert_same_metrics(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), ("loss", "accuracy", "grad_norm", "user_norm"))
     ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert ckpts == sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir())
+
+
+def test_pair_and_reply_features_are_what_they_say(personal_model_dir):
+    """φ = [h, v, cos(u, v), log(1 + reply tokens)]: h the pair state, u and v each text encoded alone."""
+    import torch.nn.functional as F
+
+    from rlhf.personal.model import FeatureExtractor, pooled_features
+
+    reward = PersonalReward(personal_model_dir)
+    rm, tok = reward.rm, reward.tok
+    width = rm.head.in_features
+    prompt, reply = "how do I cook rice", "Rinse it, then simmer it covered."
+    phi = FeatureExtractor(rm, tok, kind="pair+reply")([prompt], [reply])[0]
+    pair = FeatureExtractor(rm, tok, kind="pair")([prompt], [reply])[0]
+
+    def alone(text):
+        enc = tok(text, truncation=True, max_length=rm.spec.max_length, return_tensors="pt")
+        with torch.no_grad():
+            return F.normalize(pooled_features(rm, dict(enc))[0], dim=0), enc["input_ids"].shape[1]
+
+    u, _ = alone(prompt)
+    v, n = alone(reply)
+    assert phi.shape == (2 * width + 2,) and torch.allclose(phi[:width], pair, atol=1e-5)
+    assert torch.allclose(phi[width:2 * width], v, atol=1e-5)
+    assert abs(float(phi[2 * width]) - float(u @ v)) < 1e-5 and abs(float(phi[-1]) - math.log1p(n)) < 1e-6
+
+
+def test_linear_rows_are_the_exact_map_fit_on_the_training_features(personal_model_dir):
+    """Wiring: the generic head is fit_user_embedding on everyone's scaled pair-state differences (λ₀ recorded),
+    each deployed row is fit_user_embedding on (cross-fitted generic margins, scaled feature differences) of
+    that user's training pairs with the recorded λ, and B is the diagonal of the group scales."""
+    from rlhf.algos import fit_user_embedding
+    from rlhf.personal.model import feature_groups
+    from rlhf.personal.train import split_recent
+    from rlhf.personal.update import group_scales
+
+    reward = PersonalReward(personal_model_dir)
+    summary = json.loads((personal_model_dir / "summary.json").read_text())
+    records = read_feedback(summary["config"]["feedback"])
+    train, _ = split_recent(records, summary["config"]["val_fraction"])
+    pairs = [p for r in train for p in r.pairs()]
+    prompts = [p.prompt for p in pairs]
+    fc, fr = reward.features(prompts, [p.chosen for p in pairs]), reward.features(prompts, [p.rejected for p in pairs])
+    scales = group_scales(fc - fr, feature_groups(reward.rm, "pair+reply"))
+    assert torch.allclose(reward.table.basis, torch.diag(scales))
+    width, z = reward.rm.head.in_features, (fc - fr) * scales
+    head = fit_user_embedding(torch.zeros(len(pairs)), z[:, :width], summary["generic_prior"])
+    assert torch.allclose(reward.rm.head.weight[0], head * scales[:width], atol=1e-4)
+    # each pair's generic margin comes from a head fitted without its record's fold (record k → fold k mod 5)
+    ids = [p.extra["feedback_id"] for p in pairs]
+    fold_of = {rid: k % 5 for k, rid in enumerate(dict.fromkeys(ids))}
+    g = torch.zeros(len(pairs))
+    for k in range(5):
+        held = torch.tensor([fold_of[r] == k for r in ids])
+        g[held] = z[held, :width] @ fit_user_embedding(torch.zeros(int((~held).sum())), z[~held, :width], summary["generic_prior"])
+    for user in ("ann", "bob"):
+        idx = [i for i, p in enumerate(pairs) if p.extra["user"] == user]
+        want = fit_user_embedding(g[idx], z[idx], reward.config.prior_precision)
+        assert torch.allclose(reward.table.embedding(user), want, atol=1e-4)
+        assert reward.table.n_pairs(user) == len(idx)
+
+
+def test_train_options_are_checked():
+    with pytest.raises(ConfigError, match="--prior must be positive"):
+        PersonalTrainConfig(feedback="f", out="o", user_part="lowrank", prior=0.0).validate()
+    with pytest.raises(ConfigError, match="reads the pair state only"):
+        PersonalTrainConfig(feedback="f", out="o", user_part="lowrank", prior=1.0, freeze_backbone=False).validate()
+    with pytest.raises(ConfigError, match="--user-features must be one of pair, pair\\+reply"):
+        PersonalTrainConfig(feedback="f", out="o", user_features="reply").validate()
+    with pytest.raises(ConfigError, match="--user-part must be"):
+        PersonalTrainConfig(feedback="f", out="o", user_part="mlp").validate()
+
+
+def test_fit_row_in_the_span_of_few_pairs_is_the_full_fit():
+    """Fewer pairs than dimensions: the SVD-reduced fit gives the full MAP row, warm start or not."""
+    from rlhf.algos import fit_user_embedding
+    from rlhf.personal.update import fit_row
+
+    torch.manual_seed(4)
+    g, z = 0.5 * torch.randn(6), torch.randn(6, 20)
+    full = fit_user_embedding(g, z, 0.7)
+    assert torch.allclose(fit_row(g, z, 0.7), full, atol=1e-5)
+    assert torch.allclose(fit_row(g, z, 0.7, init=torch.randn(20)), full, atol=1e-5)
+    g2, z2 = torch.randn(30), torch.randn(30, 20)  # more pairs than dimensions: the plain fit itself
+    assert torch.equal(fit_row(g2, z2, 0.7), fit_user_embedding(g2, z2, 0.7))
+
+
+def test_lowrank_part_on_frozen_pair_and_reply_features(tiny_model_dir, tmp_path):
+    """--user-part lowrank reads the wider features too when the backbone is frozen: B is [D, 2H + 2]."""
+    feedback = write_jsonl(tmp_path / "f.jsonl", personal_feedback_records({"ann": "kind", "bob": "mean"}, 16))
+    cfg = PersonalTrainConfig(feedback=str(feedback), out=str(tmp_path / "prm"), base=str(tiny_model_dir), dim=4, prior=1.0,
+                              user_part="lowrank", user_features="pair+reply", epochs=20, batch_size=8, head_lr=3e-2,
+                              max_length=48, seed=0, engine=EngineConfig(device="cpu", threads=1))
+    cfg.validate()
+    summary = train_personal(cfg)
+    reward = PersonalReward(tmp_path / "prm")
+    assert reward.table.basis.shape == (4, 2 * reward.rm.head.in_features + 2) and summary["steps"] > 0
+    assert reward.config.user_part == "lowrank" and reward.config.prior_precision == 1.0
+    val = summary["val"]  # each user's held-out choices: their own reward gets them; one reward for both cannot
+    assert all(val[u]["personal"] >= 0.75 for u in ("ann", "bob")), val
+    assert sum(val[u]["personal"] for u in val) > sum(val[u]["generic"] for u in val), val

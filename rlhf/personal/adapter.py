@@ -5,6 +5,12 @@ weights with the adapter off, checkpoints, exact resume), with the reward ``pers
 pinned to the version deployed when it starts. Its runs live in ``DIR/adapter-runs/USER/vNNNN/``;
 the finished adapter is published atomically to ``DIR/adapters/USER/`` with ``adapter.json``, where
 the chat server (rlhf/personal/policy.py) picks it up on the user's next turn.
+
+The reward is standardised first (``--reward-scale 0``): a personal reward is the user's log-odds,
+so a confident user's rewards span tens of logits, where the KL penalty, the value head's clipped
+targets and the missing-EOS penalty (all sized for rewards of order one) stop mattering and PPO
+drifts into nonsense. The scale is 1 / the standard deviation of the user's reward over replies the
+base policy samples for the training prompts (the distribution PPO starts from).
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ from dataclasses import dataclass
 from rlhf.config import opt
 from rlhf.engine.config import EngineConfig
 from rlhf.errors import ConfigError
+from rlhf.data.io import read_records
+from rlhf.data.records import PromptRecord
+from rlhf.judges.base import load_scorer, score_checked
+from rlhf.models.loading import load_causal_lm, load_tokenizer, shipped_prompts
 from rlhf.personal.model import ModelDir
 from rlhf.personal.policy import ADAPTER_META
 from rlhf.train.ppo_config import PPOConfig
 from rlhf.train.ppo_loop import run_ppo
+from rlhf.rollout.generate import SamplingParams, generate_completions
 from rlhf.utils.io import atomic_write_json, publish_dir, staging_dir
 
 
@@ -42,10 +53,25 @@ class AdapterConfig:
     seed: int = opt(0, help="Random seed.")
     engine: EngineConfig = opt(factory=EngineConfig, help="How the PPO run executes (device, threads, rollout backend, ...).")
     progress: bool = opt(True, help="Show a progress bar.")
+    reward_scale: float = opt(0.0, help="Multiply the user's reward by this in PPO; 0 = 1 / its standard deviation over "
+                                        "base-policy replies to --calibration-prompts training prompts (unit-size rewards).")
+    calibration_prompts: int = opt(64, help="Training prompts sampled once each to set --reward-scale 0.")
 
     def validate(self) -> None:
         if self.steps < 1 or not self.user.strip():
             raise ConfigError("--steps must be at least 1 and --user must name someone")
+        if self.reward_scale < 0 or self.calibration_prompts < 2:
+            raise ConfigError("--reward-scale must not be negative and --calibration-prompts must be at least 2")
+
+
+def reward_std(cfg: AdapterConfig, reward_spec: str) -> float:
+    """Standard deviation of the user's reward over one base-policy reply to each of the first
+    ``calibration_prompts`` training prompts."""
+    prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("train"), PromptRecord)][:cfg.calibration_prompts]
+    tok, policy = load_tokenizer(cfg.policy), load_causal_lm(cfg.policy).eval()
+    replies = [g[0] for g in generate_completions(policy, tok, prompts, 1, SamplingParams(max_new_tokens=cfg.max_new_tokens),
+                                                  batch_size=32, seed=cfg.seed, progress=False)]
+    return float(score_checked(load_scorer(reward_spec), prompts, replies).std())
 
 
 def train_adapter(cfg: AdapterConfig) -> dict:
@@ -56,7 +82,11 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     if version is None:
         raise ConfigError(f"{cfg.model} has no deployed user table")
     run_dir = mdir.root / "adapter-runs" / cfg.user / version
-    ppo = PPOConfig(out=str(run_dir), policy=cfg.policy, reward=f"personal:{mdir.root}:{cfg.user}@{version}",
+    reward = f"personal:{mdir.root}:{cfg.user}@{version}"
+    scale = cfg.reward_scale or 1.0 / max(reward_std(cfg, reward), 1e-6)
+    if scale != 1.0:
+        reward = f"weighted:{scale:.6g}*{reward}"
+    ppo = PPOConfig(out=str(run_dir), policy=cfg.policy, reward=reward,
                     prompts=cfg.prompts, max_steps=cfg.steps, batch_size=cfg.batch_size,
                     mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.mini_batch_size, lr=cfg.lr,
                     lora=True, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, init_kl_coef=cfg.init_kl_coef,
@@ -74,7 +104,8 @@ def train_adapter(cfg: AdapterConfig) -> dict:
         atomic_write_json(staged / ADAPTER_META, {"version": f"{version}-ppo{summary['steps']}", "user": cfg.user,
                                                   "reward": ppo.reward, "policy": cfg.policy, "steps": summary["steps"],
                                                   "score_first": summary["score_first"], "score_last": summary["score_last"],
-                                                  "kl_last": summary["kl_last"], "created": time.time()})
+                                                  "kl_last": summary["kl_last"], "reward_scale": scale,
+                                                  "created": time.time()})
         publish_dir(staged, target)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

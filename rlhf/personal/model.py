@@ -1,17 +1,31 @@
 """The personal reward model: a shared backbone and generic head, plus a low-rank part per user.
 
-    r_u(x, y) = r₀(x, y) + e_uᵀ B h(x, y)          (rlhf.algos.personal_rewards)
+    r_u(x, y) = r₀(x, y) + e_uᵀ B φ(x, y)          (rlhf.algos.personal_rewards)
 
-``h`` is the backbone's pooled state of (prompt, reply) and ``r₀`` the generic head on it: an
-ordinary reward model (:class:`~rlhf.models.reward_model.RewardModel`, MiniLM by default), which is
-what a user without a fitted row gets. ``B`` [D, H] is shared by all users; each user is one row
-``e_u`` [D]. Once the backbone is trained, a user's row is a logistic regression on cached features,
-so a new user is fitted from a few comparisons in milliseconds and nobody else's reward moves.
+``r₀`` is the generic head on ``h``, the backbone's pooled state of (prompt, reply): an ordinary
+reward model (:class:`~rlhf.models.reward_model.RewardModel`, MiniLM by default), which is what a
+user without a fitted row gets. ``φ`` are the features the user part reads (``user_features``):
+
+    pair          φ = h, the generic head's own input
+    pair+reply    φ = [h, v, cos(u, v), log(1 + reply tokens)]: also the reply encoded on its own (v)
+                  and the prompt on its own (u), L2-normalised as a sentence encoder reads them
+
+A bi-encoder such as MiniLM was trained to compare separately encoded texts, and mean pooling
+divides length out, so ``h`` alone hides two of the commonest ways users differ (how long, how on
+topic); ``pair+reply`` gives them to the user part (benchmarks/RESULTS.md, Personalization).
+
+The user part (``user_part``) is either ``lowrank``: B [D, F] learned jointly by gradient steps, a
+user is a D-dimensional row (P-RLHF, PAL); or ``linear``: B = diag(s) fixed, one scale per feature
+group (each group's differences get unit size, so 384 embedding dimensions do not outweigh one
+length), and each user's row is the exact MAP logistic regression on their comparisons, with a
+prior chosen by cross-validation on the training comparisons (rlhf.personal.update). Either way,
+once the backbone is trained a user's row is a logistic regression on cached features, so a new
+user is fitted from a few comparisons in milliseconds and nobody else's reward moves.
 
 A personal reward model folder::
 
     backbone/            the backbone and generic head (a plain reward-model folder: rm:DIR/backbone)
-    personal.json        dimension D, prior precision λ, format version
+    personal.json        dimension D, prior precision λ, user part and features, format version
     versions/v0001/      one user table: user_table.safetensors (B and every e_u) + users.json
     current.json         {"version": "v0003"}: the deployed table, replaced atomically
     versions.jsonl       every candidate version and its held-out accuracy, deployed or not
@@ -35,11 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlhf.algos import personal_rewards
 from rlhf.errors import ConfigError
-from rlhf.models.reward_model import RewardEncoder, RewardModel, collate, load_reward_model, pad_id_of, pool_hidden
+from rlhf.data.context import clip_chars
+from rlhf.models.reward_model import (Encoded, RewardEncoder, RewardModel, collate, load_reward_model, pad_id_of,
+                                      pool_hidden)
 from rlhf.utils.io import atomic_write_json, staging_dir
 
 BACKBONE_DIR = "backbone"
@@ -55,10 +72,32 @@ FORMAT_VERSION = 1
 # Features: the backbone's pooled state of (prompt, reply)
 # ---------------------------------------------------------------------------------------------
 
+USER_FEATURES = ("pair", "pair+reply")
+
+
 def pooled_features(rm: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Right-padded batch [B, T] → pooled backbone states [B, H]: what the generic head reads."""
     hidden = rm.backbone(**batch).last_hidden_state
     return pool_hidden(hidden, batch["attention_mask"], rm.spec.pooling)
+
+
+def feature_width(rm: RewardModel, kind: str) -> int:
+    """F, the width of φ: H for ``pair``, 2H + 2 for ``pair+reply``."""
+    width = rm.head.in_features
+    return width if kind == "pair" else 2 * width + 2
+
+
+def feature_groups(rm: RewardModel, kind: str) -> list[slice]:
+    """The columns of φ that share one prior scale: each embedding block, and each single statistic."""
+    width = rm.head.in_features
+    if kind == "pair":
+        return [slice(0, width)]
+    return [slice(0, width), slice(width, 2 * width), slice(2 * width, 2 * width + 1), slice(2 * width + 1, 2 * width + 2)]
+
+
+def generic_reward(rm: RewardModel, feats: torch.Tensor) -> torch.Tensor:
+    """r₀ [N] from features φ [N, F]: the generic head reads the first H columns (h)."""
+    return rm.reward_from(feats[:, :rm.head.in_features].to(rm.head.weight.device)).float()
 
 
 def text_key(prompt: str, reply: str) -> str:
@@ -123,12 +162,44 @@ class FeatureCache:
 
 
 class FeatureExtractor:
-    """Pooled features of (prompt, reply) texts through a frozen backbone, with an optional cache."""
+    """Features φ of (prompt, reply) texts through a frozen backbone (``kind``: see the module
+    docstring), with an optional cache (opened with :func:`cache_fingerprint` of the same kind)."""
 
-    def __init__(self, rm: RewardModel, tok, cache: FeatureCache | None = None, batch_size: int = 32):
-        self.rm, self.encoder, self.pad_id = rm, RewardEncoder(tok, rm.spec), pad_id_of(tok)
-        self.cache, self.batch_size = cache, batch_size
+    def __init__(self, rm: RewardModel, tok, cache: FeatureCache | None = None, batch_size: int = 32, kind: str = "pair"):
+        if kind not in USER_FEATURES:
+            raise ConfigError(f"unknown user features {kind!r}; known: {', '.join(USER_FEATURES)}")
+        self.rm, self.tok, self.encoder, self.pad_id = rm, tok, RewardEncoder(tok, rm.spec), pad_id_of(tok)
+        self.cache, self.batch_size, self.kind = cache, batch_size, kind
         self._lock = threading.Lock()  # one forward at a time: torch modules are not re-entrant across threads
+
+    def _pooled(self, items: list) -> torch.Tensor:
+        """Encoded inputs → pooled states [N, H] in input order (batches of similar lengths)."""
+        out = [None] * len(items)
+        order = sorted(range(len(items)), key=lambda j: len(items[j].ids))
+        device = next(self.rm.parameters()).device
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            batch = {k: v.to(device) for k, v in collate([items[j] for j in idx], self.pad_id).items()}
+            for j, vec in zip(idx, pooled_features(self.rm, batch).float().cpu()):
+                out[j] = vec.clone()
+        return torch.stack(out)
+
+    def _single(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each text encoded on its own, as a sentence encoder does: (L2-normalised pooled states [N, H], tokens [N])."""
+        items, typed = [], self.rm.spec.prompt_format == "sentence_pair"  # token types where the backbone has them
+        for t in texts:
+            ids = self.tok(clip_chars(self.tok, t, self.rm.spec.max_length, keep="start"), truncation=True,
+                           max_length=self.rm.spec.max_length)["input_ids"] or [self.pad_id]
+            items.append(Encoded(ids, [0] * len(ids) if typed else None, False, False))
+        return F.normalize(self._pooled(items), dim=-1), torch.tensor([len(i.ids) for i in items], dtype=torch.float32)
+
+    def _compute(self, prompts: list[str], replies: list[str]) -> torch.Tensor:
+        pair = self._pooled([self.encoder.encode(p, r) for p, r in zip(prompts, replies)])
+        if self.kind == "pair":
+            return pair
+        u, _ = self._single(prompts)
+        v, n = self._single(replies)
+        return torch.cat([pair, v, (u * v).sum(-1, keepdim=True), torch.log1p(n)[:, None]], dim=-1)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], replies: list[str]) -> torch.Tensor:
@@ -140,25 +211,19 @@ class FeatureExtractor:
         missing = sorted({k: i for i, k in enumerate(keys) if k not in found}.items(), key=lambda kv: kv[1])
         fresh: dict[str, torch.Tensor] = {}
         if missing:
-            items = [self.encoder.encode(prompts[i], replies[i]) for _, i in missing]
-            order = sorted(range(len(items)), key=lambda j: len(items[j].ids))  # similar lengths share a batch
-            device = next(self.rm.parameters()).device
             with self._lock:
                 was_training = self.rm.training
                 self.rm.eval()
                 try:
-                    for s in range(0, len(order), self.batch_size):
-                        idx = order[s:s + self.batch_size]
-                        batch = {k: v.to(device) for k, v in collate([items[j] for j in idx], self.pad_id).items()}
-                        for j, vec in zip(idx, pooled_features(self.rm, batch).float().cpu()):
-                            fresh[missing[j][0]] = vec.clone()
+                    vecs = self._compute([prompts[i] for _, i in missing], [replies[i] for _, i in missing])
                 finally:
                     self.rm.train(was_training)
+            fresh = {key: vec for (key, _), vec in zip(missing, vecs)}
             if self.cache is not None:
                 self.cache.put(fresh)
         found.update(fresh)
         if not keys:
-            return torch.zeros(0, self.rm.head.in_features)
+            return torch.zeros(0, feature_width(self.rm, self.kind))
         return torch.stack([found[k] for k in keys])
 
 
@@ -228,11 +293,19 @@ class UserTable:
 
 @dataclass
 class PersonalConfig:
-    """What ``personal.json`` records: the user part's shape and prior, fixed for a model folder."""
+    """What ``personal.json`` records: the user part's shape and prior, fixed for a model folder.
+    (Folders written before ``user_part`` and ``user_features`` existed read as lowrank on pair.)"""
 
     dim: int
     prior_precision: float
+    user_part: str = "lowrank"
+    user_features: str = "pair"
     format_version: int = FORMAT_VERSION
+
+
+def cache_fingerprint(rm: RewardModel, kind: str) -> str:
+    """What a feature cache's entries are valid for: these backbone weights, this kind of features."""
+    return backbone_fingerprint(rm) if kind == "pair" else f"{backbone_fingerprint(rm)}:{kind}"
 
 
 class ModelDir:
@@ -326,10 +399,10 @@ class ModelDir:
 class PersonalRewardModel(nn.Module):
     """A reward model plus the user part, trained jointly (``rlhf personal train``)."""
 
-    def __init__(self, rm: RewardModel, n_users: int, dim: int, seed: int):
+    def __init__(self, rm: RewardModel, n_users: int, dim: int, seed: int, width: int | None = None):
         super().__init__()
         self.rm = rm
-        width = rm.head.in_features
+        width = width or rm.head.in_features  # F, the width of the features φ the user part reads
         g = torch.Generator().manual_seed(seed)
         # B random, e zero (as LoRA's A and B): every user starts at the generic reward and both get gradients.
         self.basis = nn.Parameter(torch.randn(dim, width, generator=g) / math.sqrt(width))
@@ -340,9 +413,9 @@ class PersonalRewardModel(nn.Module):
         return self.from_features(pooled_features(self.rm, batch), user_rows)
 
     def from_features(self, feats: torch.Tensor, user_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same from pooled features [B, H] (a frozen backbone's, cached)."""
+        """The same from features φ [B, F] (a frozen backbone's, cached)."""
         emb = self.embeddings[user_rows.clamp(min=0)] * (user_rows >= 0).to(self.embeddings.dtype)[:, None]
-        return personal_rewards(self.rm.reward_from(feats), feats.float(), self.basis, emb), emb
+        return personal_rewards(generic_reward(self.rm, feats), feats.float(), self.basis, emb), emb
 
     def table(self, names: list[str], pairs: list[int]) -> UserTable:
         return UserTable(self.basis.detach().cpu().clone(), list(names), self.embeddings.detach().cpu().clone(), list(pairs))
@@ -360,8 +433,9 @@ class PersonalReward:
         self.dir = ModelDir(folder)
         self.config = self.dir.config()
         self.rm, self.tok, self.spec = load_reward_model(self.dir.backbone, device)
-        cache = FeatureCache(self.dir.root / "features.sqlite", backbone_fingerprint(self.rm)) if use_cache else None
-        self.features = FeatureExtractor(self.rm, self.tok, cache)
+        kind = self.config.user_features
+        cache = FeatureCache(self.dir.root / "features.sqlite", cache_fingerprint(self.rm, kind)) if use_cache else None
+        self.features = FeatureExtractor(self.rm, self.tok, cache, kind=kind)
         self._state: tuple[tuple[int, int] | None, str, UserTable] | None = None
         self._load_lock = threading.Lock()
         self.refresh()
@@ -394,6 +468,6 @@ class PersonalReward:
         """Rewards [N] float32 for ``user`` (None or unknown: the generic reward)."""
         table = table or self.table
         feats = self.features(prompts, replies)
-        generic = self.rm.reward_from(feats.to(self.rm.head.weight.device)).cpu()
+        generic = generic_reward(self.rm, feats).cpu()
         emb = (table.embedding(user) if user else torch.zeros(table.dim)).expand(len(prompts), -1)
         return personal_rewards(generic, feats, table.basis, emb)

@@ -1,11 +1,17 @@
 """Joint training of the personal reward model: backbone, generic head and user part on everyone's feedback.
 
-Each pair is scored with its user's reward r_u = r₀ + e_uᵀBh, except a share ``generic_rate`` of the
-pairs (drawn afresh each step), which are scored with r₀ alone: that keeps r₀ a reward for everyone
-(what a new user gets) rather than a leftover, as P-RLHF does by sometimes hiding who the user is.
-The loss is ``rlhf.algos.personal_preference_loss``: Bradley-Terry under the user's reward plus a
-Gaussian prior on each e_u, the same objective ``rlhf personal update`` later minimises for one user
-with everything else fixed.
+Two user parts (rlhf/personal/model.py). ``lowrank``: each pair is scored with its user's reward
+r_u = r₀ + e_uᵀBφ, except a share ``generic_rate`` of the pairs (drawn afresh each step), which are
+scored with r₀ alone: that keeps r₀ a reward for everyone (what a new user gets) rather than a
+leftover, as P-RLHF does by sometimes hiding who the user is. The loss is
+``rlhf.algos.personal_preference_loss``: Bradley-Terry under the user's reward plus a Gaussian prior
+on each e_u, the same objective ``rlhf personal update`` later minimises for one user with everything
+else fixed. ``linear`` (the default; frozen backbone only): no gradient steps. On the cached features,
+r₀'s head is the exact MAP logistic regression on everyone's pairs (the pooled reward: what a new
+user gets) and every user's row is the per-user objective above solved exactly on top of it (margins
+cross-fitted so that the head has not seen the pairs it scores), with B = diag(group scales); both
+prior precisions are chosen by cross-validation on the training comparisons (``--prior 0``), and a
+later ``update`` fits a user the same way (fit_linear).
 
 Every user's most recent ``val_fraction`` of feedback records is held out (by record, so the pairs
 of one choice never sit on both sides), and the summary gives each user's held-out accuracy under
@@ -42,8 +48,10 @@ from rlhf.errors import ConfigError, TrainingError
 from rlhf.models.loading import disable_dropout
 from rlhf.models.reward_model import (RewardEncoder, collate, load_weights_into, new_reward_model, pad_id_of,
                                       save_reward_model)
-from rlhf.personal.model import (FeatureCache, FeatureExtractor, ModelDir, PersonalConfig, PersonalRewardModel,
-                                 backbone_fingerprint)
+from rlhf.personal.model import (USER_FEATURES, FeatureCache, FeatureExtractor, ModelDir, PersonalConfig,
+                                 PersonalRewardModel, UserTable, cache_fingerprint, feature_groups, feature_width,
+                                 generic_reward)
+from rlhf.personal.update import choose_prior, cross_fitted_margins, fit_row, group_scales
 from rlhf.personal.records import FeedbackRecord, read_feedback
 from rlhf.train.optim import adamw
 from rlhf.train.reward import TruncationStats, _lr_lambda, encode_pairs, epoch_batches, freeze_lower, pair_metrics
@@ -66,12 +74,19 @@ class PersonalTrainConfig:
                              "file of feedback records (`rlhf personal export`).")
     out: str = opt(help="Output folder: backbone/, versions/, current.json, features.sqlite, checkpoints/, metrics.jsonl, summary.json.")
     base: str = opt("minilm", help="Backbone: 'minilm' (packaged all-MiniLM-L6-v2), 'bundled', or a local HF folder.")
-    dim: int = opt(8, help="Dimension D of the user part: users are points in a D-dimensional space of reward directions.")
-    prior: float = opt(1.0, help="Prior precision λ on each user's embedding (higher: users stay nearer the generic reward).")
-    generic_rate: float = opt(0.25, help="Share of pairs scored with the generic reward alone in each step, so that it stays "
+    user_part: str = opt("linear", help="'linear': each user a linear reward on the features, fitted exactly (MAP) on top of "
+                                         "the generic reward; 'lowrank': a D-dimensional row on a basis learned jointly.")
+    user_features: str = opt("pair+reply", help="What the user part reads: 'pair' (the generic head's pooled (prompt, reply) "
+                                                "state) or 'pair+reply' (also the reply and prompt encoded on their own: "
+                                                "the reply's embedding, its similarity to the prompt, its length).")
+    dim: int = opt(8, help="Dimension D of a 'lowrank' user part: users are points in a D-dimensional space of reward "
+                           "directions ('linear': D is the feature width).")
+    prior: float = opt(0.0, help="Prior precision λ on each user's row (higher: users stay nearer the generic reward); 0 = "
+                                 "choose it by cross-validation on the training comparisons ('linear' only).")
+    generic_rate: float = opt(0.25, help="(lowrank) Share of pairs scored with the generic reward alone in each step, so that it stays "
                                          "everyone's reward (what a new user starts from). 1 = a pooled reward model: "
                                          "no pair is scored with a user part, which then never trains.")
-    epochs: float = opt(3.0, help="Passes over the training pairs.")
+    epochs: float = opt(3.0, help="(lowrank) Passes over the training pairs; a linear part takes no steps.")
     batch_size: int = opt(16, help="Pairs per optimizer step (fewer when there are fewer training pairs).")
     lr: float = opt(3e-5, help="Peak learning rate of the backbone (AdamW), warmup then linear decay.")
     head_lr: float = opt(3e-3, help="Peak learning rate of the generic head, the basis B and the user embeddings.")
@@ -95,8 +110,18 @@ class PersonalTrainConfig:
     def validate(self) -> None:
         if self.dim < 1 or self.batch_size < 1 or self.epochs <= 0:
             raise ConfigError("--dim and --batch-size must be at least 1 and --epochs positive")
-        if self.prior <= 0:
-            raise ConfigError("--prior must be positive")
+        if self.user_part not in ("linear", "lowrank"):
+            raise ConfigError(f"--user-part must be 'linear' or 'lowrank', got {self.user_part!r}")
+        if self.user_features not in USER_FEATURES:
+            raise ConfigError(f"--user-features must be one of {', '.join(USER_FEATURES)}, got {self.user_features!r}")
+        if self.prior < 0 or (self.prior == 0 and self.user_part == "lowrank"):
+            raise ConfigError("--prior must be positive (0, choose by cross-validation, needs --user-part linear)")
+        if self.user_part == "linear" and not self.freeze_backbone:
+            raise ConfigError("a 'linear' user part is an exact fit on frozen features: use --freeze-backbone, or "
+                              "--user-part lowrank (learned jointly with the backbone) with a positive --prior")
+        if self.user_part == "lowrank" and self.user_features != "pair" and not self.freeze_backbone:
+            raise ConfigError("a 'lowrank' user part trained with the backbone reads the pair state only: "
+                              "use --user-features pair, or --freeze-backbone")
         if not 0 <= self.generic_rate <= 1 or not 0 <= self.val_fraction < 1:
             raise ConfigError("--generic-rate must be in [0, 1] and --val-fraction in [0, 1)")
         if self.max_steps < 0 or self.save_every < 0 or self.freeze_layers < 0:
@@ -167,7 +192,8 @@ def train_personal(cfg: PersonalTrainConfig) -> dict | None:
     rm, tok, spec = new_reward_model(cfg.base, max_length=cfg.max_length, seed=cfg.seed, device=device)
     if not cfg.dropout:
         disable_dropout(rm)
-    model = PersonalRewardModel(rm, len(names), cfg.dim, cfg.seed).to(device)
+    width = feature_width(rm, cfg.user_features) if cfg.freeze_backbone else rm.head.in_features
+    model = PersonalRewardModel(rm, len(names), cfg.dim, cfg.seed, width).to(device)
     if cfg.freeze_backbone:
         for p in rm.backbone.parameters():
             p.requires_grad_(False)
@@ -177,7 +203,8 @@ def train_personal(cfg: PersonalTrainConfig) -> dict | None:
     cached = None
     if cfg.freeze_backbone:  # the backbone never changes: its features once (cached in --out), then head-only steps
         def features() -> tuple[torch.Tensor, torch.Tensor]:
-            extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", backbone_fingerprint(rm)))
+            extract = FeatureExtractor(rm, tok, FeatureCache(out / "features.sqlite", cache_fingerprint(rm, cfg.user_features)),
+                                       kind=cfg.user_features)
             prompts = [p.prompt for p in train_pairs]
             return extract(prompts, [p.chosen for p in train_pairs]), extract(prompts, [p.rejected for p in train_pairs])
 
@@ -186,6 +213,14 @@ def train_personal(cfg: PersonalTrainConfig) -> dict | None:
                 cached = features()
         if cached is None:
             cached = features()
+    if cfg.user_part == "linear":  # exact fits on the cached features: seconds, no steps to checkpoint or resume
+        if not dist.is_main:
+            return None
+        t0 = time.perf_counter()
+        table, fitted = fit_linear(rm, cached[0].double(), cached[1].double(), train_pairs, names, cfg.prior,
+                                   feature_groups(rm, cfg.user_features))
+        return _publish(cfg, mdir, table, rm, tok, names, counts, train_pairs, val_pairs, len(records), 0,
+                        time.perf_counter() - t0, frozen, trunc, dist.world_size, fitted)
 
     batch_size = min(cfg.batch_size, len(train_pairs))
     dist.local_rows(batch_size, "--batch-size")  # must split evenly over the processes
@@ -289,12 +324,13 @@ def train_personal(cfg: PersonalTrainConfig) -> dict | None:
         return None
     if step < total_steps:  # stopped early on purpose (--max-steps): checkpointed, nothing published
         return {"steps": step, "total_steps": total_steps, "finished": False}
-    return _publish(cfg, mdir, model, rm, tok, names, counts, train_pairs, val_pairs, len(records), step, elapsed, frozen,
-                    trunc, dist.world_size)
+    return _publish(cfg, mdir, model.table(names, [int(c) for c in counts]), rm, tok, names, counts, train_pairs, val_pairs,
+                    len(records), step, elapsed, frozen, trunc, dist.world_size)
 
 
-def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, counts, train_pairs, val_pairs,
-             n_records: int, step: int, elapsed: float, frozen: int, trunc: TruncationStats, processes: int = 1) -> dict:
+def _publish(cfg, mdir: ModelDir, table: UserTable, rm, tok, names, counts, train_pairs, val_pairs, n_records: int,
+             step: int, elapsed: float, frozen: int, trunc: TruncationStats, processes: int = 1,
+             fitted: dict | None = None) -> dict:
     """Write backbone, config, features of every text seen, the first user-table version (deployed), summary."""
     staged = staging_dir(mdir.backbone)
     try:
@@ -303,15 +339,17 @@ def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, co
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    mdir.write_config(PersonalConfig(dim=cfg.dim, prior_precision=cfg.prior))
-    extract = FeatureExtractor(rm, tok, FeatureCache(mdir.root / "features.sqlite", backbone_fingerprint(rm)))
-    table = model.table(names, [int(c) for c in counts])
+    extract = FeatureExtractor(rm, tok, FeatureCache(mdir.root / "features.sqlite", cache_fingerprint(rm, cfg.user_features)),
+                               kind=cfg.user_features)
+    fitted = fitted or {"prior": cfg.prior}
+    mdir.write_config(PersonalConfig(dim=table.dim, prior_precision=fitted["prior"], user_part=cfg.user_part,
+                                     user_features=cfg.user_features))
     val = {}
     if val_pairs:
         prompts = [p.prompt for p in val_pairs]
         fc, fr = extract(prompts, [p.chosen for p in val_pairs]), extract(prompts, [p.rejected for p in val_pairs])
         with torch.no_grad():
-            g_c, g_r = rm.reward_from(fc), rm.reward_from(fr)
+            g_c, g_r = generic_reward(rm, fc).cpu(), generic_reward(rm, fr).cpu()
             emb = torch.stack([table.embedding(p.extra["user"]) for p in val_pairs])
             p_c, p_r = personal_rewards(g_c, fc, table.basis, emb), personal_rewards(g_r, fr, table.basis, emb)
         mine, generic = user_accuracies(p_c, p_r, val_pairs), user_accuracies(g_c, g_r, val_pairs)
@@ -326,10 +364,49 @@ def _publish(cfg, mdir: ModelDir, model: PersonalRewardModel, rm, tok, names, co
     summary = {"model": str(mdir.root), "version": version, "users": names, "user_pairs": dict(zip(names, map(int, counts))),
                "records": n_records, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "val": val,
                "steps": step, "seconds": round(elapsed, 2), "frozen_weights": frozen, "freeze_backbone": cfg.freeze_backbone,
+               "user_part": cfg.user_part, "user_features": cfg.user_features, "prior": fitted["prior"],
+               "generic_prior": fitted.get("generic_prior"),
+               "prior_cv_loglik": {str(k): round(v, 5) for k, v in fitted.get("cv", {}).items()},
+               "generic_prior_cv_loglik": {str(k): round(v, 5) for k, v in fitted.get("generic_cv", {}).items()},
                "truncation": {"sequences": trunc.sequences, "prompts_cut": trunc.prompts_cut, "replies_cut": trunc.replies_cut},
                "processes": processes, "peak_rss_mb": round(peak_rss_mb())}
     atomic_write_json(mdir.root / "summary.json", {**summary, "config": config_to_dict(cfg)})
     return summary
+
+
+def fit_linear(rm, fc: torch.Tensor, fr: torch.Tensor, train_pairs: list, names: list[str], prior: float,
+               groups: list[slice]) -> tuple[UserTable, dict]:
+    """The 'linear' model by exact MAP fits on frozen features φ of the chosen [N, F] and rejected [N, F] replies.
+
+    The generic head: a logistic regression on the scaled pair state (its bias cancels in every
+    comparison and is set to 0), its prior λ₀ chosen by cross-validation over everyone's pairs. Each
+    user's row: the same on all of φ, on top of the generic margins cross-fitted by record folds
+    (:func:`~rlhf.personal.update.cross_fitted_margins`), with B = diag(group scales) and one λ for all
+    users, ``prior`` or chosen by cross-validation (0). Writes the head into ``rm``; returns the table
+    and {"generic_prior", "prior", "generic_cv", "cv"} (cross-validated mean log-likelihood per λ)."""
+    width = rm.head.in_features
+    d = (fc - fr).double()
+    scales = group_scales(d, groups)
+    z = (d * scales).float()  # = (φ_c − φ_r) Bᵀ with B = diag(scales)
+    ids = [p.extra.get("feedback_id") for p in train_pairs]
+    everyone = [(torch.zeros(len(d), dtype=torch.float64), z[:, :width], ids)]
+    generic_prior, generic_cv = choose_prior(everyone)
+    w = fit_row(torch.zeros(len(d)), z[:, :width], generic_prior)
+    with torch.no_grad():
+        rm.head.weight.copy_((w * scales[:width]).to(rm.head.weight)[None])
+        if rm.head.bias is not None:
+            rm.head.bias.zero_()
+    g = cross_fitted_margins(z[:, :width], ids, generic_prior)
+    per_user = []
+    for name in names:
+        idx = [i for i, p in enumerate(train_pairs) if p.extra["user"] == name]
+        per_user.append((g[idx], z[idx], [ids[i] for i in idx]))
+    cv = {}
+    if prior == 0:
+        prior, cv = choose_prior(per_user)
+    rows = torch.stack([fit_row(gu, zu, prior) for gu, zu, _ in per_user])
+    table = UserTable(torch.diag(scales.float()), list(names), rows, [len(u[2]) for u in per_user])
+    return table, {"generic_prior": generic_prior, "prior": prior, "generic_cv": generic_cv, "cv": cv}
 
 
 def _save_user_part(model: PersonalRewardModel, path: Path) -> None:

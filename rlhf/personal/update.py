@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from rlhf.algos import fit_user_embedding
 from rlhf.data.records import PairRecord
 from rlhf.errors import ConfigError
-from rlhf.personal.model import PersonalReward, UserTable
+from rlhf.personal.model import PersonalReward, UserTable, generic_reward
+
+# Prior precisions λ that cross-validation chooses from (a user part on unit-scaled feature groups:
+# λ = 1 lets one group move the reward by about one logit per unit of evidence).
+PRIOR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
@@ -50,8 +54,7 @@ def margins(reward: PersonalReward, pairs: list[PairRecord], basis: torch.Tensor
     prompts = [p.prompt for p in pairs]
     fc, fr = reward.features(prompts, [p.chosen for p in pairs]), reward.features(prompts, [p.rejected for p in pairs])
     with torch.no_grad():
-        device = reward.rm.head.weight.device
-        g = (reward.rm.reward_from(fc.to(device)) - reward.rm.reward_from(fr.to(device))).cpu()
+        g = (generic_reward(reward.rm, fc) - generic_reward(reward.rm, fr)).cpu()
     return g, (fc - fr) @ basis.T
 
 
@@ -74,10 +77,84 @@ def split_heldout(pairs: list[PairRecord], fraction: float) -> tuple[list[PairRe
     return [p for p in pairs if p.extra.get("feedback_id") not in held], [p for p in pairs if p.extra.get("feedback_id") in held]
 
 
+def group_scales(diffs: torch.Tensor, groups: list[slice]) -> torch.Tensor:
+    """s [F]: one scale per feature group so that the group's part of a chosen-minus-rejected feature
+    difference has unit size on average (mean norm for a block, standard deviation for a single column).
+    diffs [N, F]. An isotropic prior on s ⊙ φ then weighs each group alike, whatever its width."""
+    s = torch.ones(diffs.shape[1])
+    for g in groups:
+        block = diffs[:, g].double()
+        size = float(block.std()) if block.shape[1] == 1 and len(block) > 1 else float(block.norm(dim=1).mean())
+        s[g] = 1.0 / size if size > 1e-12 else 1.0
+    return s
+
+
+def fit_row(generic_margin: torch.Tensor, basis_margin: torch.Tensor, prior: float,
+            init: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`rlhf.algos.fit_user_embedding`, in the span of the pairs when there are fewer pairs than dimensions.
+
+    With z = U S Vᵀ (thin SVD, V [D, r]) the likelihood sees e only through Vᵀe and the prior pulls
+    the rest to zero, so the optimum is e = V c with c fitted on z V = U S [N, r]: the same
+    answer, with Newton steps on r ≤ N unknowns instead of D (a 770-wide row on 10 pairs: 10)."""
+    n, dim = basis_margin.shape
+    if n >= dim:
+        return fit_user_embedding(generic_margin, basis_margin, prior, init=init)
+    z = basis_margin.double()
+    _, _, vh = torch.linalg.svd(z, full_matrices=False)  # vh [N, D]: orthonormal rows spanning the pairs
+    c0 = None if init is None else vh @ init.double()
+    return (vh.T @ fit_user_embedding(generic_margin, z @ vh.T, prior, init=c0).double()).float()
+
+
+def record_folds(ids: list, folds: int) -> torch.Tensor:
+    """Fold [N] of each pair: the k-th distinct feedback record (in order) goes to fold k mod ``folds``,
+    so the pairs of one record never sit on both sides of a split."""
+    order = {rid: k % folds for k, rid in enumerate(dict.fromkeys(ids))}
+    return torch.tensor([order[r] for r in ids], dtype=torch.long)
+
+
+def cross_fitted_margins(z: torch.Tensor, ids: list, prior: float, folds: int = 5) -> torch.Tensor:
+    """[N]: each pair's margin z_i·w under a row w fitted (MAP, λ = ``prior``) on the other folds only.
+
+    A row fitted on all pairs has seen each one, so its margins on them are optimistic; a second
+    fit on top of them (a user's row on the generic reward) would find too little left to explain."""
+    fold, out = record_folds(ids, folds), torch.zeros(len(z), dtype=torch.float64)
+    for k in range(folds):
+        held = fold == k
+        if held.any():
+            out[held] = z[held].double() @ fit_row(torch.zeros(int((~held).sum())), z[~held], prior).double()
+    return out
+
+
+def choose_prior(users: list[tuple[torch.Tensor, torch.Tensor, list]], grid=PRIOR_GRID, folds: int = 5) -> tuple[float, dict]:
+    """The prior precision λ with the best cross-validated log-likelihood over every user's training comparisons.
+
+    users: per user (g [N], z [N, D], record id of each pair); the pairs of one feedback record stay
+    in one fold, and record k of a user (in time order) goes to fold k mod ``folds``. Each fold's
+    rows are fitted exactly (:func:`rlhf.algos.fit_user_embedding`) on the other folds and scored on
+    it; the held-out mean log σ(margin) is pooled over users. Ties go to the larger λ (nearer the
+    generic reward). Returns (λ, {λ: mean held-out log-likelihood}).
+    """
+    scores = {}
+    for lam in grid:
+        total, count = 0.0, 0
+        for g, z, ids in users:
+            fold = record_folds(ids, folds)
+            for k in range(folds):
+                held = fold == k
+                if held.all() or not held.any():
+                    continue
+                e = fit_row(g[~held], z[~held], lam)
+                total += float(F.logsigmoid(g[held] + z[held] @ e).sum())
+                count += int(held.sum())
+        scores[lam] = total / max(1, count)
+    best = max(grid, key=lambda lam: (round(scores[lam], 12), lam))
+    return best, scores
+
+
 def fit_user(reward: PersonalReward, table: UserTable, user: str, pairs: list[PairRecord]) -> torch.Tensor:
     """The user's MAP row from ``pairs`` (warm-started at their current row): [D]."""
     g, z = margins(reward, pairs, table.basis)
-    return fit_user_embedding(g, z, reward.config.prior_precision, init=table.embedding(user))
+    return fit_row(g, z, reward.config.prior_precision, init=table.embedding(user))
 
 
 def refit_user(reward: PersonalReward, user: str, pairs: list[PairRecord], holdout: float = 0.2,
