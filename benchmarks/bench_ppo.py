@@ -392,9 +392,10 @@ def main() -> None:
                 row = sub(ours_py if side == "ours" else a.trl_python, side, size=size, policy=policies[size], out=out,
                           round=r, **common)
                 row.update(sub(ours_py, "eval", size=size, policy=out / "policy", **common))
+                row["load_average"] = os.getloadavg()[0]  # right after the run: what it shared the machine with
                 runs[side].append(row)
                 print(f"{size} round {r} {side}: {row['episodes_per_second']:.2f} ep/s, peak {row['peak_rss_mb']:.0f} MiB, "
-                      f"score {row['score']:.3f}", file=sys.stderr, flush=True)
+                      f"score {row['score']:.3f} (load {row['load_average']:.1f})", file=sys.stderr, flush=True)
         summary = {}
         for side, rows in runs.items():
             summary[side] = {"episodes_per_second": med(rows, "episodes_per_second"), "peak_rss_mb": med(rows, "peak_rss_mb"),
@@ -402,6 +403,7 @@ def main() -> None:
                              "stages": {k: med(rows, "stages", k) for k in rows[0]["stages"]}}
         results["models"][size] = {"settings": SETTINGS[size], "base_score": base["score"], "median": summary, "runs": runs}
         print_table(size, SETTINGS[size], base, summary)
+    results["load_average_at_end"] = os.getloadavg()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
