@@ -40,6 +40,14 @@ def sharded_engine_requested(environ: dict[str, str] | None = None) -> str | Non
     return None
 
 
+def _unsupported_engine(kind: str) -> ConfigError:
+    # DeepSpeed's engine steps the optimizer inside backward() after a fixed number of accumulation
+    # steps (the trainers here accumulate a varying number of length-grouped micro-batches); FSDP
+    # shards the weights, which every checkpoint and PPO's sampling read whole from the main process.
+    # Neither is wired in yet: refuse rather than train or save something else.
+    return ConfigError(f"{kind} is not supported by rlhf's trainers yet (docs/scaling.md); use configs/accelerate/ddp.yaml")
+
+
 class Distributed:
     """Rank, world size and the few collectives the trainers use. B = global batch, N = processes."""
 
@@ -47,15 +55,9 @@ class Distributed:
         self.accelerator = None
         self.rank, self.world_size, self.local_rank, self.local_world_size = 0, 1, 0, 1
         if launched_world_size() > 1:
-            sharded = sharded_engine_requested()
+            sharded = sharded_engine_requested()  # before accelerate, which on a CPU would quietly run DDP
             if sharded:
-                # DeepSpeed's engine steps the optimizer inside backward() after a fixed number of
-                # accumulation steps (the trainers here accumulate a varying number of length-grouped
-                # micro-batches); FSDP shards the weights, which every checkpoint and PPO's sampling
-                # read whole from the main process. Neither is wired in yet: refuse rather than
-                # train or save something else (on a CPU, accelerate would quietly run DDP instead).
-                raise ConfigError(f"{sharded} is not supported by rlhf's trainers yet (docs/scaling.md); "
-                                  "use configs/accelerate/ddp.yaml")
+                raise _unsupported_engine(sharded)
             # accelerate is imported only for multi-process runs: a single process needs none of it.
             from accelerate import Accelerator
             from accelerate.utils import DistributedType
@@ -66,9 +68,9 @@ class Distributed:
             if state.distributed_type == DistributedType.NO:
                 raise ConfigError("WORLD_SIZE > 1 but accelerate set up no process group; start the run with "
                                   "`accelerate launch --config_file configs/accelerate/ddp.yaml ...` or torchrun")
-            if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # set another way
-                raise ConfigError(f"{state.distributed_type.value} is not supported by rlhf's trainers yet (docs/scaling.md); "
-                                  "use configs/accelerate/ddp.yaml")
+            # Still possible past the check above, e.g. FSDP that accelerate derives from a context-parallel config.
+            if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+                raise _unsupported_engine(state.distributed_type.value)
             self.rank, self.world_size = state.process_index, state.num_processes
             self.local_rank = state.local_process_index
             self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
