@@ -197,7 +197,9 @@ class FeatureExtractor:
         pair = self._pooled([self.encoder.encode(p, r) for p, r in zip(prompts, replies)])
         if self.kind == "pair":
             return pair
-        u, _ = self._single(prompts)
+        # A prompt usually comes with several replies (a comparison's two, best-of-K's K): encode each once.
+        distinct = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+        u = self._single(list(distinct))[0][[distinct[prompt] for prompt in prompts]]
         v, n = self._single(replies)
         return torch.cat([pair, v, (u * v).sum(-1, keepdim=True), torch.log1p(n)[:, None]], dim=-1)
 
