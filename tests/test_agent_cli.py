@@ -139,6 +139,17 @@ def test_the_agent_recipe_takes_its_budget_from_either_command(monkeypatch, tmp_
     assert (seen[-1].rl_batch_size, seen[-1].sft_epochs, seen[-1].eval_limit) == (8, 0.5, 20) and "table" in res.output
 
 
+def test_the_agent_recipe_sizes_its_stages_for_the_starting_model(tiny_model_dir):
+    from rlhf.agents.demo import AGENT_DEFAULTS, AgentDemoConfig, with_agent_defaults
+
+    tiny = with_agent_defaults(AgentDemoConfig(out="x", policy="bundled"))
+    assert (tiny.sft_lora, tiny.sft_max_steps, tiny.sft_lr, tiny.rl_steps) == (False, 0, 1e-3, 30)
+    real = with_agent_defaults(AgentDemoConfig(out="x", policy=str(tiny_model_dir), rl_steps=3))
+    assert real.sft_lora and real.sft_max_steps == AGENT_DEFAULTS["other"]["sft_max_steps"] and real.rl_temperature == 0.7
+    assert real.rl_steps == 3  # what the user gave stays
+    assert set(AGENT_DEFAULTS["bundled"]) == set(AGENT_DEFAULTS["other"])
+
+
 @pytest.mark.slow
 def test_agent_demo_runs_every_stage_with_its_engine_and_skips_them_on_rerun(tiny_model_dir, tmp_path, capsys):
     """index → SFT → RL → eval on a tiny budget: every stage runs with the demo's engine section
@@ -149,7 +160,7 @@ def test_agent_demo_runs_every_stage_with_its_engine_and_skips_them_on_rerun(tin
     cfg = AgentDemoConfig(out=str(tmp_path / "demo"), policy=str(tiny_model_dir), sft_epochs=0.02, rl_steps=1,
                           rl_batch_size=4, eval_limit=4, engine=EngineConfig(device="cpu", threads=1))
     summary = run_agent_demo(cfg)
-    assert set(summary["stage_seconds"]) == {"index", "sft", "rl", "eval"}
+    assert set(summary["stage_seconds"]) == {"index", "examples", "sft", "rl", "eval"}
     assert [r["method"] for r in summary["exact_match"]] == ["no retrieval", "plain RAG", "ReAct before RL", "ReAct after RL"]
     assert all(r["all"]["n"] == 4 for r in summary["exact_match"]) and summary["rl"]["steps"] == 1
     for stage in ("sft", "rl"):

@@ -4,13 +4,14 @@ mask, the shipped knowledge base, and SFT on episodes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf.agents.episode import ChatRenderer, Episode, encode_for_training, read_episodes, write_episodes
-from rlhf.agents.kb import documents, make_world, questions, sft_examples
+from rlhf.agents.kb import documents, make_world, questions, renamed_copies, sft_examples
 from rlhf.agents.protocol import decode_arguments, parse_turn
 from rlhf.agents.rewards import EpisodeReward, RewardConfig, exact_match, f1_score, normalize_answer
 from rlhf.agents.runner import AgentConfig, EpisodeRunner, Task, read_tasks
@@ -270,6 +271,34 @@ def test_shipped_knowledge_base_files_match_the_generator():
     assert shipped_q == questions(w)
     examples = read_episodes(KB_DIR / "sft.jsonl")
     assert {e.meta["kind"] for e in examples} == {"react", "rag", "closed_book"}
+
+
+def test_renamed_copies_replace_every_name_consistently_and_never_with_a_real_one():
+    from rlhf.agents.kb import world_names
+
+    w = make_world(seed=3, people=60, towns=8, companies=8, split_sizes=(10, 12))
+    docs = {d["id"]: d["text"] for d in documents(w)}
+    qs = questions(w)
+    index = Index.build([Document(i, t, "kb") for i, t in docs.items()], dense=False)
+    examples = sft_examples(qs, w, make_registry(["search"], index, k=1, mode="bm25"), index, rag_mode="bm25")
+    copies = renamed_copies(examples, copies=2, seed=5, world_seed=3)
+    answerable = [e for e in examples if e.meta["kind"] != "closed_book"
+                  and e.answer in " ".join(m["content"] for m in e.messages if m["role"] != "assistant")]
+    assert len(copies) == 2 * len(answerable) and {e.meta["kind"] for e in answerable} == {"react", "rag"}
+    known = world_names(w)
+    by_id = {e.id: e for e in examples}
+    for c in copies:
+        original = by_id[c.id.split("~")[0]]
+        text = " ".join([c.question] + [m["content"] for m in c.messages])
+        assert not any(re.search(rf"\b{n}\b", text) for n in known)  # no fact about a real entity is taught
+        assert c.answer != original.answer and c.answer in " ".join(m["content"] for m in c.messages if m["role"] != "assistant")
+        # the same structure, names aside: the tool calls, observation ids and turns are unchanged
+        assert [m["role"] for m in c.messages] == [m["role"] for m in original.messages]
+        assert re.findall(r"\[[pct]\d+#\d\]", text) == re.findall(r"\[[pct]\d+#\d\]", " ".join(m["content"] for m in original.messages))
+    trace = next(c for c in copies if c.meta["kind"] == "react" and c.meta["hops"] == 2)
+    searched = re.findall(r"search\[(\w+)\]", " ".join(m["content"] for m in trace.messages if m["role"] == "assistant"))
+    assert searched[0] in trace.question and searched[1] in trace.messages[2]["content"]  # the bridge is read, then searched
+    assert renamed_copies(examples, copies=2, seed=5, world_seed=3)[0].to_json() == copies[0].to_json()  # seeded
 
 
 # --- SFT on episodes ---------------------------------------------------------------------------

@@ -4,7 +4,9 @@ On the shipped knowledge base of invented people, towns and firms (rlhf/agents/k
 
 1. **index** — BM25 + MiniLM over the 400 knowledge-base documents;
 2. **sft**   — the starting model learns the formats from the shipped worked examples (ReAct traces,
-   RAG examples, closed-book examples; loss on the model's turns only);
+   RAG examples, closed-book examples; loss on the model's turns only), plus copies of the ReAct and
+   RAG examples with every invented name replaced by a fresh one (``examples`` stage), so that it
+   learns to copy the names it reads rather than memorise the examples' facts;
 3. **rl**    — PPO over ReAct episodes on the ``rl`` questions (people never seen in SFT), rewarded
    by exact match of the final answer;
 4. **eval**  — held-out questions, greedy: no retrieval, plain RAG and ReAct for the SFT model and the
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import click
 
+from rlhf.agents.episode import read_episodes, write_episodes
 from rlhf.agents.kb import KB_DIR, KB_RAG_K, KB_SEARCH_K, KB_TOOLS
 from rlhf.config import opt
 from rlhf.engine.config import EngineConfig
@@ -35,17 +38,45 @@ class AgentDemoConfig:
 
     out: str = opt("runs/agent", help="Output folder.")
     policy: str = opt("bundled", help="Starting model.")
-    sft_epochs: float = opt(3.0, help="Passes over the worked examples.")
-    sft_lr: float = opt(1e-3, help="SFT learning rate (the bundled model is tiny; lower it for larger models).")
-    sft_batch_size: int = opt(32, help="SFT batch size.")
-    rl_steps: int = opt(30, help="PPO iterations over episodes.")
-    rl_batch_size: int = opt(32, help="Episodes per PPO iteration.")
-    rl_lr: float = opt(3e-5, help="PPO learning rate.")
+    sft_epochs: float | None = opt(None, help="Passes over the worked examples (unset: 3 for bundled, 1 for other models).")
+    sft_max_steps: int | None = opt(None, help="Stop SFT after this many steps (0 = all epochs; unset: 0 for bundled, 40 for "
+                                               "other models, whose steps cost ~100× more and which learn the format fast).")
+    sft_lr: float | None = opt(None, help="SFT learning rate (unset: 1e-3 for the tiny bundled model, 3e-4 for a LoRA adapter).")
+    sft_batch_size: int | None = opt(None, help="SFT batch size (unset: 32 for bundled, 8 for other models).")
+    sft_lora: bool | None = opt(None, help="SFT trains a LoRA adapter, merged at the end (unset: off for bundled, on otherwise).")
+    sft_renamed_copies: int = opt(3, help="Copies of each ReAct and RAG worked example with every invented name replaced by a "
+                                          "fresh one, added to the SFT data so the model learns to copy names from what it reads "
+                                          "instead of memorising the examples' facts (0 = the shipped examples only).")
+    rl_steps: int | None = opt(None, help="PPO iterations over episodes (unset: 30 for bundled, 8 for other models).")
+    rl_batch_size: int | None = opt(None, help="Episodes per PPO iteration (unset: 32 for bundled, 16 for other models).")
+    rl_lr: float | None = opt(None, help="PPO learning rate (unset: 3e-5 for bundled, 1e-6 for other models, trained in full).")
+    rl_temperature: float | None = opt(None, help="Sampling temperature of RL episodes (unset: 1.0 for bundled, 0.7 otherwise).")
     init_kl_coef: float = opt(0.05, help="β of the per-token KL penalty.")
     eval_limit: int = opt(0, help="Evaluate on at most this many held-out questions (0 = all 240).")
     seed: int = opt(0, help="Seed of every stage.")
     resume: bool = opt(True, help="Skip stages whose outputs are complete.")
     engine: EngineConfig = opt(factory=EngineConfig, help="How every stage runs (device, threads, rollout backend, ...).")
+
+
+# What suits the tiny bundled model and what suits a real one (SmolLM2-135M was measured: 40 LoRA
+# steps of 8 examples teach it the formats; benchmarks/RESULTS.md, issue 18).
+AGENT_DEFAULTS: dict[str, dict] = {
+    "bundled": {"sft_epochs": 3.0, "sft_max_steps": 0, "sft_lr": 1e-3, "sft_batch_size": 32, "sft_lora": False,
+                "rl_steps": 30, "rl_batch_size": 32, "rl_lr": 3e-5, "rl_temperature": 1.0},
+    "other": {"sft_epochs": 1.0, "sft_max_steps": 40, "sft_lr": 3e-4, "sft_batch_size": 8, "sft_lora": True,
+              "rl_steps": 8, "rl_batch_size": 16, "rl_lr": 1e-6, "rl_temperature": 0.7},
+}
+
+
+def with_agent_defaults(cfg: AgentDemoConfig) -> AgentDemoConfig:
+    """A copy of ``cfg`` whose unset (None) options take the values that suit its starting model."""
+    import dataclasses
+
+    from rlhf.models.named import lookup
+
+    named = lookup(cfg.policy)
+    defaults = AGENT_DEFAULTS["bundled" if named is not None and named.name == "bundled" else "other"]
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def _say(msg: str) -> None:
@@ -59,6 +90,7 @@ def run_agent_demo(cfg: AgentDemoConfig) -> dict:
     from rlhf.retrieval.index import Index
     from rlhf.train.sft import SFTConfig, run_sft
 
+    cfg = with_agent_defaults(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     questions, examples = KB_DIR / "questions.jsonl", KB_DIR / "sft.jsonl"
@@ -78,16 +110,20 @@ def run_agent_demo(cfg: AgentDemoConfig) -> dict:
 
     index = out / "index"
     stage("index", index / "index.json", lambda: Index.build(read_documents(KB_DIR / "kb.jsonl")[0], device="cpu").save(index))
+    if cfg.sft_renamed_copies > 0:
+        shipped, examples = examples, out / "sft-examples.jsonl"
+        stage("examples", examples, lambda: write_episodes(examples, _with_renamed_copies(shipped, cfg)))
     sft = out / "sft"
     stage("sft", sft / "summary.json", lambda: run_sft(SFTConfig(
         data=str(examples), out=str(sft), model=cfg.policy, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-        warmup_steps=10, save_every=25, seed=cfg.seed, engine=cfg.engine)))
+        max_steps=cfg.sft_max_steps, lora=cfg.sft_lora, warmup_steps=_warmup(cfg.sft_max_steps), save_every=25, seed=cfg.seed,
+        engine=cfg.engine)))
     rl = out / "rl"
     rl_cfg = AgentTrainConfig(
         out=str(rl), tasks=str(questions), policy=str(sft / "model"), index=str(index), stage="rl", eval_tasks=str(questions),
         eval_stage="held_out", eval_every=10, eval_limit=60, tools=list(KB_TOOLS), search_k=KB_SEARCH_K, steps=cfg.rl_steps,
         batch_size=cfg.rl_batch_size, mini_batch_size=min(16, cfg.rl_batch_size), micro_batch_size=min(16, cfg.rl_batch_size),
-        lr=cfg.rl_lr, init_kl_coef=cfg.init_kl_coef, seed=cfg.seed, engine=cfg.engine)
+        lr=cfg.rl_lr, temperature=cfg.rl_temperature, init_kl_coef=cfg.init_kl_coef, seed=cfg.seed, engine=cfg.engine)
     rl_cfg.validate()
     stage("rl", rl / "summary.json", lambda: train_agent(rl_cfg))
     ev = out / "eval"
@@ -100,6 +136,18 @@ def run_agent_demo(cfg: AgentDemoConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     return summary
+
+
+def _warmup(max_steps: int) -> int:
+    """10 warmup steps, or a tenth of a short step budget (40 steps warm up over 4)."""
+    return 10 if not max_steps else max(1, min(10, max_steps // 10))
+
+
+def _with_renamed_copies(shipped: Path, cfg: AgentDemoConfig) -> list:
+    from rlhf.agents.kb import renamed_copies
+
+    episodes = read_episodes(shipped)
+    return episodes + renamed_copies(episodes, cfg.sft_renamed_copies, seed=cfg.seed)
 
 
 HEADLINE = [("no retrieval", "sft", "closed_book"), ("plain RAG", "sft", "rag"), ("ReAct before RL", "sft", "react"),

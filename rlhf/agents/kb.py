@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,45 @@ def sft_examples(qs: list[dict], w: World, tools: ToolRegistry, index, rag_k: in
                            answer=q["answer"], meta={"hops": q["hops"], "kind": "rag"}))
         out.append(Episode(f"closed-{q['id']}", q["question"], [{"role": "user", "content": closed_book_prompt(q["question"])}] + answer,
                            answer=q["answer"], meta={"hops": q["hops"], "kind": "closed_book"}))
+    return out
+
+
+def world_names(w: World) -> set[str]:
+    """Every invented name in the world: people, towns, rivers and companies."""
+    return set(w.people) | set(w.towns) | {v["river"] for v in w.towns.values()} | set(w.companies)
+
+
+def renamed_copies(episodes: list[Episode], copies: int, seed: int = 0, world_seed: int = 0) -> list[Episode]:
+    """``copies`` versions of each ReAct and RAG worked example in which every invented name is
+    replaced by a fresh one, consistently within the example (question, thoughts, actions,
+    observations, passages and answer agree), and never by a name of the shipped world.
+
+    Why: in the shipped examples each SFT person's facts appear three ways and three epochs over, so
+    a small model lowers its loss fastest by memorising which town goes with which name, and then
+    answers a held-out person with a memorised name instead of the one in the observation it just
+    read. In a renamed copy the answer is nowhere but in the text it read, so copying is the only
+    way to fit it. Examples whose answer is not in what the model reads are left out: closed-book
+    ones, and two-hop RAG ones whose second passage was not retrieved; renamed, their answers could
+    only be guessed."""
+    known = world_names(make_world(world_seed))
+    pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in sorted(known, key=len, reverse=True)) + r")\b")
+    rng = random.Random(seed)
+    out = []
+    for copy in range(copies):
+        for ep in episodes:
+            read = " ".join(m["content"] for m in ep.messages if m["role"] != "assistant")
+            if ep.meta.get("kind") == "closed_book" or not ep.answer or not re.search(rf"\b{re.escape(ep.answer)}\b", read):
+                continue
+            texts = [ep.question, ep.answer or "", ep.final_answer or ""] + [m["content"] for m in ep.messages]
+            found = list(dict.fromkeys(n for t in texts for n in pattern.findall(t)))
+            mapping = dict(zip(found, _names(rng, len(found), set(known))))
+
+            def sub(text: str | None, mapping: dict = mapping) -> str | None:
+                return None if text is None else pattern.sub(lambda m: mapping[m.group(0)], text)
+
+            out.append(Episode(f"{ep.id}~renamed{copy}", sub(ep.question), [{**m, "content": sub(m["content"])} for m in ep.messages],
+                               answer=sub(ep.answer), final_answer=sub(ep.final_answer), stop_reason=ep.stop_reason,
+                               tool_calls=ep.tool_calls, invalid_calls=ep.invalid_calls, meta={**ep.meta, "renamed": True}))
     return out
 
 
