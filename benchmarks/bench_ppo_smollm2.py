@@ -78,9 +78,8 @@ def _save_merged(policy, tok, out: Path) -> None:
 
 
 def run_ours(a) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
+    from rlhf.engine.config import EngineConfig
+    from rlhf.engine.runtime import start
     from rlhf.judges import load_scorer
     from rlhf.train.ppo import PPOTrainer
     from rlhf.train.ppo_config import PPOConfig
@@ -93,10 +92,12 @@ def run_ours(a) -> dict:
                     lr=s["lr"], init_kl_coef=s["kl_coef"], adaptive_kl=False, temperature=s["temperature"],
                     cliprange=s["cliprange"], cliprange_value=s["cliprange_value"], vf_coef=s["vf_coef"], gamma=s["gamma"],
                     lam=s["lam"], missing_eos_penalty=s["missing_eos_penalty"], max_grad_norm=0.0, seed=s["seed"] + a.round,
-                    lora=True, lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], device="cpu")
+                    lora=True, lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
+                    engine=EngineConfig(device="cpu", threads=a.threads))
     cfg.validate()
+    runtime = start(cfg.engine)  # what `rlhf ppo` does first: threads, CPU GEMM routing
     seed_everything(cfg.seed)
-    policy, tok, reference = _load_models(cfg, torch.device("cpu"))
+    policy, tok, reference = _load_models(cfg, runtime)
     trainer = PPOTrainer(cfg, policy, tok, load_scorer(f"rm:{a.rm}", "cpu"), reference)
     for group in trainer.optimizer.param_groups:
         group["eps"] = s["adam_eps"]
@@ -178,11 +179,13 @@ def run_eval(a) -> dict:
     """Mean reward-model score of fresh samples: 2 per training prompt, fixed seed, our sampler."""
     import torch
 
-    torch.set_num_threads(a.threads)
+    from rlhf.engine.config import EngineConfig
+    from rlhf.engine.runtime import start
     from rlhf.judges import load_scorer
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.rollout.generate import SamplingParams, decode_responses, sample_tokens
 
+    start(EngineConfig(device="cpu", threads=a.threads))
     tok, model = load_tokenizer(a.policy), load_causal_lm(a.policy)
     prompts = json.loads(Path(a.prompts).read_text())["prompts"] * 2
     torch.manual_seed(1234)
