@@ -3,6 +3,7 @@ and after RL (95% CIs, single- and two-hop apart), tool-call validity and turns,
 dense and hybrid ranking, and the first five held-out transcripts.
 
     python benchmarks/bench_agent.py --out runs/agent-bench [--threads 1] [--rl-steps 30] [--sft-epochs 3]
+    python benchmarks/bench_agent.py --policy smollm2 --out runs/agent-smollm2 --results agent_smollm2.json
 
 Runs ``rlhf demo --recipe agent`` (index → SFT → RL over episodes → evaluation; a rerun skips
 finished stages), prints the table and writes benchmarks/results/agent.json.
@@ -38,10 +39,11 @@ def main() -> None:
     ap.add_argument("--policy", default="bundled")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the engine's --threads; 0 = auto)")
     ap.add_argument("--device", default="cpu", help="the engine's --device")
-    ap.add_argument("--sft-epochs", type=float, default=3.0)
-    ap.add_argument("--rl-steps", type=int, default=30)
+    ap.add_argument("--sft-epochs", type=float, default=None, help="default: what suits --policy (rlhf agent demo --help)")
+    ap.add_argument("--rl-steps", type=int, default=None, help="default: what suits --policy")
     ap.add_argument("--eval-limit", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default="agent.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -50,7 +52,7 @@ def main() -> None:
                                              engine=EngineConfig(device=args.device, threads=args.threads)))
     table = summary_markdown(summary)
     print(table)
-    atomic_write_json(RESULTS / "agent.json", {**summary, "command": vars(args), "cpu": cpu_model(),
+    atomic_write_json(RESULTS / args.results, {**summary, "command": vars(args), "cpu": cpu_model(),
                                                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                                                "seconds": round(time.perf_counter() - t0, 1)})
 
