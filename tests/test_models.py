@@ -112,6 +112,9 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, tiny_model_
         run_sft(_sft_cfg(tmp_path, tiny_model_dir, name="killed"))
     monkeypatch.setattr(metrics.MetricsLogger, "log", real_log)
     assert (tmp_path / "killed" / "checkpoints" / "step-00000003" / "state.json").is_file()
+    step3 = tmp_path / "killed" / "checkpoints" / "step-00000003" / "model"
+    assert len(load_tokenizer(step3)) == len(load_tokenizer(tiny_model_dir))  # a checkpoint loads as it is
+    assert load_causal_lm(step3) is not None
     assert not (tmp_path / "killed" / "model").exists()
     resumed = run_sft(_sft_cfg(tmp_path, tiny_model_dir, name="killed"))
     assert resumed["steps"] == full["steps"] == 16

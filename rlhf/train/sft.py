@@ -163,7 +163,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     def save(at: int) -> None:
         with dist.main_first() as main:
             if main:
-                ckpts.save(at, lambda d: model.save_pretrained(str(d / "model"), safe_serialization=True),
+                ckpts.save(at, lambda d: _save_checkpoint_model(model, tok, d / "model"),
                            {"total_steps": total_steps, "config": config_to_dict(cfg), "processes": dist.world_size},
                            {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
@@ -216,6 +216,13 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     tokens = int(dist.sum(torch.tensor(tokens, device=device)))
     return {"steps": step, "final_loss": last_loss, "seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None}
+
+
+def _save_checkpoint_model(model, tok, folder: Path) -> None:
+    """A checkpoint's model with its tokenizer, so an intermediate step can be evaluated as it is
+    (``rlhf agent eval --model OUT/checkpoints/step-N/model``)."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
 
 
 def load_sft_data(path: str, tok, cfg: SFTConfig) -> list[tuple[list[int], list[int]]]:
