@@ -72,13 +72,9 @@ AGENT_DEFAULTS: dict[str, dict] = {
 
 def with_agent_defaults(cfg: AgentDemoConfig) -> AgentDemoConfig:
     """A copy of ``cfg`` whose unset (None) options take the values that suit its starting model."""
-    import dataclasses
+    from rlhf.models.named import with_model_defaults
 
-    from rlhf.models.named import lookup
-
-    named = lookup(cfg.policy)
-    defaults = AGENT_DEFAULTS["bundled" if named is not None and named.name == "bundled" else "other"]
-    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    return with_model_defaults(cfg, AGENT_DEFAULTS)
 
 
 def _say(msg: str) -> None:

@@ -289,12 +289,13 @@ DEMO_DEFAULTS: dict[str, dict] = {
 }
 
 
-def with_model_defaults(cfg):
-    """A copy of a demo config whose unset (None) options take the values that suit its model."""
+def with_model_defaults(cfg, table: dict[str, dict] = DEMO_DEFAULTS):
+    """A copy of a config whose unset (None) options take the values that suit its model (``cfg.policy``):
+    ``table["bundled"]`` for the bundled model, ``table["other"]`` for any other."""
     import dataclasses
 
     named = lookup(cfg.policy)
-    defaults = DEMO_DEFAULTS["bundled" if named is not None and named.name == "bundled" else "other"]
+    defaults = table["bundled" if named is not None and named.name == "bundled" else "other"]
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
