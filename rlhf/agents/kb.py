@@ -205,15 +205,17 @@ def renamed_copies(episodes: list[Episode], copies: int, seed: int = 0, world_se
     only be guessed."""
     known = world_names(make_world(world_seed))
     pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in sorted(known, key=len, reverse=True)) + r")\b")
+    eligible = []  # (example, the names it mentions in order of first appearance)
+    for ep in episodes:
+        read = " ".join(m["content"] for m in ep.messages if m["role"] != "assistant")
+        if ep.meta.get("kind") == "closed_book" or not ep.answer or not re.search(rf"\b{re.escape(ep.answer)}\b", read):
+            continue
+        texts = [ep.question, ep.answer, ep.final_answer or ""] + [m["content"] for m in ep.messages]
+        eligible.append((ep, list(dict.fromkeys(n for t in texts for n in pattern.findall(t)))))
     rng = random.Random(seed)
     out = []
     for copy in range(copies):
-        for ep in episodes:
-            read = " ".join(m["content"] for m in ep.messages if m["role"] != "assistant")
-            if ep.meta.get("kind") == "closed_book" or not ep.answer or not re.search(rf"\b{re.escape(ep.answer)}\b", read):
-                continue
-            texts = [ep.question, ep.answer or "", ep.final_answer or ""] + [m["content"] for m in ep.messages]
-            found = list(dict.fromkeys(n for t in texts for n in pattern.findall(t)))
+        for ep, found in eligible:
             mapping = dict(zip(found, _names(rng, len(found), set(known))))
 
             def sub(text: str | None, mapping: dict = mapping) -> str | None:
