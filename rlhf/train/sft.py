@@ -163,7 +163,7 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
     def save(at: int) -> None:
         with dist.main_first() as main:
             if main:
-                ckpts.save(at, lambda d: _save_checkpoint_model(model, tok, d / "model"),
+                ckpts.save(at, lambda d: _save_model_folder(model, tok, d / "model"),
                            {"total_steps": total_steps, "config": config_to_dict(cfg), "processes": dist.world_size},
                            {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
@@ -218,9 +218,9 @@ def train_causal_lm(model, tok, encoded: list[tuple[list[int], list[int]]], cfg:
             "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None}
 
 
-def _save_checkpoint_model(model, tok, folder: Path) -> None:
-    """A checkpoint's model with its tokenizer, so an intermediate step can be evaluated as it is
-    (``rlhf agent eval --model OUT/checkpoints/step-N/model``)."""
+def _save_model_folder(model, tok, folder: Path) -> None:
+    """The model with its tokenizer: the final model/, and each checkpoint's, so an intermediate step
+    can be evaluated as it is (``rlhf agent eval --model OUT/checkpoints/step-N/model``)."""
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
 
@@ -277,9 +277,8 @@ def run_sft(cfg: SFTConfig) -> dict | None:
             model = model.merge_and_unload()
         final = Path(cfg.out) / "model"
         staged = staging_dir(final)
-        model.save_pretrained(str(staged), safe_serialization=True)
         tok.padding_side = "left"
-        tok.save_pretrained(str(staged))
+        _save_model_folder(model, tok, staged)
         publish_dir(staged, final)
         summary.update(examples=len(encoded), model=str(final), peak_rss_mb=round(peak_rss_mb()), processes=rt.dist.world_size)
         atomic_write_json(Path(cfg.out) / "summary.json", {**summary, "config": config_to_dict(cfg)})
