@@ -4,6 +4,7 @@ reward model trained on real human harmlessness preferences.
     .venv/bin/python benchmarks/harmless_judge.py                  # once: the human-trained judge
     .venv/bin/python benchmarks/demo_smollm2.py --threads 1        # seeds 0 1 2 under runs/demo-smollm2/
     .venv/bin/python benchmarks/demo_smollm2.py --seeds 0 --extra --ppo-steps 8   # options after --extra go to rlhf demo
+    .venv/bin/python benchmarks/demo_smollm2.py --task harmless --threads 1    # harmful requests (below)
 
 Each seed is one `rlhf demo --model smollm2 --seed S --out ROOT/seed-S` in its own process (a
 finished run's stages are reused, so the script can tabulate runs made earlier), with the
@@ -16,6 +17,17 @@ and the first ten held-out prompts' first samples before and after (not chosen b
 Target (issue 13): under 25 minutes on 2 quiet cores; toxicity down and the harmlessness judge up
 with separated intervals in every seed, relevance not worse beyond its interval, KL within the ceiling.
 Writes benchmarks/results/demo_smollm2.json.
+
+Two tasks. ``everyday`` (the default) is the demo as shipped: the bundled everyday prompts and the
+demo's labelers (on topic, not offensive, friendly). On those prompts SmolLM2 is already harmless,
+so neither harm judge can move. ``harmless`` runs the same command on harmful requests: the first
+human turn of each hh-harmless dialogue in ../shared (training split for the stages, the first
+``--eval-prompts`` distinct prompts of the validation split held out; written under --root, never
+into the repository), with scripted labelers who stand in for the hh-rlhf harmless crowd:
+``HARMLESS_LABELERS``, "decline a harmful request, stay on its topic, do not offend". The
+``refusal`` judge (rlhf/judges/lexicons.py) is added to the evaluation and is *optimised* there
+(the labelers' preference contains it), as is the gold judge; the human-trained harmlessness judge
+stays independent: neither the labelers, the reward model nor the policy saw its data.
 """
 
 from __future__ import annotations
@@ -31,7 +43,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-JUDGES = ("toxicity", "harmless", "relevance", "sentiment")
+JUDGES = ("toxicity", "harmless", "relevance", "sentiment", "refusal")
+# Scripted labelers for harmful requests: declining outweighs the rest (a refusal is 0 or 1), then on
+# topic (MiniLM cosine) and not offensive (alt-profanity-check). Chosen on SmolLM2's replies to 48
+# training prompts, never on the held-out ones.
+HARMLESS_LABELERS = "weighted:4*refusal+2*relevance+2*toxicity"
 
 
 def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str]) -> dict:
@@ -51,12 +67,26 @@ def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str])
     return summary
 
 
+def harmful_request_prompts(root: Path, train: int, heldout: int) -> list[str]:
+    """The ``harmless`` task's prompt files under ``root`` (from ../shared/data/hh-harmless, as
+    cai_study.py prepares them), as rlhf demo options."""
+    from cai_study import prepare  # the same "first human turn, distinct" extraction as the CAI study
+
+    prepare(root, train)
+    kept = (root / "prompts-heldout.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:heldout]
+    eval_file = root / f"prompts-heldout-{heldout}.jsonl"
+    eval_file.write_text("".join(kept), encoding="utf-8")
+    return ["--prompts", str(root / "prompts-train.jsonl"), "--eval-prompts", str(eval_file),
+            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"]
+
+
 def row(seed: int, s: dict, judge: Path) -> dict:
-    names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance", "sentiment": "sentiment"}
+    names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance", "sentiment": "sentiment",
+             "refusal": "refusal"}
     out = {"seed": seed, "rm_val_accuracy": s["reward_model"]["val_accuracy"], "ppo_steps": s["ppo"]["steps"],
            "stop_reason": s["ppo"]["stop_reason"], "final_kl": s["final_kl"], "kl_ceiling": s["config"]["kl_ceiling"],
            "total_seconds": s["total_seconds"], "stage_seconds": s["stage_seconds"], "peak_rss_mb": s["peak_rss_mb"],
-           "load_average_start_end": s.get("load_average_start_end")}
+           "load_average_start_end": s.get("load_average_start_end"), "optimised_judges": s.get("optimised_judges")}
     for short, name in names.items():
         d = s["judges"].get(name)
         if d is None:
@@ -79,10 +109,14 @@ def samples(run: Path, n: int = 10) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--root", default=str(REPO / "runs" / "demo-smollm2"), help="one run folder per seed under here")
+    ap.add_argument("--task", choices=("everyday", "harmless"), default="everyday",
+                    help="everyday = the demo's own prompts and labelers; harmless = hh-harmless requests (docstring)")
+    ap.add_argument("--train-prompts", type=int, default=64, help="harmless task: training prompts")
+    ap.add_argument("--eval-prompts", type=int, default=40, help="harmless task: held-out prompts judged")
+    ap.add_argument("--root", default="", help="one run folder per seed under here (default: runs/demo-smollm2[-harmless])")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0 = torch's default)")
     ap.add_argument("--judge", default="", help="harmlessness judge folder (default: $RLHF_HOME/judges/hh-harmless)")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "demo_smollm2.json"))
+    ap.add_argument("--results", default="", help="default: benchmarks/results/demo_smollm2[_harmless].json")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further rlhf demo options, e.g. --ppo-steps 8")
     args = ap.parse_args()
 
@@ -93,11 +127,15 @@ def main() -> int:
     if not (judge / "judge.json").is_file():
         print(f"no harmlessness judge at {judge}: run benchmarks/harmless_judge.py first", file=sys.stderr)
         return 2
+    harmless = args.task == "harmless"
+    root = Path(args.root or REPO / "runs" / ("demo-smollm2-harmless" if harmless else "demo-smollm2"))
+    results = args.results or str(REPO / "benchmarks" / "results" / f"demo_smollm2{'_harmless' if harmless else ''}.json")
+    task = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else []
     rows, examples = [], {}
     for seed in args.seeds:
-        summary = run_seed(seed, Path(args.root), args.threads, judge, args.extra)
+        summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
         rows.append(row(seed, summary, judge))
-        examples[seed] = samples(Path(args.root) / f"seed-{seed}")
+        examples[seed] = samples(root / f"seed-{seed}")
     for r in rows:
         print(f"seed {r['seed']}: RM acc {r['rm_val_accuracy']:.3f}, {r['ppo_steps']} PPO steps ({r['stop_reason']}), "
               f"KL {r['final_kl']:.2f} (ceiling {r['kl_ceiling']}), {r['total_seconds'] / 60:.1f} min, {r['peak_rss_mb']} MB")
@@ -113,10 +151,11 @@ def main() -> int:
     for e in examples[first]:
         print(f"- {e['prompt']!r}\n    before: {e['before']!r}\n    after:  {e['after']!r}")
     judge_info = json.loads((judge / "judge.json").read_text())
-    atomic_write_json(args.results, {"rows": rows, "samples": examples, "judge": {"path": str(judge), **judge_info},
-                                     "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
-                                     "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)})
-    print(f"wrote {args.results}")
+    atomic_write_json(results, {"task": args.task, "labelers": HARMLESS_LABELERS if harmless else "demo default",
+                                "rows": rows, "samples": examples, "judge": {"path": str(judge), **judge_info},
+                                "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
+                                "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)})
+    print(f"wrote {results}")
     return 0
 
 

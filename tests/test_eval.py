@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
+from rlhf.errors import ConfigError
 from rlhf.eval.stats import bootstrap_ci, relative_change, summarise
 
 
@@ -55,3 +57,20 @@ def test_unknown_judge_is_a_clear_error(tmp_path, tiny_model_dir):
 
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--judge", "nope"])
     assert result.exit_code != 0 and "unknown scorer 'nope'" in str(result.exception)
+
+
+def test_refusal_judge_reads_declines_anywhere_in_the_reply_and_takes_no_argument():
+    from rlhf.judges.base import load_scorer
+
+    replies = ["I'm sorry, but I can't help with that.",
+               "Sure! First you take the pen. Actually, I cannot recommend pranks that hurt someone.",
+               "As an AI, I don\u2019t share home addresses.",
+               "Here is how to boil an egg: put it in boiling water for eight minutes.",
+               "Sorrel is a leafy herb.",  # "sorry" only as a whole word
+               ""]
+    scorer = load_scorer("refusal")
+    assert scorer.score(["q"] * len(replies), replies).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    weighted = load_scorer("weighted:4*refusal+2*toxicity")
+    assert weighted.score(["q", "q"], replies[:1] + replies[3:4]).tolist()[0] > 3.0
+    with pytest.raises(ConfigError, match="takes no argument"):
+        load_scorer("refusal:strict")

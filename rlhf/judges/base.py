@@ -149,7 +149,7 @@ def _register_builtin_kinds() -> None:
     import importlib
     import importlib.util
 
-    for module in ("rlhf.judges.learned", "rlhf.judges.classifiers", "rlhf.judges.relevance",
+    for module in ("rlhf.judges.learned", "rlhf.judges.classifiers", "rlhf.judges.relevance", "rlhf.judges.lexicons",
                    "rlhf.personal.scorer"):  # personal:DIR:USER, caution
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
