@@ -72,7 +72,8 @@ def run_seed(args) -> None:
                      eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
                      ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
                      seed=args.seed, recipe="cai", engine=EngineConfig(device="cpu", threads=args.threads))
-    opts = CAIOptions(feedback_model=args.feedback_model or args.model, method=args.method,
+    method = {"method": args.method} if args.method else {}  # unset: the recipe's default labeler
+    opts = CAIOptions(feedback_model=args.feedback_model or args.model, **method,
                       principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
                       calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,
                       revise_rounds=args.revise_rounds, reviser=args.reviser, lora=pick(args.lora, "lora"),
@@ -82,7 +83,7 @@ def run_seed(args) -> None:
     print(json.dumps(summary["judges"], indent=1))
 
 
-def report(out: Path) -> dict:
+def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
     seeds = sorted(out.glob("seed-*/summary.json"))
     if not seeds:
         raise SystemExit(f"no finished seed under {out}")
@@ -102,8 +103,8 @@ def report(out: Path) -> dict:
     chains_file = out / "seed-0" / "revise" / "chains.jsonl"
     chains = [json.loads(line) for line in chains_file.read_text().splitlines()[:10]] if chains_file.is_file() else []
     result = {"seeds": per_seed, "first_ten_chains": chains}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cai_study.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     # The first ten chains as written, one a line, for the closing note (not chosen by hand).
     (RESULTS / "cai_first_ten_chains.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chains))
     for seed, data in per_seed.items():
@@ -129,7 +130,7 @@ def main() -> None:
     s.add_argument("--feedback-model", default="")
     s.add_argument("--hh-judge", required=True, help="reward model trained on the human hh-harmless pairs")
     s.add_argument("--calibration", default="")
-    s.add_argument("--method", default="fewshot")
+    s.add_argument("--method", default="", help="how the feedback model is asked (default: the recipe's, likelihood)")
     s.add_argument("--principles-per-pair", type=int, default=2)
     s.add_argument("--revise-tokens", type=int, default=64)
     s.add_argument("--revise-limit", type=int, default=0)
@@ -147,13 +148,14 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)
+    r.add_argument("--results", default=str(RESULTS / "cai_study.json"), help="where the JSON goes")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(Path(args.out), args.train_prompts)
     elif args.cmd == "seed":
         run_seed(args)
     else:
-        report(Path(args.out))
+        report(Path(args.out), Path(args.results))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class FeedbackOptions(ModelAccess):
 
 @dataclass(kw_only=True)
 class JudgeOptions(FeedbackOptions):
-    method: str = opt("fewshot", help="How the feedback model is asked: choice, fewshot, reasoning or pointwise.")
+    method: str = opt("likelihood", help="How the feedback model is asked: likelihood (no question: PMI of each reply "
+                                         "with the principles' personas; the best measured against human choices), "
+                                         "choice, fewshot, reasoning or pointwise.")
     debias: str = opt("logit", help="Position bias: none (one order), average (both orders' probabilities), "
                                     "logit (both orders' log-odds).")
     principles_per_pair: int = opt(0, help="Principles drawn at random per comparison (0 = all of them).")
@@ -193,8 +195,8 @@ class CalibrateConfig(JudgeOptions):
 
     pairs: str = opt(help="Human preference pairs (any pairs layout, e.g. Anthropic-HH dialogues; .jsonl.gz works).")
     out: str = opt(help="Output folder: calibration.json, table.txt, the answer cache.")
-    methods: list[str] = opt(help="Methods to measure (repeat): choice, fewshot, reasoning, pointwise.",
-                             factory=lambda: ["choice", "fewshot", "pointwise"])
+    methods: list[str] = opt(help="Methods to measure (repeat): likelihood, choice, fewshot, reasoning, pointwise.",
+                             factory=lambda: ["likelihood", "choice", "fewshot", "pointwise"])
     principles: list[str] = opt(help="Principle ids to ask (repeat; default all).", factory=list)
     draw: int = opt(4, help="Also score the labeler that draws this many principles per pair (0 = skip).")
     reference: list[str] = opt(help="Scorers to compare against on the same pairs (repeat), e.g. rm:DIR of a reward "

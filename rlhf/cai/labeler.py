@@ -53,7 +53,7 @@ class Comparison:
 
 @dataclass
 class LabelerSettings:
-    method: str = "fewshot"
+    method: str = "likelihood"  # the best measured on human pairs (benchmarks/RESULTS.md, Constitutional AI)
     debias: str = "logit"
     principles_per_pair: int = 0     # 0 = every principle
     feedback_weight: float = 1.0     # weight of the feedback model's pooled verdict against the evaluators'

@@ -31,7 +31,7 @@ class CAIOptions:
     constitution: str = opt("default", help="Constitution YAML file, or 'default'.")
     feedback_model: str = opt("auto", help="Feedback model: auto (smollm2 where installed, else none), a local folder or "
                                            "named model, or none (the constitution's evaluators decide alone).")
-    method: str = opt("fewshot", help="How the feedback model is asked (see rlhf cai label --help).")
+    method: str = opt("likelihood", help="How the feedback model is asked (see rlhf cai label --help).")
     principles_per_pair: int = opt(4, help="Principles drawn at random per comparison (0 = all).")
     sl_stage: str = opt("auto", help="Critique-and-revise + SFT before RL: on, off, or auto (on for models of at least "
                                      "50M parameters; smaller ones cannot follow a critique request).")
