@@ -7,8 +7,9 @@
         one seed of `rlhf demo --recipe cai` (rlhf/cai/recipe.py) on those prompts, resumable;
     python benchmarks/cai_study.py report --out DIR
         every finished seed: each judge's mean and 95% CI per model, whether RL-CAI beats base with
-        separated CIs, the first ten critique/revision chains; JSON to benchmarks/results/cai_study.json,
-        the chains also to benchmarks/results/cai_first_ten_chains.jsonl.
+        separated CIs; JSON to benchmarks/results/cai_study.json (or --results). The first ten
+        critique/revision chains go to DIR/first_ten_chains.jsonl; the results JSON keeps them
+        without the prompts' text, which is hh-harmless data and stays out of the repository.
 
 The hh-harmless data never enters the repository: prompts and runs live under --out.
 """
@@ -102,11 +103,12 @@ def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
         per_seed[seed] = {"judges": rows, "stage_seconds": s["stage_seconds"], "labeling": s["labeling"]}
     chains_file = out / "seed-0" / "revise" / "chains.jsonl"
     chains = [json.loads(line) for line in chains_file.read_text().splitlines()[:10]] if chains_file.is_file() else []
-    result = {"seeds": per_seed, "first_ten_chains": chains}
+    # The prompts are hh-harmless data: the repository's copy names them by id only.
+    result = {"seeds": per_seed, "first_ten_chains": [{k: v for k, v in c.items() if k != "prompt"} for c in chains]}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     # The first ten chains as written, one a line, for the closing note (not chosen by hand).
-    (RESULTS / "cai_first_ten_chains.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chains))
+    (out / "first_ten_chains.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chains))
     for seed, data in per_seed.items():
         print(f"\n{seed}")
         for judge, r in data["judges"].items():

@@ -136,6 +136,11 @@ def main() -> int:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
         rows.append(row(seed, summary, judge))
         examples[seed] = samples(root / f"seed-{seed}")
+    if harmless:  # hh-harmless prompts stay out of the repository: the full samples go under --root
+        atomic_write_json(root / f"first_ten_samples_seed{'-'.join(map(str, args.seeds))}.json", examples)
+        held_out = (root / f"prompts-heldout-{args.eval_prompts}.jsonl").read_text(encoding="utf-8").splitlines()
+        ids = {json.loads(ln)["prompt"]: json.loads(ln)["id"] for ln in held_out if ln.strip()}
+        examples = {seed: [{**e, "prompt": ids.get(e["prompt"], "?")} for e in ex] for seed, ex in examples.items()}
     for r in rows:
         print(f"seed {r['seed']}: RM acc {r['rm_val_accuracy']:.3f}, {r['ppo_steps']} PPO steps ({r['stop_reason']}), "
               f"KL {r['final_kl']:.2f} (ceiling {r['kl_ceiling']}), {r['total_seconds'] / 60:.1f} min, {r['peak_rss_mb']} MB")
