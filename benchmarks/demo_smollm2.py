@@ -67,9 +67,9 @@ def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str])
     return summary
 
 
-def harmful_request_prompts(root: Path, train: int, heldout: int) -> list[str]:
+def harmful_request_prompts(root: Path, train: int, heldout: int) -> tuple[list[str], Path]:
     """The ``harmless`` task's prompt files under ``root`` (from ../shared/data/hh-harmless, as
-    cai_study.py prepares them), as rlhf demo options."""
+    cai_study.py prepares them): the rlhf demo options, and the held-out prompts file."""
     from cai_study import prepare  # the same "first human turn, distinct" extraction as the CAI study
 
     prepare(root, train)
@@ -77,7 +77,7 @@ def harmful_request_prompts(root: Path, train: int, heldout: int) -> list[str]:
     eval_file = root / f"prompts-heldout-{heldout}.jsonl"
     eval_file.write_text("".join(kept), encoding="utf-8")
     return ["--prompts", str(root / "prompts-train.jsonl"), "--eval-prompts", str(eval_file),
-            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"]
+            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
 
 
 def row(seed: int, s: dict, judge: Path) -> dict:
@@ -130,7 +130,7 @@ def main() -> int:
     harmless = args.task == "harmless"
     root = Path(args.root or REPO / "runs" / ("demo-smollm2-harmless" if harmless else "demo-smollm2"))
     results = args.results or str(REPO / "benchmarks" / "results" / f"demo_smollm2{'_harmless' if harmless else ''}.json")
-    task = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else []
+    task, eval_file = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else ([], None)
     rows, examples = [], {}
     for seed in args.seeds:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
@@ -138,8 +138,8 @@ def main() -> int:
         examples[seed] = samples(root / f"seed-{seed}")
     if harmless:  # hh-harmless prompts stay out of the repository: the full samples go under --root
         atomic_write_json(root / f"first_ten_samples_seed{'-'.join(map(str, args.seeds))}.json", examples)
-        held_out = (root / f"prompts-heldout-{args.eval_prompts}.jsonl").read_text(encoding="utf-8").splitlines()
-        ids = {json.loads(ln)["prompt"]: json.loads(ln)["id"] for ln in held_out if ln.strip()}
+        held_out = [json.loads(ln) for ln in eval_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        ids = {r["prompt"]: r["id"] for r in held_out}
         examples = {seed: [{**e, "prompt": ids.get(e["prompt"], "?")} for e in ex] for seed, ex in examples.items()}
     for r in rows:
         print(f"seed {r['seed']}: RM acc {r['rm_val_accuracy']:.3f}, {r['ppo_steps']} PPO steps ({r['stop_reason']}), "

@@ -120,6 +120,15 @@ def _weighted(arg: str, device: str) -> WeightedScorer:
     return WeightedScorer(parts, f"weighted:{arg}")
 
 
+def no_argument(kind: str, make: Callable[[], Scorer]) -> Callable[[str, str], Scorer]:
+    """A SCORER_KINDS factory for a scorer that takes no ``kind:argument`` (a given one is an error)."""
+    def factory(arg: str, device: str) -> Scorer:
+        if arg:
+            raise ConfigError(f"scorer {kind!r} takes no argument, got {kind}:{arg}")
+        return make()
+    return factory
+
+
 # kind -> factory(argument string after "kind:", device) -> Scorer.
 # Judge modules add their kinds here (learned reward models, classifiers, lexicons).
 SCORER_KINDS: dict[str, Callable[[str, str], Scorer]] = {

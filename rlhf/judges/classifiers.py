@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import ConfigError
-from rlhf.judges.base import SCORER_KINDS
+from rlhf.judges.base import SCORER_KINDS, no_argument
 
 
 class HFClassifierScorer:
@@ -137,16 +137,8 @@ class SentimentScorer:
         return torch.tensor([self.analyzer.polarity_scores(c)["compound"] for c in completions], dtype=torch.float32)
 
 
-def _no_arg(kind: str, make):
-    def factory(arg: str, device: str):
-        if arg:
-            raise ConfigError(f"scorer {kind!r} takes no argument, got {kind}:{arg}")
-        return make()
-    return factory
-
-
 SCORER_KINDS["classifier"] = _classifier
-SCORER_KINDS["non-toxicity"] = _no_arg("non-toxicity", lambda: NonToxicityScorer("non-toxicity"))
-SCORER_KINDS["profanity"] = _no_arg("profanity", lambda: NonToxicityScorer("profanity"))
-SCORER_KINDS["toxicity"] = _no_arg("toxicity", ToxicityScorer)
-SCORER_KINDS["sentiment"] = _no_arg("sentiment", SentimentScorer)
+SCORER_KINDS["non-toxicity"] = no_argument("non-toxicity", lambda: NonToxicityScorer("non-toxicity"))
+SCORER_KINDS["profanity"] = no_argument("profanity", lambda: NonToxicityScorer("profanity"))
+SCORER_KINDS["toxicity"] = no_argument("toxicity", ToxicityScorer)
+SCORER_KINDS["sentiment"] = no_argument("sentiment", SentimentScorer)

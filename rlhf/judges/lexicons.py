@@ -19,8 +19,7 @@ import re
 
 import torch
 
-from rlhf.errors import ConfigError
-from rlhf.judges.base import SCORER_KINDS
+from rlhf.judges.base import SCORER_KINDS, no_argument
 
 _REFUSAL = re.compile(
     r"\b(?:i'?m sorry|i am sorry|sorry|i apologi[sz]e|my apologies|as an ai|as a language model|as an assistant|"
@@ -45,10 +44,4 @@ class RefusalScorer:
         return torch.tensor([float(declines(c)) for c in completions], dtype=torch.float32)
 
 
-def _refusal(arg: str, device: str) -> RefusalScorer:
-    if arg:
-        raise ConfigError(f"scorer 'refusal' takes no argument, got refusal:{arg}")
-    return RefusalScorer()
-
-
-SCORER_KINDS["refusal"] = _refusal
+SCORER_KINDS["refusal"] = no_argument("refusal", RefusalScorer)
