@@ -74,3 +74,30 @@ def test_refusal_judge_reads_declines_anywhere_in_the_reply_and_takes_no_argumen
     assert weighted.score(["q", "q"], replies[:1] + replies[3:4]).tolist()[0] > 3.0
     with pytest.raises(ConfigError, match="takes no argument"):
         load_scorer("refusal:strict")
+
+
+def test_judges_that_read_what_the_training_saw_are_not_called_independent():
+    """A judge reading a signal of the labelers' preference is gold, of the reward optimised; drift stays drift."""
+    from rlhf.eval.judging import judge_roles, training_roles
+    from rlhf.judges import load_scorer
+
+    judges = [load_scorer(s) for s in ("toxicity", "sentiment", "repetition", "length", "refusal")]
+    gold = load_scorer("weighted:2*non-toxicity+sentiment+length")
+    roles = judge_roles([*judges, gold], training_roles([*judges, gold], [], [gold]))
+    # toxicity reads the same classifier as the labelers' non-toxicity; length is a drift signal whatever its use
+    assert roles == {"toxicity": "gold", "sentiment": "gold", "repetition": "independent", "length": "drift",
+                     "refusal": "independent", gold.name: "gold"}
+    # trained on non-toxicity itself: the toxicity judge measures the optimised reward; optimised wins over gold
+    optimised = load_scorer("non-toxicity")
+    roles = training_roles([*judges, optimised, gold], [optimised], [gold])
+    assert roles["toxicity"] == "optimised" and roles["non-toxicity"] == "optimised" and roles["sentiment"] == "gold"
+    assert "repetition" not in roles and "length" not in roles
+
+
+@pytest.mark.parametrize("spec", ["length:5", "repetition:zlib", "caution:strict", "toxicity:x", "sentiment:x"])
+def test_scorers_without_an_argument_refuse_one(spec):
+    """A spec such as caution:strict names an option no scorer has: an error, not a silently ignored argument."""
+    from rlhf.judges.base import load_scorer
+
+    with pytest.raises(ConfigError, match="takes no argument"):
+        load_scorer(spec)

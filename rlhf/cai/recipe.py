@@ -149,7 +149,8 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
     models = [cfg.policy] + ([start] if sl else []) + [str(ppo_dir / "model")]
     eval_dir = out / "eval"
     judges = [*D.JUDGES, cfg.labeler_scorer, f"rm:{reward_dir / 'model'}", *opts.extra_judges]
-    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, opts, eval_prompts, models, judges, eval_dir))
+    optimised = optimised_judges(load_constitution(opts.constitution), judges, reward_dir / "model")
+    stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, opts, eval_prompts, models, judges, optimised, eval_dir))
 
     ev = json.loads((eval_dir / "eval.json").read_text())
     names = {m: label for m, label in zip(models, ["base"] + (["SL-CAI"] if sl else []) + ["RL-CAI"])}
@@ -159,7 +160,7 @@ def run_cai_demo(cfg, opts: CAIOptions) -> dict:
         table.setdefault(row["judge"], {})[name] = {"mean": row["mean"], "ci95": [row["ci_low"], row["ci_high"]]}
     label_summary = json.loads((out / "rankings.jsonl.summary.json").read_text())
     summary = {"recipe": "cai", "feedback_model": feedback, "supervised_stage": sl, "notes": notes,
-               "optimised_judges": optimised_judges(load_constitution(opts.constitution), judges, reward_dir / "model"),
+               "optimised_judges": optimised,
                "labeling": {k: label_summary[k] for k in ("comparisons", "first_decider", "confident_share", "warning")},
                "judges": table, "stage_seconds": stages, "eval_report": str(eval_dir / "report.html"),
                "config": {"demo": config_to_dict(cfg), "cai": config_to_dict(opts)}}
@@ -241,11 +242,11 @@ def _ppo(cfg, opts: CAIOptions, prompts: str, reward_model: Path, completions: P
     run_ppo(pcfg)
 
 
-def _eval(cfg, opts: CAIOptions, prompts: str, models: list[str], judges: list[str], out: Path) -> None:
+def _eval(cfg, opts: CAIOptions, prompts: str, models: list[str], judges: list[str], optimised: list[str], out: Path) -> None:
     from rlhf import demo as D
     from rlhf.eval.commands import EvalConfig, run_eval
 
-    ecfg = EvalConfig(out=str(out), model=models, prompts=prompts, judge=judges, reference=cfg.policy,
+    ecfg = EvalConfig(out=str(out), model=models, prompts=prompts, judge=judges, optimised=optimised, reference=cfg.policy,
                       samples_per_prompt=cfg.eval_samples, max_new_tokens=opts.reply_tokens,
                       temperature=opts.temperature, seed=cfg.seed + 1, engine=cfg.engine)
     ecfg.validate()

@@ -51,7 +51,7 @@ def run_eval(cfg: EvalConfig):
     from rlhf.data.context import fit_prompts, prompt_budget
     from rlhf.data.io import read_records, write_records
     from rlhf.data.records import PromptRecord
-    from rlhf.eval.judging import evaluate, format_table
+    from rlhf.eval.judging import evaluate, format_table, training_roles
     from rlhf.eval.report import ReportInput, write_report
     from rlhf.judges import load_scorer
     from rlhf.engine.runtime import start
@@ -66,8 +66,8 @@ def run_eval(cfg: EvalConfig):
     device = rt.device
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("eval"), PromptRecord)]
     judges = [load_scorer(spec) for spec in cfg.judge]
-    roles = {j.name: "optimised" if spec in cfg.optimised else "gold" for spec, j in zip(cfg.judge, judges)
-             if spec in cfg.optimised or spec in cfg.gold}
+    roles = training_roles(judges, [j for spec, j in zip(cfg.judge, judges) if spec in cfg.optimised],
+                           [j for spec, j in zip(cfg.judge, judges) if spec in cfg.gold and spec not in cfg.optimised])
     models = {}
     for i, m in enumerate(cfg.model):
         name = m if m not in models else f"{m}#{i}"

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from rlhf.eval.stats import Summary, bootstrap_ci, relative_change, summarise
 from rlhf.eval.verdict import ROLES, arrow, change_word, magnitude_interval, number
-from rlhf.judges.base import Scorer, score_checked
+from rlhf.judges.base import Scorer, score_checked, signals_of
 from rlhf.rollout.generate import SamplingParams, SampledBatch, decode_responses, sample_tokens
 from rlhf.rollout.logprobs import response_logprobs
 
@@ -91,6 +91,26 @@ def kl_and_perplexity(model, reference, batches: list[SampledBatch]) -> tuple[to
         kls.append((lp - ref).sum(dim=1))
         ppls.append(torch.exp(-ref.sum(dim=1) / n))
     return torch.cat(kls), torch.cat(ppls)
+
+
+def training_roles(judges: list[Scorer], optimised: list[Scorer], gold: list[Scorer]) -> dict[str, str]:
+    """Roles by name for the judges the training saw: ``optimised`` and ``gold`` themselves, and any
+    other judge that reads a signal of theirs (:func:`rlhf.judges.base.signals_of`): with labelers who
+    ranked by ``weighted:4*relevance+2*toxicity+sentiment``, the toxicity, relevance and sentiment
+    judges measure what the labelers asked for (gold), not an independent quality, and a toxicity
+    judge after training on non-toxicity measures the reward itself (optimised). Drift signals stay
+    drift. The rest are left out: independent (or drift) by :func:`judge_roles`."""
+    roles = {j.name: "gold" for j in gold}
+    roles.update({j.name: "optimised" for j in optimised})
+    seen = {role: set().union(*(signals_of(j) for j in group)) for role, group in (("optimised", optimised), ("gold", gold))}
+    for j in judges:
+        if j.name in roles or getattr(j, "drift_signal", False):
+            continue
+        for role in ("optimised", "gold"):
+            if signals_of(j) & seen[role]:
+                roles[j.name] = role
+                break
+    return roles
 
 
 def judge_roles(judges: list[Scorer], roles: dict[str, str] | None = None) -> dict[str, str]:

@@ -102,6 +102,16 @@ class WeightedScorer:
         return total
 
 
+def signals_of(scorer: Scorer) -> set[str]:
+    """What a scorer reads, by name: its ``signal`` (scorers that share one underlying model name it
+    alike, e.g. toxicity and non-toxicity both read alt-profanity-check) or its name, and for a
+    weighted scorer every part's. A judge that reads a signal of the training reward, or of what the
+    labelers ranked by, is not independent of the training (rlhf.eval.commands)."""
+    if isinstance(scorer, WeightedScorer):
+        return set().union(*(signals_of(part) for _, part in scorer.parts))
+    return {getattr(scorer, "signal", None) or scorer.name}
+
+
 def _weighted(arg: str, device: str) -> WeightedScorer:
     parts = []
     for term in (t.strip() for t in arg.split("+")):
@@ -132,8 +142,8 @@ def no_argument(kind: str, make: Callable[[], Scorer]) -> Callable[[str, str], S
 # kind -> factory(argument string after "kind:", device) -> Scorer.
 # Judge modules add their kinds here (learned reward models, classifiers, lexicons).
 SCORER_KINDS: dict[str, Callable[[str, str], Scorer]] = {
-    "length": lambda arg, device: LengthScorer(),
-    "repetition": lambda arg, device: RepetitionScorer(),
+    "length": no_argument("length", LengthScorer),
+    "repetition": no_argument("repetition", RepetitionScorer),
     "weighted": _weighted,
 }
 

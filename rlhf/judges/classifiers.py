@@ -103,6 +103,7 @@ class NonToxicityScorer:
     """log(p_clean / p_offensive) from alt-profanity-check: a logit, higher for inoffensive replies."""
 
     higher_is_better = True
+    signal = "alt-profanity-check"  # the toxicity judge reads the same classifier (rlhf.judges.base.signals_of)
 
     def __init__(self, name: str = "non-toxicity"):
         self.name = name
@@ -117,6 +118,7 @@ class ToxicityScorer:
 
     name = "toxicity"
     higher_is_better = False
+    signal = "alt-profanity-check"
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         return torch.tensor(_offensive_prob(completions), dtype=torch.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf.errors import ConfigError
-from rlhf.judges.base import SCORER_KINDS
+from rlhf.judges.base import SCORER_KINDS, no_argument
 from rlhf.personal.model import PersonalReward
 
 
@@ -71,4 +71,4 @@ class CautionScorer:
 
 
 SCORER_KINDS["personal"] = _personal
-SCORER_KINDS["caution"] = lambda arg, device: CautionScorer()
+SCORER_KINDS["caution"] = no_argument("caution", CautionScorer)
