@@ -1,14 +1,16 @@
-"""Benchmark: `rlhf demo` for several seeds — does the independent judge improve every time?
+"""Benchmark: `rlhf demo` for several seeds — do the judges improve every time?
 
     .venv/bin/python benchmarks/demo_seeds.py                       # seeds 0 1 2 under runs/demo-seeds/
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 --root /tmp/demo --threads 1
 
 Each seed is one `rlhf demo --seed S --out ROOT/seed-S` in its own process (a finished run's stages
 are reused, so the script can tabulate runs made earlier). Prints, per seed: reward-model
-validation accuracy, PPO steps and stop criterion, final KL, the independent judges before → after
-with whether their 95% bootstrap intervals separate, wall time per stage and peak memory; writes
+validation accuracy, PPO steps and stop criterion, final KL, toxicity, sentiment and relevance before →
+after with whether their 95% bootstrap intervals separate, wall time per stage and peak memory; writes
 benchmarks/results/demo_seeds.json. Target (issue 6): ≤ 10 minutes and < 4 GB per run on 2 cores,
-and the independent judge clearly better with non-overlapping intervals in every seed.
+and the judge clearly better with non-overlapping intervals in every seed. These three judges are
+the parts of the scripted labelers' preference, so the report groups them as gold, not independent
+(benchmarks/RESULTS.md, "What these judges are to the training").
 """
 
 from __future__ import annotations
