@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/personal_bench.py --stage curve       # learning curves and cold start
     .venv/bin/python benchmarks/personal_bench.py --stage finetune    # one fine-tuned-backbone point
     .venv/bin/python benchmarks/personal_bench.py --stage generate    # base / pooled RLHF / rerank / adapter
+    .venv/bin/python benchmarks/personal_bench.py --stage adapters    # the adapter column again (same model and seeds)
     .venv/bin/python benchmarks/personal_bench.py --stage report      # the tables again, from the JSON
     .venv/bin/python benchmarks/personal_bench.py                     # everything in that order
 
@@ -297,20 +298,98 @@ def sample(model, tok, prompts: list[str], k: int, seed: int) -> list[list[str]]
                                 progress=False)
 
 
+def lora_replies(adapter_dir: Path, tok, prompts: list[str], draws: int, seed: int) -> list[str]:
+    """``draws`` replies per prompt (prompt-major) from the bundled policy with a LoRA adapter on."""
+    from peft import PeftModel
+
+    from rlhf.models.loading import load_causal_lm
+
+    model = PeftModel.from_pretrained(load_causal_lm("bundled"), str(adapter_dir)).eval()
+    return [c for g in sample(model, tok, prompts, draws, seed + 1) for c in g]
+
+
+def user_adapters(gen: Path, users: list[str], prompts: list[str], tok, draws: int, seed: int, ppo_steps: int):
+    """Each user's PPO adapter (`rlhf personal adapter` defaults, ``ppo_steps`` steps) on the personal model in
+    ``gen``: (replies per user, PPO summaries per user, seconds per user)."""
+    from rlhf.engine.config import EngineConfig
+    from rlhf.personal.adapter import AdapterConfig, train_adapter
+
+    replies, runs, timings = {}, {}, {}
+    for user in users:
+        t0 = time.perf_counter()
+        summary = train_adapter(AdapterConfig(model=str(gen / "personal"), user=user, steps=ppo_steps, seed=seed,
+                                              engine=EngineConfig(device="cpu", threads=1), progress=False))
+        timings[f"adapter_{user}_s"] = round(time.perf_counter() - t0, 1)
+        meta = json.loads((Path(summary["adapter"]) / "adapter.json").read_text())
+        runs[user] = {**{k: summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")},
+                      "reward_scale": meta.get("reward_scale"), "reward_shift": meta.get("reward_shift")}
+        replies[user] = lora_replies(Path(summary["adapter"]), tok, prompts, draws, seed)
+    return replies, runs, timings
+
+
+def gold_utility(gold: "Gold", user: str, prompts: list[str], draws: int, texts: list[str], seed: int) -> dict:
+    """The user's gold utility of ``draws`` replies per prompt: mean, 95% bootstrap CI, n, mean words."""
+    import torch
+
+    from rlhf.eval.stats import summarise
+
+    s = summarise(torch.tensor(gold(user, [p for p in prompts for _ in range(draws)], texts)), seed=seed)
+    return {"mean": round(s.mean, 4), "ci": [round(s.ci_low, 4), round(s.ci_high, 4)], "n": s.n,
+            "words": round(sum(len(t.split()) for t in texts) / len(texts), 1)}
+
+
+def mark_winners(row: dict) -> None:
+    for m in ("rerank", "adapter"):
+        row[m]["beats_base_and_pooled_separated_ci"] = all(row[m]["ci"][0] > row[o]["ci"][1] for o in ("base", "pooled_rlhf"))
+
+
+def rerun_adapters(work: Path, seed: int, ppo_steps: int, base: str, recorded: dict) -> dict:
+    """The adapter column again, on the generation stage's personal model, prompts and seeds: fresh per-user
+    adapters with today's `rlhf personal adapter`, judged like the stage does; base, pooled RLHF and
+    reranking stay as recorded. Returns the updated generation result."""
+    import shutil
+
+    import torch
+
+    from rlhf.data.io import read_records
+    from rlhf.data.records import PromptRecord
+    from rlhf.models.loading import load_tokenizer, shipped_prompts
+
+    torch.set_num_threads(1)
+    gen = work / f"gen-{base}"
+    if not (gen / "personal" / "current.json").is_file():
+        raise SystemExit(f"{gen / 'personal'} holds no personal model: run --stage generate first")
+    for sub in ("adapters", "adapter-runs"):
+        shutil.rmtree(gen / "personal" / sub, ignore_errors=True)
+    users = sorted(recorded["users"])
+    prompts = [p.prompt for p in read_records(shipped_prompts("eval"), PromptRecord)]
+    t0 = time.perf_counter()
+    replies, runs, timings = user_adapters(gen, users, prompts, load_tokenizer("bundled"), recorded["draws"], seed, ppo_steps)
+    gold = Gold()
+    out = json.loads(json.dumps(recorded))
+    for user in users:
+        out["users"][user]["adapter"] = gold_utility(gold, user, prompts, recorded["draws"], replies[user], seed)
+        mark_winners(out["users"][user])
+        out["ppo"][user] = runs[user]
+        out["samples"]["adapter"][user] = replies[user][:3]
+        print(json.dumps({"user": user, "adapter": out["users"][user]["adapter"]}), flush=True)
+    out["timings"].update(timings)
+    out["adapters_rerun"] = {"machine": machine(), "wall_s": round(time.perf_counter() - t0, 1), "ppo_steps": ppo_steps,
+                             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return out
+
+
 def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, ppo_steps: int, draws: int, n_best: int,
              base: str, part: tuple[str, str]) -> dict:
     """Base, pooled-RLHF, best-of-N by the user's reward, the user's PPO adapter: each user's gold utility."""
     import shutil
 
     import torch
-    from peft import PeftModel
 
     from rlhf.engine.config import EngineConfig
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
-    from rlhf.eval.stats import summarise
     from rlhf.models.loading import load_causal_lm, load_tokenizer, shipped_prompts
-    from rlhf.personal.adapter import AdapterConfig, train_adapter
     from rlhf.personal.model import PersonalReward
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
@@ -343,8 +422,7 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     timings = {"candidates_s": round(time.perf_counter() - t0, 1)}
 
     def adapter_replies(adapter_dir: Path, tag: str) -> list[str]:
-        model = PeftModel.from_pretrained(load_causal_lm("bundled"), str(adapter_dir)).eval()
-        return [c for g in sample(model, tok, prompts, draws, seed + 1) for c in g]
+        return lora_replies(adapter_dir, tok, prompts, draws, seed)
 
     pooled_run = gen / "pooled-ppo"
     ppo = PPOConfig(out=str(pooled_run), policy="bundled", reward=f"rm:{gen / 'pooled' / 'backbone'}", max_steps=ppo_steps,
@@ -355,27 +433,17 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     pooled_summary = run_ppo(ppo)
     timings["pooled_ppo_s"] = round(time.perf_counter() - t0, 1)
     replies["pooled_rlhf"] = {"*": adapter_replies(pooled_run / "model" / "adapter", "pooled")}
-    replies["adapter"], ppo_runs = {}, {"pooled": {k: pooled_summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}}
-    for user in users:
-        t0 = time.perf_counter()
-        summary = train_adapter(AdapterConfig(model=str(gen / "personal"), user=user, steps=ppo_steps, seed=seed,
-                                              engine=EngineConfig(device="cpu", threads=1), progress=False))
-        timings[f"adapter_{user}_s"] = round(time.perf_counter() - t0, 1)
-        ppo_runs[user] = {k: summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}
-        replies["adapter"][user] = adapter_replies(Path(summary["adapter"]), user)
+    ppo_runs = {"pooled": {k: pooled_summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}}
+    replies["adapter"], runs, adapter_times = user_adapters(gen, users, prompts, tok, draws, seed, ppo_steps)
+    ppo_runs.update(runs)
+    timings.update(adapter_times)
 
     gold = Gold()
     table: dict[str, dict] = {}
-    p_all = [p for p in prompts for _ in range(draws)]
     for user in users:
-        row = {}
-        for method in ("base", "pooled_rlhf", "rerank", "adapter"):
-            texts = replies[method].get(user) or replies[method]["*"]
-            s = summarise(torch.tensor(gold(user, p_all, texts)), seed=seed)
-            row[method] = {"mean": round(s.mean, 4), "ci": [round(s.ci_low, 4), round(s.ci_high, 4)], "n": s.n,
-                           "words": round(sum(len(t.split()) for t in texts) / len(texts), 1)}
-        for m in ("rerank", "adapter"):
-            row[m]["beats_base_and_pooled_separated_ci"] = all(row[m]["ci"][0] > row[o]["ci"][1] for o in ("base", "pooled_rlhf"))
+        row = {method: gold_utility(gold, user, prompts, draws, replies[method].get(user) or replies[method]["*"], seed)
+               for method in ("base", "pooled_rlhf", "rerank", "adapter")}
+        mark_winners(row)
         table[user] = row
         print(json.dumps({"user": user, **{m: row[m]["mean"] for m in row}}), flush=True)
     samples = {m: {u: v[:3] for u, v in by.items()} for m, by in replies.items()}
@@ -446,13 +514,17 @@ def report(out: dict) -> str:
                 cell = (lambda m: f"{r[m]['mean']:+.2f} [{r[m]['ci'][0]:+.2f}, {r[m]['ci'][1]:+.2f}]"
                         + (" ✓" if r[m].get("beats_base_and_pooled_separated_ci") else ""))
                 lines.append(f"| {u} | " + " | ".join(cell(m) for m in ("base", "pooled_rlhf", "rerank", "adapter")) + " |")
+        if g.get("adapters_rerun"):
+            lines += ["", f"The adapter column was re-run on {g['adapters_rerun']['date']} (`--stage adapters`: the same personal "
+                          "model, prompts and seeds; the other columns as first measured)."]
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["collect", "curve", "finetune", "generate", "report", "all"], default="all")
+    ap.add_argument("--stage", choices=["collect", "curve", "finetune", "generate", "adapters", "report", "all"], default="all",
+                    help="adapters: only the per-user adapters again, on the generation stage's personal model")
     ap.add_argument("--backbones", nargs="+", default=["minilm", "bundled"], help="reward backbones of the curves")
     ap.add_argument("--gen-backbone", default="minilm", help="reward backbone of the generation stage")
     ap.add_argument("--work", default=str(REPO / "runs" / "personal-bench"), help="data, models and runs go here")
@@ -491,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         out["generate"] = {**generate(work, args.train_turns, args.dim, args.prior, args.seed, args.ppo_steps, args.draws,
                                       args.best_of, args.gen_backbone, part), "machine": machine(),
                            "wall_s": round(time.perf_counter() - t0, 1)}
+    if args.stage == "adapters":
+        if "generate" not in out:
+            raise SystemExit(f"{RESULTS} has no generation stage to update: run --stage generate first")
+        out["generate"] = rerun_adapters(work, args.seed, args.ppo_steps, args.gen_backbone, out["generate"])
     save(out)
     return 0
 

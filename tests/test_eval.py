@@ -101,3 +101,17 @@ def test_scorers_without_an_argument_refuse_one(spec):
 
     with pytest.raises(ConfigError, match="takes no argument"):
         load_scorer(spec)
+
+
+def test_weighted_scorer_adds_constant_parts_and_refuses_a_non_finite_one():
+    from rlhf.judges.base import load_scorer
+
+    replies = ["one two three", "one"]
+    length = load_scorer("length").score(["q", "q"], replies)
+    shifted = load_scorer("weighted:0.5*length+-1.25+0.25").score(["q", "q"], replies)
+    assert torch.allclose(shifted, 0.5 * length - 1.0)
+    for bad in ("weighted:length+nan", "weighted:length+inf"):
+        with pytest.raises(ConfigError, match="not a finite number"):
+            load_scorer(bad)
+    with pytest.raises(ConfigError, match="at least one scorer"):
+        load_scorer("weighted:1.5")

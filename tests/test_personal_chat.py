@@ -336,26 +336,29 @@ def test_cli_add_user_and_export(tmp_path):
 
 
 def test_adapter_reward_is_standardised_on_base_policy_replies(tiny_model_dir, personal_model_dir):
-    """--reward-scale 0: PPO sees the user's reward divided by its spread over the base policy's own replies."""
+    """--reward-scale 0 --center-reward: PPO sees the user's reward minus its mean, divided by its spread,
+    over the base policy's own replies (a weighted spec with a constant part)."""
     from rlhf.data.io import read_records
     from rlhf.data.records import PromptRecord
     from rlhf.judges.base import load_scorer
     from rlhf.models.loading import load_causal_lm, load_tokenizer, shipped_prompts
     from rlhf.errors import ConfigError
-    from rlhf.personal.adapter import AdapterConfig, reward_std
+    from rlhf.personal.adapter import AdapterConfig, reward_stats
     from rlhf.rollout.generate import SamplingParams, generate_completions
 
     cfg = AdapterConfig(model=str(personal_model_dir), user="ann", policy=str(tiny_model_dir), max_new_tokens=8,
                         calibration_prompts=6)
     spec = f"personal:{personal_model_dir}:ann@v0001"
-    std = reward_std(cfg, spec)
+    mean, std = reward_stats(cfg, spec)
     prompts = [p.prompt for p in read_records(shipped_prompts("train"), PromptRecord)][:6]
     replies = [g[0] for g in generate_completions(load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir)),
                                                   prompts, 1, SamplingParams(max_new_tokens=8), batch_size=32, seed=0,
                                                   progress=False)]
     raw = load_scorer(spec).score(prompts, replies)
-    assert std > 0 and abs(float(raw.std()) - std) < 1e-5  # the same replies: the spread of the raw reward
-    scaled = load_scorer(f"weighted:{1 / std:.6g}*{spec}").score(prompts, replies)
-    assert abs(float(scaled.std()) - 1.0) < 1e-4 and torch.allclose(scaled, raw / std, atol=1e-4)
+    # the same replies: the mean and spread of the raw reward
+    assert std > 0 and abs(float(raw.std()) - std) < 1e-5 and abs(float(raw.mean()) - mean) < 1e-5
+    scaled = load_scorer(f"weighted:{1 / std:.6g}*{spec}+{-mean / std:.6g}").score(prompts, replies)
+    assert abs(float(scaled.std()) - 1.0) < 1e-4 and abs(float(scaled.mean())) < 1e-4
+    assert torch.allclose(scaled, (raw - mean) / std, atol=1e-4)
     with pytest.raises(ConfigError, match="--reward-scale must not be negative"):
         AdapterConfig(model="m", user="ann", reward_scale=-1.0).validate()

@@ -13,6 +13,8 @@ the other judge modules register in ``SCORER_KINDS`` (learned reward models, cla
 
 from __future__ import annotations
 
+import math
+
 import zlib
 from typing import Callable, Protocol, runtime_checkable
 
@@ -87,15 +89,17 @@ class WeightedScorer:
 
     Each part is negated first when lower is better for it, so every weight reads "how much this
     quality counts". Useful as a stand-in for what labelers weigh when several qualities matter.
+    A part that is a plain number is a constant added to every score (``weighted:0.5*rm:DIR+-1.2``:
+    a reward centred and scaled, as ``rlhf personal adapter`` writes it).
     """
 
     higher_is_better = True
 
-    def __init__(self, parts: list[tuple[float, Scorer]], spec: str):
-        self.parts, self.name = parts, spec
+    def __init__(self, parts: list[tuple[float, Scorer]], spec: str, offset: float = 0.0):
+        self.parts, self.name, self.offset = parts, spec, offset
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        total = torch.zeros(len(completions))
+        total = torch.full((len(completions),), float(self.offset))
         for weight, scorer in self.parts:
             s = score_checked(scorer, prompts, completions)
             total += weight * (s if scorer.higher_is_better else -s)
@@ -113,8 +117,17 @@ def signals_of(scorer: Scorer) -> set[str]:
 
 
 def _weighted(arg: str, device: str) -> WeightedScorer:
-    parts = []
+    parts, offset = [], 0.0
     for term in (t.strip() for t in arg.split("+")):
+        try:
+            constant = float(term)  # a constant part
+        except ValueError:
+            constant = None
+        if constant is not None:
+            if not math.isfinite(constant):
+                raise ConfigError(f"weighted scorer: the constant {term!r} is not a finite number")
+            offset += constant
+            continue
         weight, star, spec = term.partition("*")
         if not star:
             weight, spec = "1", term
@@ -126,8 +139,8 @@ def _weighted(arg: str, device: str) -> WeightedScorer:
             raise ConfigError(f"weighted scorer: {term!r} names no scorer (or nests another weighted one)")
         parts.append((w, load_scorer(spec, device)))
     if not parts:
-        raise ConfigError("weighted scorer needs at least one part: weighted:2*relevance+non-toxicity")
-    return WeightedScorer(parts, f"weighted:{arg}")
+        raise ConfigError("weighted scorer needs at least one scorer among its parts: weighted:2*relevance+non-toxicity")
+    return WeightedScorer(parts, f"weighted:{arg}", offset)
 
 
 def no_argument(kind: str, make: Callable[[], Scorer]) -> Callable[[str, str], Scorer]:

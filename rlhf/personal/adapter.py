@@ -10,7 +10,11 @@ The reward is standardised first (``--reward-scale 0``): a personal reward is th
 so a confident user's rewards span tens of logits, where the KL penalty, the value head's clipped
 targets and the missing-EOS penalty (all sized for rewards of order one) stop mattering and PPO
 drifts into nonsense. The scale is 1 / the standard deviation of the user's reward over replies the
-base policy samples for the training prompts (the distribution PPO starts from).
+base policy samples for the training prompts (the distribution PPO starts from), and the mean over
+those replies is subtracted (``--center-reward``): a personal reward can sit far from zero (+7
+standard deviations for a user who likes long replies), and while the value head has not learned
+that offset, GAE (λ < 1) hands a reply's last tokens, EOS above all, the largest share of a large
+positive return, so PPO learns to stop early whatever the user wants.
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ class AdapterConfig:
     progress: bool = opt(True, help="Show a progress bar.")
     reward_scale: float = opt(0.0, help="Multiply the user's reward by this in PPO; 0 = 1 / its standard deviation over "
                                         "base-policy replies to --calibration-prompts training prompts (unit-size rewards).")
-    calibration_prompts: int = opt(64, help="Training prompts sampled once each to set --reward-scale 0.")
+    calibration_prompts: int = opt(64, help="Training prompts sampled once each to set --reward-scale 0 and --center-reward.")
+    center_reward: bool = opt(True, help="Subtract the user's mean reward over those base-policy replies, so PPO starts "
+                                         "from rewards around zero (see the module docstring for why).")
 
     def validate(self) -> None:
         if self.steps < 1 or not self.user.strip():
@@ -64,14 +70,15 @@ class AdapterConfig:
             raise ConfigError("--reward-scale must not be negative and --calibration-prompts must be at least 2")
 
 
-def reward_std(cfg: AdapterConfig, reward_spec: str) -> float:
-    """Standard deviation of the user's reward over one base-policy reply to each of the first
+def reward_stats(cfg: AdapterConfig, reward_spec: str) -> tuple[float, float]:
+    """(mean, standard deviation) of the user's reward over one base-policy reply to each of the first
     ``calibration_prompts`` training prompts."""
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("train"), PromptRecord)][:cfg.calibration_prompts]
     tok, policy = load_tokenizer(cfg.policy), load_causal_lm(cfg.policy).eval()
     replies = [g[0] for g in generate_completions(policy, tok, prompts, 1, SamplingParams(max_new_tokens=cfg.max_new_tokens),
                                                   batch_size=32, seed=cfg.seed, progress=False)]
-    return float(score_checked(load_scorer(reward_spec), prompts, replies).std())
+    scores = score_checked(load_scorer(reward_spec), prompts, replies)
+    return float(scores.mean()), float(scores.std())
 
 
 def train_adapter(cfg: AdapterConfig) -> dict:
@@ -83,9 +90,11 @@ def train_adapter(cfg: AdapterConfig) -> dict:
         raise ConfigError(f"{cfg.model} has no deployed user table")
     run_dir = mdir.root / "adapter-runs" / cfg.user / version
     reward = f"personal:{mdir.root}:{cfg.user}@{version}"
-    scale = cfg.reward_scale or 1.0 / max(reward_std(cfg, reward), 1e-6)
-    if scale != 1.0:
-        reward = f"weighted:{scale:.6g}*{reward}"
+    mean, std = reward_stats(cfg, reward) if cfg.center_reward or not cfg.reward_scale else (0.0, 1.0)
+    scale = cfg.reward_scale or 1.0 / max(std, 1e-6)
+    shift = -scale * mean if cfg.center_reward else 0.0
+    if scale != 1.0 or shift:
+        reward = f"weighted:{scale:.6g}*{reward}" + (f"+{shift:.6g}" if shift else "")
     ppo = PPOConfig(out=str(run_dir), policy=cfg.policy, reward=reward,
                     prompts=cfg.prompts, max_steps=cfg.steps, batch_size=cfg.batch_size,
                     mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.mini_batch_size, lr=cfg.lr,
@@ -104,7 +113,7 @@ def train_adapter(cfg: AdapterConfig) -> dict:
         atomic_write_json(staged / ADAPTER_META, {"version": f"{version}-ppo{summary['steps']}", "user": cfg.user,
                                                   "reward": ppo.reward, "policy": cfg.policy, "steps": summary["steps"],
                                                   "score_first": summary["score_first"], "score_last": summary["score_last"],
-                                                  "kl_last": summary["kl_last"], "reward_scale": scale,
+                                                  "kl_last": summary["kl_last"], "reward_scale": scale, "reward_shift": shift,
                                                   "created": time.time()})
         publish_dir(staged, target)
     except BaseException:
