@@ -421,9 +421,6 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
         replies["rerank"][user] = [groups[i][d * n_best + int(picks[i, d])] for i in range(len(prompts)) for d in range(draws)]
     timings = {"candidates_s": round(time.perf_counter() - t0, 1)}
 
-    def adapter_replies(adapter_dir: Path, tag: str) -> list[str]:
-        return lora_replies(adapter_dir, tok, prompts, draws, seed)
-
     pooled_run = gen / "pooled-ppo"
     ppo = PPOConfig(out=str(pooled_run), policy="bundled", reward=f"rm:{gen / 'pooled' / 'backbone'}", max_steps=ppo_steps,
                     batch_size=32, mini_batch_size=16, micro_batch_size=16, lr=3e-4, lora=True, lora_r=8, lora_alpha=16,
@@ -432,7 +429,7 @@ def generate(work: Path, train_turns: int, dim: int, prior: float, seed: int, pp
     t0 = time.perf_counter()
     pooled_summary = run_ppo(ppo)
     timings["pooled_ppo_s"] = round(time.perf_counter() - t0, 1)
-    replies["pooled_rlhf"] = {"*": adapter_replies(pooled_run / "model" / "adapter", "pooled")}
+    replies["pooled_rlhf"] = {"*": lora_replies(pooled_run / "model" / "adapter", tok, prompts, draws, seed)}
     ppo_runs = {"pooled": {k: pooled_summary.get(k) for k in ("steps", "score_first", "score_last", "kl_last")}}
     replies["adapter"], runs, adapter_times = user_adapters(gen, users, prompts, tok, draws, seed, ppo_steps)
     ppo_runs.update(runs)

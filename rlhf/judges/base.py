@@ -14,7 +14,6 @@ the other judge modules register in ``SCORER_KINDS`` (learned reward models, cla
 from __future__ import annotations
 
 import math
-
 import zlib
 from typing import Callable, Protocol, runtime_checkable
 
@@ -120,10 +119,10 @@ def _weighted(arg: str, device: str) -> WeightedScorer:
     parts, offset = [], 0.0
     for term in (t.strip() for t in arg.split("+")):
         try:
-            constant = float(term)  # a constant part
+            constant = float(term)
         except ValueError:
-            constant = None
-        if constant is not None:
+            pass  # not a number: a WEIGHT*SPEC or SPEC part
+        else:  # a constant part
             if not math.isfinite(constant):
                 raise ConfigError(f"weighted scorer: the constant {term!r} is not a finite number")
             offset += constant
