@@ -223,6 +223,30 @@ def test_repeated_calls_reuse_the_cache_and_stay_exact(llama):
     assert torch.equal(fast(model, tok, PROMPTS, GREEDY), first)  # a reused cache is fully reset
 
 
+
+def test_decode_threads_follow_model_size_unless_set(llama, monkeypatch):
+    """--rollout-threads 0: one thread for a model under SPLIT_MIN_PARAMETERS, torch's count (--threads)
+    at or above it; a count given explicitly always wins. Seen from inside the model's forward."""
+    model, tok = llama
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        params = SamplingParams(max_new_tokens=2, temperature=0.0)
+        fast(model, tok, PROMPTS[:1], params, threads=0)  # the tiny model: far under the threshold
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # and the count is restored afterwards
+        seen.clear()
+        monkeypatch.setattr(decode, "SPLIT_MIN_PARAMETERS", 1)  # now it counts as large
+        fast(model, tok, PROMPTS[:1], params, threads=0)
+        assert set(seen) == {2}
+        seen.clear()
+        fast(model, tok, PROMPTS[:1], params, threads=1)
+        assert set(seen) == {1}
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager_and_follows_weight_updates(llama):
     model, tok = llama

@@ -125,8 +125,11 @@ def test_start_applies_the_section_once_and_says_so(capsys):
         assert torch.get_num_threads() == 1 and cpu_gemm.configured_mode() == "onednn"
         assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16" and os.environ["LRU_CACHE_CAPACITY"] == "16"
         assert rt.device == torch.device("cpu") and rt.dtype == torch.float32 and rt.dist.world_size == 1
-        assert (rt.engine.rollout, rt.engine.rollout_threads) == ("fast", 1)
+        assert (rt.engine.rollout, rt.engine.rollout_threads) == ("fast", 1)  # one thread: nothing left to decide
         assert "engine: cpu float32, 1 thread per process" in capsys.readouterr().err
+        rt = runtime.start(EngineConfig(device="cpu", threads=2, rollout_threads=0))
+        assert rt.engine.rollout_threads == 0  # decided per model when it decodes
+        assert "rollout fast (1 thread, 2 for models of 20M+ parameters)" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
         cpu_gemm.configure(mode)

@@ -37,8 +37,9 @@ class EngineConfig:
                                         "steps; CPU), hf = transformers' generate (the reference path), vllm = a vLLM "
                                         "engine on the GPU that receives the policy's weights after every update "
                                         "(pip install '.[vllm]'); auto = fast on CPU, hf elsewhere.")
-    rollout_threads: int = opt(1, help="CPU threads while the fast loop samples (0 = --threads): a token's products "
-                                       "at rollout batch sizes are too small to split across threads.")
+    rollout_threads: int = opt(0, help="CPU threads while the fast loop samples; 0 = by model size: --threads for a "
+                                       "model of 20M parameters or more (its per-token products are large enough to "
+                                       "split), 1 below (a tiny model's are not, and a waiting thread costs more).")
     compile: bool = opt(False, help="torch.compile the fast loop's one-token step (tens of seconds per new batch "
                                     "shape; falls back to eager if compilation fails).")
     cpu_gemm: Gemm = opt("auto", help="fp32 linear layers on a CPU: blas = torch's default BLAS (MKL), onednn = "

@@ -18,6 +18,7 @@ import torch
 from rlhf.engine.config import EngineConfig, with_legacy_env
 from rlhf.engine.distributed import Distributed
 from rlhf.models import cpu_gemm
+from rlhf.rollout.decode import SPLIT_MIN_PARAMETERS
 
 log = logging.getLogger("rlhf.engine")
 
@@ -78,8 +79,10 @@ def resolve(engine: EngineConfig, dist: Distributed) -> EngineConfig:
     rollout = engine.rollout
     if rollout == "auto":
         rollout = "fast" if device == "cpu" else "hf"
+    # rollout_threads 0 stays 0 (decided per model when it decodes: rlhf.rollout.decode.decode_threads),
+    # unless --threads leaves nothing to decide.
     return replace(engine, device=device, threads=threads, rollout=rollout,
-                   rollout_threads=engine.rollout_threads or threads)
+                   rollout_threads=engine.rollout_threads or (1 if threads == 1 else 0))
 
 
 def start(engine: EngineConfig, *, quiet: bool = False) -> Runtime:
@@ -115,7 +118,9 @@ def describe(rt: Runtime) -> str:
     parts = [f"{rt.device} {e.dtype}", f"{e.threads} thread{'s' if e.threads != 1 else ''} per process "
              f"({usable_cores()} cores)", f"rollout {e.rollout}"]
     if e.rollout == "fast":
-        parts[-1] += f" ({e.rollout_threads} thread{'s' if e.rollout_threads != 1 else ''}{', compiled' if e.compile else ''})"
+        count = (f"{e.rollout_threads} thread{'s' if e.rollout_threads != 1 else ''}" if e.rollout_threads
+                 else f"1 thread, {e.threads} for models of {SPLIT_MIN_PARAMETERS // 1_000_000}M+ parameters")
+        parts[-1] += f" ({count}{', compiled' if e.compile else ''})"
     if rt.device.type == "cpu":
         parts.append(f"cpu-gemm {e.cpu_gemm}")
     parts.append(rt.dist.describe())

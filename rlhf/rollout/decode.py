@@ -14,9 +14,12 @@ This loop does one model forward and a handful of tensor ops per token:
   sorted vocabulary, and the draw is inverse-CDF (``torch.multinomial`` and ``torch.sort`` cost more
   than the model step on a small CPU model);
 * "has every row finished?" is checked only every ``check_every`` steps (a host sync on GPUs);
-* decoding runs with ``torch.inference_mode`` and, by default, one intra-op thread (``--rollout-threads``):
-  the per-step matmuls at rollout batch sizes are too small to split, and on a shared 2-core machine
-  a second spinning OpenMP thread costs far more than it gains (measured: benchmarks/results/bench_generate.md);
+* decoding runs with ``torch.inference_mode``, and by default (``--rollout-threads 0``) with one
+  intra-op thread for a model under ``SPLIT_MIN_PARAMETERS`` and torch's thread count (``--threads``)
+  for a larger one: a tiny model's per-token products take tens of microseconds, too little to split,
+  and on a shared 2-core machine a second spinning OpenMP thread costs far more than it gains
+  (benchmarks/results/bench_generate.md); a 28M or 135M model's products are large enough that two
+  threads decode 1.2-1.5x faster on a quiet 2-core machine (benchmarks/RESULTS.md, session 8);
 * optionally (``--compile``) the one-token forward is compiled with torch.compile (inductor, C++
   wrapper), which removes most remaining Python overhead but costs tens of seconds of compilation
   per new (batch, cache length) shape; any compile failure falls back to eager;
@@ -52,7 +55,7 @@ class DecodeSettings:
     """How the loop runs (from the engine section: --compile, --rollout-threads)."""
 
     compile: bool = False         # torch.compile the one-token step
-    threads: int = 1              # intra-op threads while decoding; 0 = leave torch's thread count alone
+    threads: int = 1              # intra-op threads while decoding; 0 = by model size (``decode_threads``)
     check_every: int = 8          # steps between "all rows finished?" checks
     cache_bucket: int = 32        # cache length is rounded up to a multiple of this
 
@@ -75,9 +78,13 @@ class _ModelState:
         self.unsupported: str | None = None
         self.cache_arg = "past_key_values"  # forward()'s name for the KV cache ("cache" from transformers 5.24)
         self.prefill_kwargs: dict = {}      # {"logits_to_keep": 1} where forward() takes it
+        self.parameters: int | None = None  # counted once, for ``decode_threads``
 
 
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+# Below this many parameters a decode step's products are too small to share between threads (see the
+# module docstring): the bundled 2.1M model decodes no faster with two threads, a 28M one 1.2-1.4x faster.
+SPLIT_MIN_PARAMETERS = 20_000_000
 _MAX_CACHES_PER_MODEL = 4  # bounds memory when batch sizes or prompt lengths vary a lot
 
 
@@ -232,6 +239,17 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
 
 
+def decode_threads(model, settings: DecodeSettings) -> int:
+    """Intra-op threads for decoding ``model``: ``settings.threads`` when set, else (0) one thread for a
+    model under ``SPLIT_MIN_PARAMETERS`` and torch's current thread count (``--threads``) for a larger one."""
+    if settings.threads > 0:
+        return settings.threads
+    state = _state(model)
+    if state.parameters is None:
+        state.parameters = sum(p.numel() for p in model.parameters())
+    return torch.get_num_threads() if state.parameters >= SPLIT_MIN_PARAMETERS else 1
+
+
 @contextlib.contextmanager
 def _threads(n: int):
     before = torch.get_num_threads()
@@ -278,7 +296,7 @@ def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor
     if reason is not None:
         log.info("fast decoding unavailable for %s: %s; using model.generate", type(model).__name__, reason)
         return None
-    with _threads(settings.threads), torch.inference_mode():
+    with _threads(decode_threads(model, settings)), torch.inference_mode():
         out = _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings, record, uniforms)
     # Clone outside inference mode: inference tensors cannot be saved for backward, and PPO feeds
     # these ids through the policy with gradients on.
