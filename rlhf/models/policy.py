@@ -23,6 +23,7 @@ from torch import nn
 
 from rlhf.algos import entropy_from_logits, token_logprobs
 from rlhf.models.loading import unwrap_peft
+from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_forward, shared_prefix_length, shared_prefix_problem
 
 
 @dataclass
@@ -79,13 +80,23 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     query_ids, query_mask, response_ids, response_mask = _trim(query_ids, query_mask, response_ids, response_mask)
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
     r = response_ids.shape[1]
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                  output_hidden_states=value_head is not None)
+    extra = dict(output_hidden_states=value_head is not None)
     if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = r + 1
-    out = model(**kwargs)
+        extra["logits_to_keep"] = r + 1
+
+    def plain():
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra)
+
+    shared = shared_prefix_length(query_ids, query_mask) if "logits_to_keep" in extra else 0
+    if shared >= MIN_SHARED_TOKENS and not shared_prefix_problem(
+            model, lambda: _reply_logprobs(plain(), response_ids, r, temperature) * response_mask,
+            lambda: _reply_logprobs(shared_prefix_forward(model, ids, mask, shared, **extra), response_ids, r,
+                                    temperature) * response_mask):
+        out = shared_prefix_forward(model, ids, mask, shared, **extra)  # the prompts' common head once
+    else:
+        out = plain()
     logits = out.logits[:, -(r + 1):-1].float()  # the logits that predicted each reply token
     if temperature != 1.0:
         logits = logits / temperature
@@ -96,6 +107,11 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "loss"):
             ent = entropy_from_logits(logits) * response_mask
     return PolicyOutput(_pad_to(logprobs, width), _pad_to(values, width), _pad_to(ent, width))
+
+
+def _reply_logprobs(out, response_ids: torch.Tensor, r: int, temperature: float) -> torch.Tensor:
+    """[B, R] log-probabilities of the reply tokens from a forward's output (for comparing two forwards)."""
+    return token_logprobs(out.logits[:, -(r + 1):-1].float() / temperature, response_ids)
 
 
 class ActorCritic(nn.Module):

@@ -1,0 +1,115 @@
+"""A forward that computes the tokens every prompt of a batch starts with once, not once per row.
+
+Chat templates put the same tokens in front of every prompt: SmolLM2's adds a default system prompt
+("You are a helpful AI assistant named SmolLM, …") and the user turn's header, 26 tokens, about
+40% of a short prompt. A training forward over prompt + reply computes them for every row, and
+the backward goes through them again. Here the batch's common prefix runs once as a batch of one;
+its keys and values are repeated for every row as the KV cache of a second forward over the rest
+of each prompt and the reply. The rows' logits and hidden states are those of the full forward
+(the prefix's keys and values are identical in every row: a causal model's state at a position
+depends only on the tokens up to it), and gradients reach the prefix through the cache, summed
+over the rows, as they would be summed over its copies.
+
+    rows (left-padded):   _ _ P P P a b | y y      P = the shared prefix
+    prefix forward:       P P P                     positions 0..S-1, batch of one → KV cache
+    second forward:       _ _ _ a b y y (+ cache)   pads where the prefix was; positions S..
+
+Used by ``rlhf.models.policy.policy_forward`` when the prefix is long enough to pay for the extra
+forward call (``MIN_SHARED_TOKENS``) and the model passes ``shared_prefix_problem`` once: the same
+log-probabilities as the plain forward on real inputs, else the plain forward is kept for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+
+import torch
+
+from rlhf.models.loading import unwrap_peft
+
+log = logging.getLogger(__name__)
+
+# Below this many shared tokens the second forward call costs more than it saves (on CPU a call's
+# fixed cost is worth a few dozen positions of a small model; see CPU_CHUNK_OVERHEAD_POSITIONS).
+MIN_SHARED_TOKENS = 8
+
+_VERDICT: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()  # "" = usable
+
+
+def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> int:
+    """How many leading real tokens every row's prompt shares (left padding skipped), at most the
+    shortest prompt's length less one, so each row keeps its last prompt token (it predicts the first
+    reply token) in the second forward."""
+    lengths = query_mask.sum(dim=1)
+    shortest = int(lengths.min()) if len(lengths) else 0
+    if len(lengths) < 2 or shortest < 2:
+        return 0
+    start = query_mask.shape[1] - lengths  # left padding: row r's tokens begin here
+    cols = start[:, None] + torch.arange(shortest - 1, device=query_ids.device)
+    heads = query_ids.gather(1, cols)  # [B, shortest - 1] each row's first real tokens
+    differs = (heads != heads[:1]).any(dim=0)
+    return int(differs.nonzero()[0]) if bool(differs.any()) else shortest - 1
+
+
+def cache_argument(model) -> str | None:
+    """The name forward() takes the KV cache under ("cache" from transformers 5.24, else
+    "past_key_values"), or None when it takes none."""
+    params = inspect.signature(unwrap_peft(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def shared_prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, shared: int, **kwargs):
+    """``model``'s output over ``ids`` [B, L] (``mask`` [B, L]: left padding, then real tokens, then
+    possibly right padding, as prompt + reply rows are) with the first ``shared``
+    real tokens of every row computed once. Takes the keyword arguments of a plain forward
+    (``logits_to_keep``, ``output_hidden_states``, ...); only positions after the prefix are returned,
+    so callers must read the tail (as policy_forward does: the reply and the last prompt token)."""
+    cache_arg = cache_argument(model)
+    start = mask.argmax(dim=1)  # each row's first real token (replies may be right-padded after it)
+    device = ids.device
+    prefix = ids[:1, int(start[0]):int(start[0]) + shared]
+    head = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                 position_ids=torch.arange(shared, device=device)[None], use_cache=True, logits_to_keep=1)
+    cache = getattr(head, "cache", None) or getattr(head, "past_key_values", None)
+    cache.batch_repeat_interleave(ids.shape[0])  # the prefix's keys and values for every row
+    # The prefix's slots become padding in the rows: what is left is each row's rest, still left-padded.
+    cols = torch.arange(mask.shape[1], device=device)[None]
+    rest = mask * (cols >= (start + shared)[:, None]).to(mask.dtype)
+    keep = rest.any(dim=0).nonzero()
+    first = int(keep[0]) if keep.numel() else mask.shape[1] - 1
+    rest_ids, rest = ids[:, first:], rest[:, first:]
+    positions = (shared + rest.cumsum(dim=1) - 1).clamp(min=shared)
+    full_mask = torch.cat([torch.ones(ids.shape[0], shared, dtype=mask.dtype, device=device), rest], dim=1)
+    return model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                 **{cache_arg: cache}, **kwargs)
+
+
+def shared_prefix_problem(model, plain, shared_path) -> str | None:
+    """Why the shared-prefix forward would not reproduce the plain one for this model (None when it
+    does), decided once per model on the first real inputs: ``plain()`` and ``shared_path()`` return
+    the same [B, R] log-probabilities each way."""
+    verdict = _VERDICT.get(model)
+    if verdict is not None:
+        return verdict or None
+    lm = unwrap_peft(model)
+    problem = None
+    if cache_argument(model) is None or "position_ids" not in inspect.signature(lm.forward).parameters:
+        problem = f"{type(lm).__name__}.forward() takes no KV cache or position ids"
+    elif getattr(lm.config, "is_encoder_decoder", False) or not getattr(lm, "_supports_default_dynamic_cache", lambda: True)():
+        problem = f"{type(lm).__name__} keeps a non-standard cache"
+    else:
+        with torch.no_grad():
+            try:
+                expect, got = plain(), shared_path()
+            except Exception as err:  # noqa: BLE001 - any failure means "use the plain forward"
+                problem = f"the shared-prefix forward failed ({type(err).__name__}: {err})"
+            else:
+                gap = float((expect - got).abs().max())
+                if not gap <= 1e-4 * max(1.0, float(expect.abs().max())):
+                    problem = f"shared-prefix and plain log-probabilities differ by {gap:.2e} on the same inputs"
+    if problem:
+        log.info("shared-prefix forward off for %s: %s", type(lm).__name__, problem)
+    _VERDICT[model] = problem or ""
+    return problem
