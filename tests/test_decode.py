@@ -247,6 +247,35 @@ def test_decode_threads_follow_model_size_unless_set(llama, monkeypatch):
         hook.remove()
         torch.set_num_threads(before)
 
+
+def test_a_shared_prompt_head_is_prefilled_once_with_the_same_result(llama, monkeypatch):
+    """Prompts that start alike (a system prompt): the head runs as a batch of one, after a one-time
+    check against the plain prefill, and greedy replies, recorded logprobs and hidden states match."""
+    from rlhf.models.shared_prefix import shared_prefix_length
+
+    model, tok = llama
+    prompts = ["You are a careful assistant. Answer in one short sentence, politely and on topic. " + p for p in PROMPTS]
+    ids, mask = encode(tok, prompts)
+    assert shared_prefix_length(ids, mask) >= decode.MIN_SHARED_TOKENS
+    state = decode._state(model)
+    monkeypatch.setattr(state, "shared_prefix", None)
+    heads = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: heads.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        first = decode.sample_response_ids(model, ids, mask, GREEDY, tok.eos_token_id, tok.pad_token_id, record=True)
+        assert state.shared_prefix is True  # checked on this call
+        heads.clear()
+        shared = decode.sample_response_ids(model, ids, mask, GREEDY, tok.eos_token_id, tok.pad_token_id, record=True)
+        assert heads[0][0] == 1 and heads[1][0] == len(prompts)  # the head alone, then the rest of every row
+    finally:
+        hook.remove()
+    monkeypatch.setattr(state, "shared_prefix", False)
+    plain = decode.sample_response_ids(model, ids, mask, GREEDY, tok.eos_token_id, tok.pad_token_id, record=True)
+    assert torch.equal(first.tokens, plain.tokens) and torch.equal(shared.tokens, plain.tokens)
+    assert torch.allclose(shared.logprobs, plain.logprobs, atol=1e-5)
+    assert torch.allclose(shared.hidden, plain.hidden, atol=1e-5)
+    assert torch.equal(shared.tokens, reference(model, tok, prompts, GREEDY))  # and generate agrees
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager_and_follows_weight_updates(llama):
     model, tok = llama

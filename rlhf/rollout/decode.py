@@ -46,6 +46,7 @@ import torch
 
 from rlhf.algos import token_logprobs
 from rlhf.models.loading import unwrap_peft
+from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class _ModelState:
         self.cache_arg = "past_key_values"  # forward()'s name for the KV cache ("cache" from transformers 5.24)
         self.prefill_kwargs: dict = {}      # {"logits_to_keep": 1} where forward() takes it
         self.parameters: int | None = None  # counted once, for ``decode_threads``
+        self.shared_prefix: bool | None = None  # shared-prefix prefill reproduces the plain one (None: not yet seen)
 
 
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -303,6 +305,61 @@ def sample_response_ids(model, query_ids: torch.Tensor, query_mask: torch.Tensor
     return Decoded(*(None if t is None else t.clone() for t in out))
 
 
+def _prefill(model, state: _ModelState, cache, query_ids, query_mask, mask, record: bool):
+    """The prompts' forward into ``cache``: logits [B, V] and (``record``) the final hidden state [B, H] at
+    each row's last prompt token, and the prompt's position ids [B, ·]; fills ``mask``'s prompt slots.
+
+    When the prompts share a head of ``MIN_SHARED_TOKENS`` or more (a chat template's system prompt),
+    it runs once as a batch of one and its keys and values go into every row's first slots; the rest
+    of each prompt follows, left-padded, after them (rlhf/models/shared_prefix.py: the same states as
+    a full prefill). The first time a model takes this path both prefills run and their logits are
+    compared; a model they disagree on is prefilled plainly from then on."""
+    prompt_len = query_ids.shape[1]
+    shared = shared_prefix_length(query_ids, query_mask)
+    if shared >= MIN_SHARED_TOKENS and state.shared_prefix is not False:
+        got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
+        if state.shared_prefix:
+            return got
+        cache.reset()  # first time: the plain prefill decides, and is what this call keeps
+        mask.zero_()
+        plain = _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
+        gap = float((plain[0] - got[0]).abs().max())
+        state.shared_prefix = gap <= 1e-4 * max(1.0, float(plain[0].abs().max()))
+        if not state.shared_prefix:
+            log.info("shared-prefix prefill off for %s: logits differ by %.2e", type(model).__name__, gap)
+        return plain
+    return _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
+
+
+def _prefill_plain(model, state: _ModelState, cache, query_ids, query_mask, mask, record: bool):
+    mask[:, :query_ids.shape[1]] = query_mask
+    positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                output_hidden_states=record, **{state.cache_arg: cache}, **state.prefill_kwargs)
+    return out.logits[:, -1].float(), (out.hidden_states[-1][:, -1] if record else None), positions
+
+
+def _prefill_shared(model, state: _ModelState, cache, query_ids, query_mask, mask, record: bool, shared: int):
+    batch, prompt_len = query_ids.shape
+    device = query_ids.device
+    start = prompt_len - query_mask.sum(dim=1)  # left padding: row r's tokens begin here
+    first = int(start[0])
+    head_ids = query_ids[:1, first:first + shared]
+    head = model(input_ids=head_ids, attention_mask=torch.ones_like(head_ids),
+                 position_ids=torch.arange(shared, device=device)[None], use_cache=True, **state.prefill_kwargs)
+    head_cache = getattr(head, "cache", None) or getattr(head, "past_key_values", None)
+    for i, layer in enumerate(head_cache.layers):  # slots 0..shared-1 of every row: the head's states
+        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+    cols = torch.arange(prompt_len, device=device)[None]
+    rest = (query_mask.long() * (cols >= (start + shared)[:, None]).long())[:, shared:]
+    mask[:, :shared] = 1
+    mask[:, shared:prompt_len] = rest
+    positions = (shared + rest.cumsum(dim=1) - 1).clamp(min=shared)
+    out = model(input_ids=query_ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
+                output_hidden_states=record, **{state.cache_arg: cache}, **state.prefill_kwargs)
+    return out.logits[:, -1].float(), (out.hidden_states[-1][:, -1] if record else None), positions
+
+
 def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings, record: bool,
             uniforms: torch.Tensor | None):
     state = _state(model)
@@ -316,16 +373,10 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
 
     # Slot i of the cache holds token i of the padded sequence; the mask says which slots are real.
     mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-    mask[:, :prompt_len] = query_mask
-    positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
     temperature, top_k, top_p = float(params.temperature), int(params.top_k or 0), float(params.top_p)
 
-    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                output_hidden_states=record, **{state.cache_arg: cache}, **state.prefill_kwargs)
-    logits = out.logits[:, -1].float()
-    hidden = out.hidden_states[-1][:, -1] if record else None
-    del out
+    logits, hidden, positions = _prefill(model, state, cache, query_ids, query_mask, mask, record)
     step = _step_fn(model, state, settings, record)
     next_pos = positions[:, -1:] + 1
     # With SDPA attention a one-token step needs no causal structure, only "which slots are real":
