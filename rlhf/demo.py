@@ -69,6 +69,9 @@ class DemoConfig:
     reward_epochs: float = opt(3.0, help="Reward-model training epochs.")
     reward_lr: float = opt(5e-5, help="Reward-model learning rate.")
     reward_max_length: int = opt(64, help="Tokens per (prompt, reply) for the reward model.")
+    reward_freeze_layers: int | None = opt(None, help="Lowest backbone layers (and the embeddings) kept fixed while the "
+                                                      "reward model trains (unset: 0 for bundled, as its demo was "
+                                                      "measured; 2 for others, rlhf reward train's default).")
     ppo_steps: int | None = opt(None, help="Maximum PPO steps (unset: 60 for bundled, fewer for larger models; "
                                            "rlhf/models/named.py DEMO_DEFAULTS).")
     ppo_batch_size: int | None = opt(None, help="Episodes per PPO step (unset: 32 for bundled).")
@@ -225,7 +228,8 @@ def _reward(cfg: DemoConfig, pairs: Path, out: Path) -> None:
 
     rcfg = RewardTrainConfig(pairs=str(pairs), out=str(out), base=cfg.reward_base, epochs=cfg.reward_epochs,
                              lr=cfg.reward_lr, max_length=cfg.reward_max_length, val_fraction=0.15, seed=cfg.seed,
-                             engine=cfg.engine, skip_bad_pairs=True, freeze_layers=0, eval_every=0)
+                             engine=cfg.engine, skip_bad_pairs=True, freeze_layers=cfg.reward_freeze_layers or 0,
+                             eval_every=0)
     rcfg.validate()
     train_reward_model(rcfg)
 
