@@ -314,7 +314,6 @@ def _prefill(model, state: _ModelState, cache, query_ids, query_mask, mask, reco
     of each prompt follows, left-padded, after them (rlhf/models/shared_prefix.py: the same states as
     a full prefill). The first time a model takes this path both prefills run and their logits are
     compared; a model they disagree on is prefilled plainly from then on."""
-    prompt_len = query_ids.shape[1]
     shared = shared_prefix_length(query_ids, query_mask)
     if shared >= MIN_SHARED_TOKENS and state.shared_prefix is not False:
         got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
