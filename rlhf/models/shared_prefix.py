@@ -1,8 +1,8 @@
 """A forward that computes the tokens every prompt of a batch starts with once, not once per row.
 
 Chat templates put the same tokens in front of every prompt: SmolLM2's adds a default system prompt
-("You are a helpful AI assistant named SmolLM, …") and the user turn's header, 26 tokens, about
-40% of a short prompt. A training forward over prompt + reply computes them for every row, and
+("You are a helpful AI assistant named SmolLM, …") and the user turn's header: 24 of the ~35
+tokens of the demo's prompts. A training forward over prompt + reply computes them for every row, and
 the backward goes through them again. Here the batch's common prefix runs once as a batch of one;
 its keys and values are repeated for every row as the KV cache of a second forward over the rest
 of each prompt and the reply. The rows' logits and hidden states are those of the full forward
