@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--compile", action="store_true", help="also time our loop with the compiled step")
-    ap.add_argument("--decode-threads", type=int, default=1, help="threads our loop uses (0 = torch's default)")
+    ap.add_argument("--decode-threads", type=int, default=1, help="threads our loop uses (0 = by model size, as --rollout-threads 0)")
     ap.add_argument("--bandwidth", type=float, default=0.0,
                     help="GB/s for the weight-reading floor (0 = measure the read bandwidth at torch's thread count)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "bench_generate.json"))
@@ -137,7 +137,7 @@ def main() -> int:
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.rollout.backends import FastDecode, HFGenerate
-    from rlhf.rollout.decode import DecodeSettings
+    from rlhf.rollout.decode import DecodeSettings, decode_threads
     from rlhf.rollout.generate import SamplingParams, sample_tokens
 
     tmp = tempfile.TemporaryDirectory() if args.build_30m else None
@@ -167,7 +167,7 @@ def main() -> int:
     variants = {f"hf_generate ({default_threads} threads)": lambda p: run_hf(p, default_threads)}
     if default_threads != 1:
         variants["hf_generate (1 thread)"] = lambda p: run_hf(p, 1)
-    ours_threads = args.decode_threads or default_threads
+    ours_threads = decode_threads(model, DecodeSettings(threads=args.decode_threads))  # 0: by model size
     variants[f"sample_tokens ({ours_threads} thread{'s' if ours_threads > 1 else ''})"] = lambda p: run_ours(p, False)
     if args.compile:
         variants[f"sample_tokens compiled ({ours_threads} thread{'s' if ours_threads > 1 else ''})"] = \
