@@ -54,10 +54,25 @@ def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> i
 
 
 def cache_argument(model) -> str | None:
-    """The name forward() takes the KV cache under ("cache" from transformers 5.24, else
-    "past_key_values"), or None when it takes none."""
+    """The name forward() takes the KV cache under ("cache" from transformers 5.24, which still accepts
+    the old name with a deprecation warning on every call; else "past_key_values"), or None."""
     params = inspect.signature(unwrap_peft(model).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def head_cache(model, head_ids: torch.Tensor, **kwargs):
+    """The KV cache (a transformers DynamicCache) of ``head_ids`` [1, S] run alone from position 0."""
+    out = model(input_ids=head_ids, attention_mask=torch.ones_like(head_ids),
+                position_ids=torch.arange(head_ids.shape[1], device=head_ids.device)[None], use_cache=True, **kwargs)
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def rest_of_rows(mask: torch.Tensor, start: torch.Tensor, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask`` [B, L] with each row's first ``shared`` real tokens (row r's begin at ``start[r]``) turned
+    into padding, and the position ids of what is left, continuing from ``shared``: [B, L] each."""
+    cols = torch.arange(mask.shape[1], device=mask.device)[None]
+    rest = mask * (cols >= (start + shared)[:, None]).to(mask.dtype)
+    return rest, (shared + rest.cumsum(dim=1) - 1).clamp(min=shared)
 
 
 def shared_prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, shared: int, **kwargs):
@@ -66,24 +81,16 @@ def shared_prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, shared: 
     real tokens of every row computed once. Takes the keyword arguments of a plain forward
     (``logits_to_keep``, ``output_hidden_states``, ...); only positions after the prefix are returned,
     so callers must read the tail (as policy_forward does: the reply and the last prompt token)."""
-    cache_arg = cache_argument(model)
     start = mask.argmax(dim=1)  # each row's first real token (replies may be right-padded after it)
-    device = ids.device
-    prefix = ids[:1, int(start[0]):int(start[0]) + shared]
-    head = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                 position_ids=torch.arange(shared, device=device)[None], use_cache=True, logits_to_keep=1)
-    cache = getattr(head, "cache", None) or getattr(head, "past_key_values", None)
+    cache = head_cache(model, ids[:1, int(start[0]):int(start[0]) + shared], logits_to_keep=1)
     cache.batch_repeat_interleave(ids.shape[0])  # the prefix's keys and values for every row
     # The prefix's slots become padding in the rows: what is left is each row's rest, still left-padded.
-    cols = torch.arange(mask.shape[1], device=device)[None]
-    rest = mask * (cols >= (start + shared)[:, None]).to(mask.dtype)
+    rest, positions = rest_of_rows(mask, start, shared)
     keep = rest.any(dim=0).nonzero()
     first = int(keep[0]) if keep.numel() else mask.shape[1] - 1
-    rest_ids, rest = ids[:, first:], rest[:, first:]
-    positions = (shared + rest.cumsum(dim=1) - 1).clamp(min=shared)
-    full_mask = torch.cat([torch.ones(ids.shape[0], shared, dtype=mask.dtype, device=device), rest], dim=1)
-    return model(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                 **{cache_arg: cache}, **kwargs)
+    full_mask = torch.cat([torch.ones(ids.shape[0], shared, dtype=mask.dtype, device=ids.device), rest[:, first:]], dim=1)
+    return model(input_ids=ids[:, first:], attention_mask=full_mask, position_ids=positions[:, first:], use_cache=True,
+                 **{cache_argument(model): cache}, **kwargs)
 
 
 def shared_prefix_problem(model, plain, shared_path) -> str | None:

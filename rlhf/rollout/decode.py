@@ -46,7 +46,7 @@ import torch
 
 from rlhf.algos import token_logprobs
 from rlhf.models.loading import unwrap_peft
-from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, cache_argument, head_cache, rest_of_rows, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ def _check_support(model) -> str | None:
     if supports_cache is not None and not supports_cache():
         return f"{type(model).__name__} keeps a non-standard cache"
     params = inspect.signature(unwrap_peft(model).forward).parameters
-    # transformers 5.24 renamed forward()'s `past_key_values` to `cache` (the old name still works, with
-    # a deprecation warning on every call); pass whichever name this model's forward declares.
-    cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
+    cache_arg = cache_argument(model)  # whichever name this model's forward declares
     if cache_arg is None or not {"input_ids", "attention_mask", "position_ids"} <= set(params):
         return "forward() lacks input_ids/attention_mask/position_ids/cache (or past_key_values)"
     state = _state(model)
@@ -319,8 +317,7 @@ def _prefill(model, state: _ModelState, cache, query_ids, query_mask, mask, reco
         got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
         if state.shared_prefix:
             return got
-        cache.reset()  # first time: the plain prefill decides, and is what this call keeps
-        mask.zero_()
+        cache.reset()  # first time: the plain prefill decides, and is what this call keeps (it rewrites the mask)
         plain = _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
         gap = float((plain[0] - got[0]).abs().max())
         state.shared_prefix = gap <= 1e-4 * max(1.0, float(plain[0].abs().max()))
@@ -340,20 +337,14 @@ def _prefill_plain(model, state: _ModelState, cache, query_ids, query_mask, mask
 
 def _prefill_shared(model, state: _ModelState, cache, query_ids, query_mask, mask, record: bool, shared: int):
     batch, prompt_len = query_ids.shape
-    device = query_ids.device
-    start = prompt_len - query_mask.sum(dim=1)  # left padding: row r's tokens begin here
-    first = int(start[0])
-    head_ids = query_ids[:1, first:first + shared]
-    head = model(input_ids=head_ids, attention_mask=torch.ones_like(head_ids),
-                 position_ids=torch.arange(shared, device=device)[None], use_cache=True, **state.prefill_kwargs)
-    head_cache = getattr(head, "cache", None) or getattr(head, "past_key_values", None)
-    for i, layer in enumerate(head_cache.layers):  # slots 0..shared-1 of every row: the head's states
+    start = query_mask.argmax(dim=1)  # left padding: row r's tokens begin here
+    head = head_cache(model, query_ids[:1, int(start[0]):int(start[0]) + shared], **state.prefill_kwargs)
+    for i, layer in enumerate(head.layers):  # slots 0..shared-1 of every row: the head's states
         cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
-    cols = torch.arange(prompt_len, device=device)[None]
-    rest = (query_mask.long() * (cols >= (start + shared)[:, None]).long())[:, shared:]
+    rest, positions = rest_of_rows(query_mask.long(), start, shared)
     mask[:, :shared] = 1
-    mask[:, shared:prompt_len] = rest
-    positions = (shared + rest.cumsum(dim=1) - 1).clamp(min=shared)
+    mask[:, shared:prompt_len] = rest[:, shared:]
+    positions = positions[:, shared:]
     out = model(input_ids=query_ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
                 output_hidden_states=record, **{state.cache_arg: cache}, **state.prefill_kwargs)
     return out.logits[:, -1].float(), (out.hidden_states[-1][:, -1] if record else None), positions
