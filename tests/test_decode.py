@@ -250,7 +250,8 @@ def test_decode_threads_follow_model_size_unless_set(llama, monkeypatch):
 
 def test_a_shared_prompt_head_is_prefilled_once_with_the_same_result(llama, monkeypatch):
     """Prompts that start alike (a system prompt): the head runs as a batch of one, after a one-time
-    check against the plain prefill, and greedy replies, recorded logprobs and hidden states match."""
+    check against the plain prefill, and greedy replies, recorded logprobs and hidden states match;
+    the checking call returns exactly what later calls return."""
     from rlhf.models.shared_prefix import shared_prefix_length
 
     model, tok = llama
@@ -272,6 +273,8 @@ def test_a_shared_prompt_head_is_prefilled_once_with_the_same_result(llama, monk
     monkeypatch.setattr(state, "shared_prefix", False)
     plain = decode.sample_response_ids(model, ids, mask, GREEDY, tok.eos_token_id, tok.pad_token_id, record=True)
     assert torch.equal(first.tokens, plain.tokens) and torch.equal(shared.tokens, plain.tokens)
+    # The checking call keeps the shared numbers, bit for bit: a resumed run checks on a later step.
+    assert torch.equal(first.logprobs, shared.logprobs) and torch.equal(first.hidden, shared.hidden)
     assert torch.allclose(shared.logprobs, plain.logprobs, atol=1e-5)
     assert torch.allclose(shared.hidden, plain.hidden, atol=1e-5)
     assert torch.equal(shared.tokens, reference(model, tok, prompts, GREEDY))  # and generate agrees

@@ -311,19 +311,22 @@ def _prefill(model, state: _ModelState, cache, query_ids, query_mask, mask, reco
     it runs once as a batch of one and its keys and values go into every row's first slots; the rest
     of each prompt follows, left-padded, after them (rlhf/models/shared_prefix.py: the same states as
     a full prefill). The first time a model takes this path both prefills run and their logits are
-    compared; a model they disagree on is prefilled plainly from then on."""
+    compared; a model they disagree on is prefilled plainly from then on. The checking call keeps the
+    shared result, as every later call would: a run resumed from a checkpoint checks on a later step
+    than the uninterrupted run did, and must sample from the same numbers there."""
     shared = shared_prefix_length(query_ids, query_mask)
     if shared >= MIN_SHARED_TOKENS and state.shared_prefix is not False:
-        got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
         if state.shared_prefix:
-            return got
-        cache.reset()  # first time: the plain prefill decides, and is what this call keeps (it rewrites the mask)
+            return _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
         plain = _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
+        cache.reset()  # the shared prefill rewrites the prompt's mask slots and fills the cache afresh
+        got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
         gap = float((plain[0] - got[0]).abs().max())
         state.shared_prefix = gap <= 1e-4 * max(1.0, float(plain[0].abs().max()))
-        if not state.shared_prefix:
-            log.info("shared-prefix prefill off for %s: logits differ by %.2e", type(model).__name__, gap)
-        return plain
+        if state.shared_prefix:
+            return got
+        log.info("shared-prefix prefill off for %s: logits differ by %.2e", type(model).__name__, gap)
+        cache.reset()
     return _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
 
 
