@@ -132,6 +132,44 @@ def test_auto_mode_routes_each_shape_by_its_cached_timing(gemm_mode, monkeypatch
 
 
 @needs_onednn
+def test_decode_sized_and_training_sized_inputs_follow_their_own_timing(gemm_mode, monkeypatch, tmp_path):
+    """A shape whose decode-sized product (a few rows, forward only) is faster in oneDNN but whose
+    training-sized products are not takes oneDNN for small inputs only, and the reverse."""
+    gemm_mode("auto")
+    timed = []
+    fake = {(256, 512, False): 0.5, (256, 512, True): 2.0, (512, 256, False): 2.0, (512, 256, True): 0.5}
+
+    def fake_time(k, n, rows=cpu_gemm.TIMING_ROWS, backward=True, **kw):
+        timed.append((k, n, rows, backward))
+        return {"blas": 1.0, "onednn": fake.get((k, n, backward), 2.0)}
+
+    monkeypatch.setattr(cpu_gemm, "time_shape", fake_time)
+    monkeypatch.setattr(cpu_gemm, "cache_path", lambda: tmp_path / "cpu-gemm.json")
+    monkeypatch.setattr(cpu_gemm, "machine_load", lambda: 0.0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(16, 16))
+    assert cpu_gemm.use_fast_cpu_linears(model) == 2
+    small, large = cpu_gemm.SMALL_TIMING_ROWS, cpu_gemm.TIMING_ROWS
+    # 16x16's decode-sized products can never reach MIN_ONEDNN_MACS, so only its training size is timed
+    assert sorted(timed) == [(16, 16, large, True), (256, 512, small, False), (256, 512, large, True),
+                             (512, 256, small, False), (512, 256, large, True)]
+    (entry,) = json.loads((tmp_path / "cpu-gemm.json").read_text()).values()
+    assert entry[f"256x512@{small}"]["onednn"] is True and entry["256x512"]["onednn"] is False
+    calls = []
+    real = cpu_gemm._linear
+    monkeypatch.setattr(cpu_gemm, "_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        for rows in (16, cpu_gemm.SMALL_ROWS, cpu_gemm.SMALL_ROWS + 1, 512):
+            x = torch.randn(rows, 256)
+            assert torch.allclose(model[1](model[0](x)), nn.functional.linear(
+                nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias), atol=1e-4)
+    # the 256→512 layer took oneDNN for inputs of up to SMALL_ROWS rows, the 512→256 layer above that
+    assert calls == [16, cpu_gemm.SMALL_ROWS, cpu_gemm.SMALL_ROWS + 1, 512]
+    # a second model takes both verdicts from the cache
+    assert cpu_gemm.use_fast_cpu_linears(nn.Sequential(nn.Linear(256, 512))) == 1 and len(timed) == 5
+
+
+@needs_onednn
 def test_time_shape_measures_both_paths():
-    t = cpu_gemm.time_shape(64, 96, rows=32, repeats=2)
-    assert set(t) == {"blas", "onednn"} and all(0 < v < 1 for v in t.values())
+    for backward in (True, False):
+        t = cpu_gemm.time_shape(64, 96, rows=32, repeats=2, backward=backward)
+        assert set(t) == {"blas", "onednn"} and all(0 < v < 1 for v in t.values())

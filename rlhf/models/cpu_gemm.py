@@ -13,10 +13,15 @@ Modes (``--cpu-gemm``, set for the process by :func:`configure` when a command s
 * ``blas``: nothing is switched; torch's default path (also what a library user gets who never
   calls :func:`configure`);
 * ``onednn``: every fp32 CPU ``nn.Linear`` goes through oneDNN;
-* ``auto``: for each (in, out) shape of the model's linear layers, a short timing of the forward
-  and both backward products at a training-sized row count, oneDNN against BLAS, decides; a layer
-  switches when oneDNN is at least 5% faster. Results are cached per CPU model, torch version and
-  thread count (``~/.cache/rlhf/cpu-gemm.json``, with the load average at the time), so a run on
+* ``auto``: for each (in, out) shape of the model's linear layers, short timings of oneDNN against
+  BLAS decide, separately for two regimes: training-sized products (the forward and both backward
+  products at ``TIMING_ROWS`` rows) and decode-sized ones (the forward alone at ``SMALL_TIMING_ROWS``
+  rows, used for inputs of at most ``SMALL_ROWS`` rows: one token per sequence). A layer takes
+  oneDNN in a regime when it is at least 5% faster there. The regimes disagree in both directions:
+  on a Zen 2 EPYC with two threads, MKL does not split a 16-row product with SmolLM2's 49152-row
+  LM head across threads (62 ms, oneDNN 25 ms), while 16-row products with its 576-wide layers
+  are 1.2-1.4x faster in MKL even where oneDNN wins at 512 rows. Results are cached per CPU model,
+  torch version and thread count (``~/.cache/rlhf/cpu-gemm.json``, with the load average at the time), so a run on
   a machine that has measured once is deterministic: the same layers always take the same path.
   On a busy machine (load average above the core count) nothing is timed: other jobs preempt the
   products and the timing would cache noise, so such a run keeps BLAS for unmeasured shapes and
@@ -38,6 +43,7 @@ import platform
 import time
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -96,8 +102,11 @@ MIN_ONEDNN_MACS = 2**21
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # Under torch.compile the graph is traced from the plain op (inductor picks its own kernels);
-    # inputs that do not fit (another dtype or device after a .to()) take the plain op as well.
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+    # inputs that do not fit (another dtype or device after a .to()) take the plain op as well, and
+    # so do inputs in a regime (decode-sized or training-sized) where BLAS was the faster path.
+    small = x.numel() <= SMALL_ROWS * x.shape[-1]
+    if (not (self._onednn_small if small else self._onednn_large)
+            or torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
             or self.weight.dtype != torch.float32 or self.weight.device.type != "cpu"
             or x.numel() * self.weight.shape[0] < MIN_ONEDNN_MACS):
         return nn.functional.linear(x, self.weight, self.bias)
@@ -145,9 +154,11 @@ def onednn_available() -> bool:
 
 
 # Rows of the timed products: a training micro-batch's positions (PPO: 16 replies of ~40 tokens;
-# reward training: 32 packed sequences of ~60). Decode-sized products never reach oneDNN anyway
-# (MIN_ONEDNN_MACS).
+# reward training: 32 packed sequences of ~60), and a decode step's (one new token for each of a
+# batch of sequences). Inputs of up to SMALL_ROWS rows take the decode-sized verdict.
 TIMING_ROWS = 512
+SMALL_TIMING_ROWS = 16
+SMALL_ROWS = 64
 ONEDNN_MARGIN = 0.95  # oneDNN must be this much faster (time ratio) to replace the default
 
 
@@ -160,17 +171,21 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def time_shape(in_features: int, out_features: int, rows: int = TIMING_ROWS, repeats: int = 5) -> dict[str, float]:
-    """Seconds for one layer's forward + both backward products, BLAS and oneDNN, best of ``repeats``
+def time_shape(in_features: int, out_features: int, rows: int = TIMING_ROWS, repeats: int = 5,
+               backward: bool = True) -> dict[str, float]:
+    """Seconds for one layer's forward (+ both backward products), BLAS and oneDNN, best of ``repeats``
     (interleaved, so a burst of load from another process hits both alike)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
     gy = torch.randn(rows, out_features, generator=g)
-    paths = {
-        "blas": lambda: (nn.functional.linear(x, w), gy @ w, gy.t() @ x),
-        "onednn": lambda: (_linear(x, w), _linear(gy, w.t()), _linear(gy.t(), x.t())),
-    }
+    if backward:
+        paths = {
+            "blas": lambda: (nn.functional.linear(x, w), gy @ w, gy.t() @ x),
+            "onednn": lambda: (_linear(x, w), _linear(gy, w.t()), _linear(gy.t(), x.t())),
+        }
+    else:
+        paths = {"blas": lambda: nn.functional.linear(x, w), "onednn": lambda: _linear(x, w)}
     for fn in paths.values():
         fn()  # warm up: oneDNN builds its primitives, BLAS its buffers
     best = {k: float("inf") for k in paths}
@@ -190,9 +205,31 @@ def cache_path() -> Path:
     return Path(root) / "rlhf" / "cpu-gemm.json"
 
 
-def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> dict[tuple[int, int], bool]:
-    """For each (in, out) shape, whether oneDNN is the faster path on this CPU: from the cache, or
-    timed now (and cached). Keyed by CPU model, torch version and torch's thread count."""
+class Routing(NamedTuple):
+    """Whether a layer shape's products go through oneDNN, per regime."""
+
+    large: bool  # training-sized inputs (more than SMALL_ROWS rows)
+    small: bool  # decode-sized inputs (SMALL_ROWS rows or fewer)
+
+
+def _small_reaches_onednn(shape: tuple[int, int]) -> bool:
+    """Whether a decode-sized input of this shape can pass MIN_ONEDNN_MACS at all (else BLAS, untimed)."""
+    return SMALL_ROWS * shape[0] * shape[1] >= MIN_ONEDNN_MACS
+
+
+def _timings_to_run(shape: tuple[int, int]) -> dict[str, dict]:
+    """The cache entries a shape needs, by name, with time_shape's arguments for each: "KxN" for the
+    training-sized timing (the name older caches used), "KxN@16" for the decode-sized one."""
+    k, n = shape
+    todo = {f"{k}x{n}": dict(rows=TIMING_ROWS, backward=True)}
+    if _small_reaches_onednn(shape):
+        todo[f"{k}x{n}@{SMALL_TIMING_ROWS}"] = dict(rows=SMALL_TIMING_ROWS, backward=False)
+    return todo
+
+
+def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> dict[tuple[int, int], Routing]:
+    """For each (in, out) shape, whether oneDNN is the faster path on this CPU in each regime: from
+    the cache, or timed now (and cached). Keyed by CPU model, torch version and torch's thread count."""
     from rlhf.utils.io import atomic_write_json
 
     path = path or cache_path()
@@ -202,26 +239,33 @@ def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> 
     except (OSError, json.JSONDecodeError):
         cache = {}  # a damaged cache is measured again, never trusted
     entries = cache.setdefault(key, {})
-    todo = sorted(s for s in shapes if f"{s[0]}x{s[1]}" not in entries)
+    todo = {name: (shape, args) for shape in sorted(shapes) for name, args in _timings_to_run(shape).items()
+            if name not in entries}
     load = machine_load()
+
+    def routing(shape) -> Routing:
+        k, n = shape
+        return Routing(bool(entries.get(f"{k}x{n}", {}).get("onednn", False)),
+                       bool(entries.get(f"{k}x{n}@{SMALL_TIMING_ROWS}", {}).get("onednn", False)))
+
     if todo and load > (os.cpu_count() or 1):
         # Other jobs preempt the timed products (a 10 ms product spans several scheduler slices),
         # so a timing now would cache noise for good: keep the default for this run, time later.
         log.warning("CPU GEMM routing: the machine is busy (load %.1f on %d cores); using the default BLAS for "
-                    "%d layer shape(s) this run, and timing them when it is quieter", load, os.cpu_count() or 1, len(todo))
-        return {s: bool(entries.get(f"{s[0]}x{s[1]}", {}).get("onednn", False)) for s in shapes}
-    for k, n in todo:
-        t = time_shape(k, n)
-        entries[f"{k}x{n}"] = {"blas_ms": round(t["blas"] * 1e3, 4), "onednn_ms": round(t["onednn"] * 1e3, 4),
-                               "onednn": t["onednn"] < ONEDNN_MARGIN * t["blas"], "load_average": round(load, 2)}
+                    "%d untimed layer shape(s) this run, and timing them when it is quieter",
+                    load, os.cpu_count() or 1, len(todo))
+        return {s: routing(s) for s in shapes}
+    for name, ((k, n), args) in todo.items():
+        t = time_shape(k, n, **args)
+        entries[name] = {"blas_ms": round(t["blas"] * 1e3, 4), "onednn_ms": round(t["onednn"] * 1e3, 4),
+                         "onednn": t["onednn"] < ONEDNN_MARGIN * t["blas"], "load_average": round(load, 2)}
     if todo:
         try:
             atomic_write_json(path, cache)
         except OSError as err:  # a read-only home still runs, it just measures again next time
             log.warning("could not write the CPU GEMM routing cache %s: %s", path, err)
-        log.info("timed %d linear shape(s) on %s: %s", len(todo), key,
-                 {f"{k}x{n}": entries[f"{k}x{n}"] for k, n in todo})
-    return {s: bool(entries[f"{s[0]}x{s[1]}"]["onednn"]) for s in shapes}
+        log.info("timed %d linear product(s) on %s: %s", len(todo), key, {name: entries[name] for name in todo})
+    return {s: routing(s) for s in shapes}
 
 
 def _eligible(model: nn.Module) -> list[nn.Linear]:
@@ -231,7 +275,7 @@ def _eligible(model: nn.Module) -> list[nn.Linear]:
 
 def use_fast_cpu_linears(model: nn.Module, mode: str | None = None) -> int:
     """Route ``model``'s fp32 CPU ``nn.Linear`` layers through oneDNN as ``mode`` (default: the
-    process's configured mode) decides; returns how many were switched. Weights, state dicts and
+    process's configured mode) decides; returns how many were switched (in either regime). Weights, state dicts and
     saved checkpoints are unchanged."""
     mode = mode or configured_mode()
     if mode not in MODES:
@@ -242,8 +286,14 @@ def use_fast_cpu_linears(model: nn.Module, mode: str | None = None) -> int:
     if not layers or not onednn_available():
         return 0
     if mode == "auto":
-        faster = measured_routing({(m.in_features, m.out_features) for m in layers})
-        layers = [m for m in layers if faster[(m.in_features, m.out_features)]]
+        routes = measured_routing({(m.in_features, m.out_features) for m in layers})
+    else:
+        routes = {(m.in_features, m.out_features): Routing(True, True) for m in layers}
+    switched = 0
     for m in layers:
-        m.forward = types.MethodType(_onednn_forward, m)
-    return len(layers)
+        route = routes[(m.in_features, m.out_features)]
+        if route.large or route.small:
+            m._onednn_large, m._onednn_small = route
+            m.forward = types.MethodType(_onednn_forward, m)
+            switched += 1
+    return switched
