@@ -63,7 +63,7 @@ def test_shared_prefix_forward_matches_the_plain_one_with_gradients(episode, mon
     plain, g_plain = _forward_and_grads(model, head, q, qm, r, rm, 10**9, monkeypatch)
     calls = []
     real = SP.shared_prefix_forward
-    monkeypatch.setattr(P, "shared_prefix_forward", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(SP, "shared_prefix_forward", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     both, g_both = _forward_and_grads(model, head, q, qm, r, rm, 1, monkeypatch)
     assert calls and set(calls) == {shared}  # the shared path ran (after its one-time check)
     for name in ("logprobs", "values", "entropy"):
@@ -83,7 +83,7 @@ def test_a_model_the_shared_forward_cannot_reproduce_keeps_the_plain_one(episode
         out.logits = out.logits + 1.0 * torch.arange(out.logits.shape[-1])
         return out
 
-    monkeypatch.setattr(P, "shared_prefix_forward", wrong)
+    monkeypatch.setattr(SP, "shared_prefix_forward", wrong)
     with torch.no_grad():
         out = P.policy_forward(model, q, qm, r, rm, 0.7, head)
     assert "differ" in SP._VERDICT[model]
@@ -91,3 +91,26 @@ def test_a_model_the_shared_forward_cannot_reproduce_keeps_the_plain_one(episode
     with torch.no_grad():
         plain = P.policy_forward(model, q, qm, r, rm, 0.7, head)
     assert torch.equal(out.logprobs, plain.logprobs) and torch.equal(out.values, plain.values)
+
+
+def test_the_deciding_call_costs_one_plain_forward_and_returns_what_later_calls_do(episode, monkeypatch):
+    """A model's first shared call runs the shared forward (2 model calls: the head, the rows) and one
+    plain forward to compare with, then keeps the shared result, bit for bit what later calls give:
+    a resumed run decides on a later step than the uninterrupted run did."""
+    model, q, qm, r, rm, head = episode
+    monkeypatch.setattr(P, "MIN_SHARED_TOKENS", 1)
+    assert model not in SP._VERDICT  # a fresh model: undecided
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        first = P.policy_forward(model, q, qm, r, rm, 0.7, head, entropy="loss")
+        assert SP._VERDICT[model] == "" and calls == [1, len(PROMPTS), len(PROMPTS)]
+        first.logprobs.sum().backward()  # the kept output carries gradients
+        calls.clear()
+        later = P.policy_forward(model, q, qm, r, rm, 0.7, head, entropy="loss")
+        assert calls == [1, len(PROMPTS)]
+    finally:
+        hook.remove()
+    for name in ("logprobs", "values", "entropy"):
+        assert torch.equal(getattr(first, name), getattr(later, name)), name

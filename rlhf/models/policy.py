@@ -23,7 +23,7 @@ from torch import nn
 
 from rlhf.algos import entropy_from_logits, token_logprobs
 from rlhf.models.loading import unwrap_peft
-from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_forward, shared_prefix_length, shared_prefix_problem
+from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, forward_sharing_prefix, shared_prefix_length
 
 
 @dataclass
@@ -90,11 +90,9 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
         return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra)
 
     shared = shared_prefix_length(query_ids, query_mask) if "logits_to_keep" in extra else 0
-    if shared >= MIN_SHARED_TOKENS and not shared_prefix_problem(
-            model, lambda: _reply_logprobs(plain(), response_ids, r, temperature) * response_mask,
-            lambda: _reply_logprobs(shared_prefix_forward(model, ids, mask, shared, **extra), response_ids, r,
-                                    temperature) * response_mask):
-        out = shared_prefix_forward(model, ids, mask, shared, **extra)  # the prompts' common head once
+    if shared >= MIN_SHARED_TOKENS:  # the prompts' common head once, where the model reproduces plain()
+        out = forward_sharing_prefix(model, ids, mask, shared, plain,
+                                     lambda o: _reply_logprobs(o, response_ids, r, temperature) * response_mask, **extra)
     else:
         out = plain()
     logits = out.logits[:, -(r + 1):-1].float()  # the logits that predicted each reply token

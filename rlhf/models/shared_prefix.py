@@ -15,8 +15,8 @@ over the rows, as they would be summed over its copies.
     second forward:       _ _ _ a b y y (+ cache)   pads where the prefix was; positions S..
 
 Used by ``rlhf.models.policy.policy_forward`` when the prefix is long enough to pay for the extra
-forward call (``MIN_SHARED_TOKENS``) and the model passes ``shared_prefix_problem`` once: the same
-log-probabilities as the plain forward on real inputs, else the plain forward is kept for it.
+forward call (``MIN_SHARED_TOKENS``), through ``forward_sharing_prefix``: a model must give the same
+log-probabilities as the plain forward on its first real inputs, else the plain forward is kept for it.
 """
 
 from __future__ import annotations
@@ -93,30 +93,43 @@ def shared_prefix_forward(model, ids: torch.Tensor, mask: torch.Tensor, shared: 
                  **{cache_argument(model): cache}, **kwargs)
 
 
-def shared_prefix_problem(model, plain, shared_path) -> str | None:
-    """Why the shared-prefix forward would not reproduce the plain one for this model (None when it
-    does), decided once per model on the first real inputs: ``plain()`` and ``shared_path()`` return
-    the same [B, R] log-probabilities each way."""
-    verdict = _VERDICT.get(model)
-    if verdict is not None:
-        return verdict or None
+def _structural_problem(model) -> str | None:
+    """Why ``model``'s forward cannot take a prefix's cache at all (None when it can)."""
     lm = unwrap_peft(model)
-    problem = None
     if cache_argument(model) is None or "position_ids" not in inspect.signature(lm.forward).parameters:
-        problem = f"{type(lm).__name__}.forward() takes no KV cache or position ids"
-    elif getattr(lm.config, "is_encoder_decoder", False) or not getattr(lm, "_supports_default_dynamic_cache", lambda: True)():
-        problem = f"{type(lm).__name__} keeps a non-standard cache"
-    else:
+        return f"{type(lm).__name__}.forward() takes no KV cache or position ids"
+    if getattr(lm.config, "is_encoder_decoder", False) or not getattr(lm, "_supports_default_dynamic_cache", lambda: True)():
+        return f"{type(lm).__name__} keeps a non-standard cache"
+    return None
+
+
+def forward_sharing_prefix(model, ids: torch.Tensor, mask: torch.Tensor, shared: int, plain, score, **kwargs):
+    """``model``'s output over ``ids`` with the first ``shared`` real tokens computed once
+    (:func:`shared_prefix_forward`), where this model reproduces the plain forward; else ``plain()``.
+
+    Decided once per model, on its first call: the shared output is scored (``score(output)`` → the
+    [B, R] log-probabilities the caller reads) against a no-grad ``plain()`` and kept when they
+    agree, so the deciding call costs one extra plain forward and returns what later calls would
+    (a run resumed from a checkpoint decides on a later step than the uninterrupted run did)."""
+    verdict = _VERDICT.get(model)
+    if verdict == "":
+        return shared_prefix_forward(model, ids, mask, shared, **kwargs)
+    if verdict is not None:
+        return plain()
+    problem, out = _structural_problem(model), None
+    if problem is None:
+        try:
+            out = shared_prefix_forward(model, ids, mask, shared, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure means "use the plain forward"
+            problem = f"the shared-prefix forward failed ({type(err).__name__}: {err})"
+    if problem is None:
         with torch.no_grad():
-            try:
-                expect, got = plain(), shared_path()
-            except Exception as err:  # noqa: BLE001 - any failure means "use the plain forward"
-                problem = f"the shared-prefix forward failed ({type(err).__name__}: {err})"
-            else:
-                gap = float((expect - got).abs().max())
-                if not gap <= 1e-4 * max(1.0, float(expect.abs().max())):
-                    problem = f"shared-prefix and plain log-probabilities differ by {gap:.2e} on the same inputs"
-    if problem:
-        log.info("shared-prefix forward off for %s: %s", type(lm).__name__, problem)
+            expect, got = score(plain()), score(out)
+        gap = float((expect - got).abs().max())
+        if not gap <= 1e-4 * max(1.0, float(expect.abs().max())):
+            problem = f"shared-prefix and plain log-probabilities differ by {gap:.2e} on the same inputs"
     _VERDICT[model] = problem or ""
-    return problem
+    if problem:
+        log.info("shared-prefix forward off for %s: %s", type(unwrap_peft(model)).__name__, problem)
+        return plain()
+    return out
