@@ -115,3 +115,21 @@ def test_weighted_scorer_adds_constant_parts_and_refuses_a_non_finite_one():
             load_scorer(bad)
     with pytest.raises(ConfigError, match="at least one scorer"):
         load_scorer("weighted:1.5")
+
+
+def test_a_model_that_is_its_own_reference_is_scored_once(tiny_model_dir, monkeypatch):
+    """The base policy evaluated against itself as the reference (one loaded object): one forward
+    per batch instead of two, KL exactly 0, and the same perplexity as against a separate copy."""
+    from rlhf.eval import judging
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.rollout.generate import SamplingParams
+
+    model, tok = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    batches = judging.sample_all(model, tok, ["hot house", "rice"], SamplingParams(6, 1.0, 1.0), 2, 4, seed=0)
+    _, ppl_copy = judging.kl_and_perplexity(model, load_causal_lm(tiny_model_dir), batches)
+    calls = []
+    real = judging.response_logprobs
+    monkeypatch.setattr(judging, "response_logprobs", lambda m, b: calls.append(m) or real(m, b))
+    kl, ppl = judging.kl_and_perplexity(model, model, batches)
+    assert len(calls) == len(batches) and torch.equal(kl, torch.zeros_like(kl))
+    assert torch.allclose(ppl, ppl_copy, rtol=1e-5)

@@ -94,18 +94,19 @@ def test_a_model_the_shared_forward_cannot_reproduce_keeps_the_plain_one(episode
 
 
 def test_the_deciding_call_costs_one_plain_forward_and_returns_what_later_calls_do(episode, monkeypatch):
-    """A model's first shared call runs the shared forward (2 model calls: the head, the rows) and one
-    plain forward to compare with, then keeps the shared result, bit for bit what later calls give:
-    a resumed run decides on a later step than the uninterrupted run did."""
+    """A model's first shared call runs the shared forward (2 model calls: the head, the rows) and a
+    plain forward of its first CHECK_ROWS rows to compare with, then keeps the shared result, bit for
+    bit what later calls give: a resumed run decides on a later step than the uninterrupted run did."""
     model, q, qm, r, rm, head = episode
     monkeypatch.setattr(P, "MIN_SHARED_TOKENS", 1)
+    monkeypatch.setattr(SP, "CHECK_ROWS", 2)  # the plain forward of the check covers 2 of the 4 rows
     assert model not in SP._VERDICT  # a fresh model: undecided
     calls = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
                                            with_kwargs=True)
     try:
         first = P.policy_forward(model, q, qm, r, rm, 0.7, head, entropy="loss")
-        assert SP._VERDICT[model] == "" and calls == [1, len(PROMPTS), len(PROMPTS)]
+        assert SP._VERDICT[model] == "" and calls == [1, len(PROMPTS), 2]
         first.logprobs.sum().backward()  # the kept output carries gradients
         calls.clear()
         later = P.policy_forward(model, q, qm, r, rm, 0.7, head, entropy="loss")

@@ -82,11 +82,12 @@ def sample_all(model, tok, prompts: list[str], params: SamplingParams, samples_p
 
 @torch.no_grad()
 def kl_and_perplexity(model, reference, batches: list[SampledBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence KL(π‖π_ref) estimate Σ_t (log π − log π_ref) and reference perplexity [N]."""
+    """Per-sequence KL(π‖π_ref) estimate Σ_t (log π − log π_ref) and reference perplexity [N]. A model
+    that is its own reference (the same object) is scored once: its KL is exactly 0."""
     kls, ppls = [], []
     for b in batches:
         lp = response_logprobs(model, b)
-        ref = response_logprobs(reference, b)
+        ref = lp if reference is model else response_logprobs(reference, b)
         n = b.response_mask.sum(dim=1).clamp(min=1)
         kls.append((lp - ref).sum(dim=1))
         ppls.append(torch.exp(-ref.sum(dim=1) / n))

@@ -85,14 +85,16 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     if _accepts_logits_to_keep(model):
         extra["logits_to_keep"] = r + 1
 
-    def plain():
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra)
+    def plain(rows: slice = slice(None)):
+        position_ids = (mask[rows].cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        return model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=position_ids, use_cache=False, **extra)
+
+    def score(logits, rows: slice):  # the replies' log-probabilities from a forward over ids[rows]
+        return _reply_logprobs(logits, response_ids[rows], r, temperature) * response_mask[rows]
 
     shared = shared_prefix_length(query_ids, query_mask) if "logits_to_keep" in extra else 0
     if shared >= MIN_SHARED_TOKENS:  # the prompts' common head once, where the model reproduces plain()
-        out = forward_sharing_prefix(model, ids, mask, shared, plain,
-                                     lambda o: _reply_logprobs(o, response_ids, r, temperature) * response_mask, **extra)
+        out = forward_sharing_prefix(model, ids, mask, shared, plain, score, **extra)
     else:
         out = plain()
     logits = out.logits[:, -(r + 1):-1].float()  # the logits that predicted each reply token
@@ -107,9 +109,9 @@ def policy_forward(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     return PolicyOutput(_pad_to(logprobs, width), _pad_to(values, width), _pad_to(ent, width))
 
 
-def _reply_logprobs(out, response_ids: torch.Tensor, r: int, temperature: float) -> torch.Tensor:
-    """[B, R] log-probabilities of the reply tokens from a forward's output (for comparing two forwards)."""
-    return token_logprobs(out.logits[:, -(r + 1):-1].float() / temperature, response_ids)
+def _reply_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, r: int, temperature: float) -> torch.Tensor:
+    """[B, R] log-probabilities of the reply tokens from a forward's logits (for comparing two forwards)."""
+    return token_logprobs(logits[:, -(r + 1):-1].float() / temperature, response_ids)
 
 
 class ActorCritic(nn.Module):
