@@ -72,6 +72,9 @@ class DemoConfig:
     reward_freeze_layers: int | None = opt(None, help="Lowest backbone layers (and the embeddings) kept fixed while the "
                                                       "reward model trains (unset: 0 for bundled, as its demo was "
                                                       "measured; 2 for others, rlhf reward train's default).")
+    reward_patience: int | None = opt(None, help="Stop reward training after this many epochs without a better "
+                                                 "validation accuracy, keeping the best (0 = train every epoch; "
+                                                 "unset: 0 for bundled, as its demo was measured; 1 for others).")
     ppo_steps: int | None = opt(None, help="Maximum PPO steps (unset: 60 for bundled, fewer for larger models; "
                                            "rlhf/models/named.py DEMO_DEFAULTS).")
     ppo_batch_size: int | None = opt(None, help="Episodes per PPO step (unset: 32 for bundled).")
@@ -229,7 +232,7 @@ def _reward(cfg: DemoConfig, pairs: Path, out: Path) -> None:
     rcfg = RewardTrainConfig(pairs=str(pairs), out=str(out), base=cfg.reward_base, epochs=cfg.reward_epochs,
                              lr=cfg.reward_lr, max_length=cfg.reward_max_length, val_fraction=0.15, seed=cfg.seed,
                              engine=cfg.engine, skip_bad_pairs=True, freeze_layers=cfg.reward_freeze_layers or 0,
-                             eval_every=0)
+                             eval_every=0, patience=cfg.reward_patience or 0)
     rcfg.validate()
     train_reward_model(rcfg)
 

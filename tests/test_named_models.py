@@ -261,10 +261,10 @@ def test_demo_options_follow_the_model(tiny_model_dir):
 
     bundled = with_model_defaults(DemoConfig(out="x"))
     assert bundled.lora is False and bundled.ppo_steps == 60 and bundled.ppo_batch_size == 32 and bundled.eval_samples == 8
-    assert bundled.temperature == 1.0 and bundled.reward_freeze_layers == 0
+    assert bundled.temperature == 1.0 and bundled.reward_freeze_layers == 0 and bundled.reward_patience == 0
     other = with_model_defaults(DemoConfig(out="x", policy=str(tiny_model_dir)))
     assert other.lora is True and other.ppo_steps == DEMO_DEFAULTS["other"]["ppo_steps"] and other.temperature == 0.7
-    assert other.reward_freeze_layers == 2
+    assert other.reward_freeze_layers == 2 and other.reward_patience == 1
     mine = with_model_defaults(DemoConfig(out="x", policy="smollm2", ppo_steps=5, lora=False))
     assert mine.ppo_steps == 5 and mine.lora is False and mine.ppo_epochs == DEMO_DEFAULTS["other"]["ppo_epochs"]
     assert model_label("smollm2").startswith("smollm2 (SmolLM2-135M-Instruct") and model_label("/a/b") == "/a/b"
