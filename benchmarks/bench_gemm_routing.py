@@ -35,9 +35,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-PROMPTS = ["my house is too hot", "how do I cook rice", "I feel tired all the time", "what should I read next",
-           "my dog barks at night, what can I do", "help me plan a cheap holiday", "how do I fix a flat tyre",
-           "I am bored"]
+from bench_generate import PROMPTS  # noqa: E402  (the decoding benchmark's prompts)
+
 VARIANTS = ("split", "training verdict", "blas")
 
 
