@@ -337,6 +337,14 @@ class AdaptiveKLController(FixedKLController):
         self.beta *= 1.0 + error * n_steps / self.horizon
 
 
+def rounding_gap(expect: torch.Tensor, got: torch.Tensor) -> float | None:
+    """The largest difference between two computations of the same numbers (a fast path against its
+    reference) when it is more than float32 rounding explains (1e-4 relative to ``expect``'s largest
+    magnitude, 1e-4 absolute below 1), else None: the fast path may replace the reference."""
+    gap = float((expect - got).abs().max())
+    return None if gap <= 1e-4 * max(1.0, float(expect.abs().max())) else gap
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-turn episodes: the policy's tokens are interleaved with observation tokens it did not write
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rlhf.algos import rounding_gap
 from rlhf.data.context import clip_chars
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
@@ -458,10 +459,8 @@ def _probe(model: RewardModel, clf: nn.Module, tok, pad_id: int) -> str | None:
         theirs = clf(**batch).logits[:, 0].float()
     finally:
         model.train(was_training)
-    gap = float((ours - theirs).abs().max())
-    if not gap <= 1e-4 * max(1.0, float(ours.abs().max())):
-        return f"{type(clf).__name__} scores differ from {model.spec.pooling!r} pooling by {gap:.2e}"
-    return None
+    gap = rounding_gap(ours, theirs)
+    return None if gap is None else f"{type(clf).__name__} scores differ from {model.spec.pooling!r} pooling by {gap:.2e}"
 
 
 def save_reward_model(model: RewardModel, tok, folder: str | Path) -> None:

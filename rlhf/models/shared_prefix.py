@@ -27,6 +27,7 @@ import weakref
 
 import torch
 
+from rlhf.algos import rounding_gap
 from rlhf.models.loading import unwrap_peft
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,8 @@ def forward_sharing_prefix(model, ids: torch.Tensor, mask: torch.Tensor, shared:
         rows = slice(0, CHECK_ROWS)
         with torch.no_grad():
             expect, got = score(plain(rows).logits, rows), score(out.logits[rows], rows)
-        gap = float((expect - got).abs().max())
-        if not gap <= 1e-4 * max(1.0, float(expect.abs().max())):
+        gap = rounding_gap(expect, got)
+        if gap is not None:
             problem = f"shared-prefix and plain log-probabilities differ by {gap:.2e} on the same inputs"
     _VERDICT[model] = problem or ""
     if problem:

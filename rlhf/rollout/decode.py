@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.algos import token_logprobs
+from rlhf.algos import rounding_gap, token_logprobs
 from rlhf.models.loading import unwrap_peft
 from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, cache_argument, head_cache, rest_of_rows, shared_prefix_length
 
@@ -321,8 +321,8 @@ def _prefill(model, state: _ModelState, cache, query_ids, query_mask, mask, reco
         plain = _prefill_plain(model, state, cache, query_ids, query_mask, mask, record)
         cache.reset()  # the shared prefill rewrites the prompt's mask slots and fills the cache afresh
         got = _prefill_shared(model, state, cache, query_ids, query_mask, mask, record, shared)
-        gap = float((plain[0] - got[0]).abs().max())
-        state.shared_prefix = gap <= 1e-4 * max(1.0, float(plain[0].abs().max()))
+        gap = rounding_gap(plain[0], got[0])
+        state.shared_prefix = gap is None
         if state.shared_prefix:
             return got
         log.info("shared-prefix prefill off for %s: logits differ by %.2e", type(model).__name__, gap)

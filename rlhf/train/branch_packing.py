@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.algos import rounding_gap
 from rlhf.models.loading import unwrap_peft
 
 
@@ -161,7 +162,5 @@ def packing_problem(model, segments: list[Segment], pad_id: int, padded_logprobs
         got = to_rows(token_logprobs(packed_logits(model, packed, temperature), packed), packed, expect.shape[1])
     finally:
         model.train(was_training)
-    gap = float((expect - got).abs().max())
-    if not gap <= 1e-4 * max(1.0, float(expect.abs().max())):
-        return f"packed and padded log-probabilities differ by {gap:.2e} on the same inputs"
-    return None
+    gap = rounding_gap(expect, got)
+    return None if gap is None else f"packed and padded log-probabilities differ by {gap:.2e} on the same inputs"
