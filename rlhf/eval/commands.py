@@ -74,9 +74,12 @@ def run_eval(cfg: EvalConfig):
         models[name] = (load_causal_lm(m, device=device), load_tokenizer(m))
     # The reference is often one of the evaluated models (the base policy): the same loaded object
     # then, and evaluate() scores its replies once instead of twice (its KL is 0 by definition).
-    same = [m for m in cfg.model if m == cfg.reference]
-    reference = (models[same[0]] if same else (load_causal_lm(cfg.reference, device=device), load_tokenizer(cfg.reference))
-                 ) if cfg.reference else None
+    if not cfg.reference:
+        reference = None
+    elif cfg.reference in models:  # the first model given as cfg.reference is keyed by that name
+        reference = models[cfg.reference]
+    else:
+        reference = (load_causal_lm(cfg.reference, device=device), load_tokenizer(cfg.reference))
     for model, tok in [*models.values(), *([reference] if reference else [])]:  # fit every model's context
         prompts, cuts = fit_prompts(tok, prompts, prompt_budget(model, tok, cfg.max_new_tokens), source=cfg.prompts)
         cuts.report("eval")

@@ -217,13 +217,19 @@ def _small_reaches_onednn(shape: tuple[int, int]) -> bool:
     return SMALL_ROWS * shape[0] * shape[1] >= MIN_ONEDNN_MACS
 
 
-def _timings_to_run(shape: tuple[int, int]) -> dict[str, dict]:
-    """The cache entries a shape needs, by name, with time_shape's arguments for each: "KxN" for the
-    training-sized timing (the name older caches used), "KxN@16" for the decode-sized one."""
+def _entry_names(shape: tuple[int, int]) -> tuple[str, str]:
+    """A shape's cache entries, in Routing's order: "KxN" for the training-sized timing (the name older
+    caches used), "KxN@16" for the decode-sized one."""
     k, n = shape
-    todo = {f"{k}x{n}": dict(rows=TIMING_ROWS, backward=True)}
+    return f"{k}x{n}", f"{k}x{n}@{SMALL_TIMING_ROWS}"
+
+
+def _timings_to_run(shape: tuple[int, int]) -> dict[str, dict]:
+    """The cache entries a shape needs, by name, with time_shape's arguments for each."""
+    large, small = _entry_names(shape)
+    todo = {large: dict(rows=TIMING_ROWS, backward=True)}
     if _small_reaches_onednn(shape):
-        todo[f"{k}x{n}@{SMALL_TIMING_ROWS}"] = dict(rows=SMALL_TIMING_ROWS, backward=False)
+        todo[small] = dict(rows=SMALL_TIMING_ROWS, backward=False)
     return todo
 
 
@@ -243,10 +249,8 @@ def measured_routing(shapes: set[tuple[int, int]], path: Path | None = None) -> 
             if name not in entries}
     load = machine_load()
 
-    def routing(shape) -> Routing:
-        k, n = shape
-        return Routing(bool(entries.get(f"{k}x{n}", {}).get("onednn", False)),
-                       bool(entries.get(f"{k}x{n}@{SMALL_TIMING_ROWS}", {}).get("onednn", False)))
+    def routing(shape) -> Routing:  # an entry not (yet) timed keeps BLAS
+        return Routing(*(bool(entries.get(name, {}).get("onednn", False)) for name in _entry_names(shape)))
 
     if todo and load > (os.cpu_count() or 1):
         # Other jobs preempt the timed products (a 10 ms product spans several scheduler slices),
