@@ -20,6 +20,9 @@ This loop does one model forward and a handful of tensor ops per token:
   and on a shared 2-core machine a second spinning OpenMP thread costs far more than it gains
   (benchmarks/results/bench_generate.md); a 28M or 135M model's products are large enough that two
   threads decode 1.2-1.5x faster on a quiet 2-core machine (benchmarks/RESULTS.md, session 8);
+* the one-token forward skips the model's ``forward()`` for Llama-style decoders (rlhf/rollout/lean_step.py:
+  the same submodules, a dozen tensor ops a layer, attention over the written slots only); checked
+  against the full forward on a model's first step, which is used instead where they differ;
 * optionally (``--compile``) the one-token forward is compiled with torch.compile (inductor, C++
   wrapper), which removes most remaining Python overhead but costs tens of seconds of compilation
   per new (batch, cache length) shape; any compile failure falls back to eager;
@@ -47,6 +50,7 @@ import torch
 from rlhf.algos import rounding_gap, token_logprobs
 from rlhf.models.loading import unwrap_peft
 from rlhf.models.shared_prefix import MIN_SHARED_TOKENS, cache_argument, head_cache, rest_of_rows, shared_prefix_length
+from rlhf.rollout.lean_step import lean_problem, lean_step
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class _ModelState:
         self.prefill_kwargs: dict = {}      # {"logits_to_keep": 1} where forward() takes it
         self.parameters: int | None = None  # counted once, for ``decode_threads``
         self.shared_prefix: bool | None = None  # shared-prefix prefill reproduces the plain one (None: not yet seen)
+        self.lean: bool | None = None  # the lean step reproduces the full forward (None: not yet checked)
 
 
 _STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -353,6 +358,37 @@ def _prefill_shared(model, state: _ModelState, cache, query_ids, query_mask, mas
     return out.logits[:, -1].float(), (out.hidden_states[-1][:, -1] if record else None), positions
 
 
+def _lean_usable(model, state: _ModelState) -> bool:
+    if state.lean is None:
+        problem = lean_problem(model)
+        if problem is not None:
+            log.info("lean decode step off for %s: %s", type(model).__name__, problem)
+            state.lean = False
+    return state.lean is not False
+
+
+def _check_lean(model, state: _ModelState, step, fed, step_mask, positions, cache, slots, slot: int, record: bool):
+    """A model's first step through both the full forward and the lean one: the lean step is kept for
+    the model when it gives the same logits (and hidden states) to float32 rounding. Either way this
+    call returns what every later call will compute, and leaves that computation's keys and values in
+    the cache slot, so a run that checks on a later step (resumed from a checkpoint) samples from the
+    same numbers as one that checked on its first."""
+    full = step(fed, step_mask, positions, cache)
+    saved = [(layer.keys[:, :, slot].clone(), layer.values[:, :, slot].clone()) for layer in cache.layers]
+    lean = lean_step(model, fed, positions, slots, cache, slot, record)
+    gap = rounding_gap(full[0], lean[0])
+    if gap is None and record:
+        gap = rounding_gap(full[1], lean[1])
+    state.lean = gap is None
+    if state.lean:
+        return lean
+    log.info("lean decode step off for %s: it differs from the full forward by %.2e", type(model).__name__, gap)
+    for layer, (keys, values) in zip(cache.layers, saved):
+        layer.keys[:, :, slot] = keys
+        layer.values[:, :, slot] = values
+    return full
+
+
 def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, settings: DecodeSettings, record: bool,
             uniforms: torch.Tensor | None):
     state = _state(model)
@@ -381,6 +417,10 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
     else:
         step_mask = real_slots = mask
 
+    # The lean step (compiled steps keep the full forward: the compiler removes the same overhead).
+    lean = not settings.compile and state.lean is not False and _lean_usable(model, state)
+    slots = real_slots if real_slots.dtype == torch.bool else mask.bool()  # the lean step's mask
+
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     scale = temperature if temperature > 0 else 1.0
@@ -389,8 +429,18 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
         if t:
             if t % settings.check_every == 0 and bool(done.all()):
                 break
-            real_slots[:, prompt_len + t - 1] = 1  # the token fed now is written to this slot
-            logits, hidden = step(produced[-1].unsqueeze(1), step_mask, next_pos, cache)
+            slot = prompt_len + t - 1  # the token fed now is written to this slot
+            real_slots[:, slot] = 1
+            fed = produced[-1].unsqueeze(1)
+            if lean and slots is not real_slots:
+                slots[:, slot] = True
+            if not lean:
+                logits, hidden = step(fed, step_mask, next_pos, cache)
+            elif state.lean:
+                logits, hidden = lean_step(model, fed, next_pos, slots, cache, slot, record)
+            else:
+                logits, hidden = _check_lean(model, state, step, fed, step_mask, next_pos, cache, slots, slot, record)
+                lean = state.lean
             next_pos += 1
         u = None if uniforms is None else uniforms[:, t:t + 1]
         token = torch.where(done, pad, _pick(logits, temperature, top_k, top_p, u))
