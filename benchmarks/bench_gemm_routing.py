@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench_generate import PROMPTS  # noqa: E402  (the decoding benchmark's prompts)
+from bench_generate import decode_bench_setup  # noqa: E402  (the decoding benchmark's prompts and loading)
 
 VARIANTS = ("split", "training verdict", "blas")
 
@@ -51,15 +51,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from rlhf.models import cpu_gemm
-    from rlhf.models.loading import format_prompt, load_causal_lm, load_tokenizer, resolve_model_path
     from rlhf.rollout import decode
     from rlhf.rollout.generate import SamplingParams
     from rlhf.utils.io import atomic_write_json
 
-    torch.set_num_threads(args.threads)
-    cpu_gemm.configure("auto")
-    path = resolve_model_path(args.model)
-    tok, model = load_tokenizer(path), load_causal_lm(path).eval()
+    tok, model, enc = decode_bench_setup(args.model, args.threads, args.batch)
     layers = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "_onednn_small")]
     timed = {id(m): (m._onednn_large, m._onednn_small) for m in layers}
     routes = sorted({(f"{m.in_features}x{m.out_features}", *timed[id(m)]) for m in layers})
@@ -73,9 +69,6 @@ def main() -> None:
             m._onednn_large, m._onednn_small = {"split": (large, small), "training verdict": (large, large),
                                                 "blas": (False, False)}[variant]
 
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    enc = tok([format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False,
-              padding_side="left")
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7)
     settings = decode.DecodeSettings(threads=args.threads)
     unreachable = len(tok) + 10  # an EOS id no token has: every round decodes --new-tokens steps

@@ -60,6 +60,31 @@ class FixedLengthTokenizer:
         return getattr(self._tok, name)
 
 
+def decode_bench_setup(model: str, threads: int, batch: int):
+    """What the decode benchmarks share: torch's thread count, ``--cpu-gemm auto`` (as every command runs),
+    the model (in eval mode) and tokenizer, and ``batch`` of ``PROMPTS`` through the chat template,
+    left-padded: (tokenizer, model, encoded prompts)."""
+    import torch
+
+    from rlhf.models import cpu_gemm
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+
+    torch.set_num_threads(threads)
+    cpu_gemm.configure("auto")
+    path = resolve_model_path(model)
+    tok, lm = load_tokenizer(path), load_causal_lm(path).eval()
+    return tok, lm, encode_prompts(tok, batch)
+
+
+def encode_prompts(tok, batch: int):
+    """``batch`` of ``PROMPTS`` (cycled) through the chat template, left-padded, as input_ids/attention_mask."""
+    from rlhf.models.loading import format_prompt
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    return tok([format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False,
+               padding_side="left")
+
+
 def measure_bandwidth(mib: int = 256, repeats: int = 7) -> float:
     """GB/s of a large fp32 copy (read + write counted), median of several."""
     src = torch.randn(mib * 2**20 // 4)

@@ -30,9 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from bench_generate import PROMPTS  # noqa: E402  (the decoding benchmark's prompts)
+from bench_generate import decode_bench_setup, encode_prompts  # noqa: E402  (the decoding benchmark's prompts and loading)
 
 STEPS = ("full forward", "lean step")
 
@@ -48,15 +46,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from rlhf.models import cpu_gemm
-    from rlhf.models.loading import format_prompt, load_causal_lm, load_tokenizer, resolve_model_path
     from rlhf.rollout import decode
     from rlhf.rollout.lean_step import lean_problem
     from rlhf.utils.io import atomic_write_json
 
-    torch.set_num_threads(args.threads)
-    cpu_gemm.configure("auto")
-    path = resolve_model_path(args.model)
-    tok, model = load_tokenizer(path), load_causal_lm(path).eval()
+    tok, model, _ = decode_bench_setup(args.model, args.threads, 1)
     state = decode._state(model)
     problem = lean_problem(model)
     if problem:
@@ -66,7 +60,7 @@ def main() -> None:
     path_out = Path(args.results)
     results = json.loads(path_out.read_text()) if path_out.is_file() else {}
     for batch in args.batches:
-        ms, loads = measure(model, tok, state, batch, args, decode, format_prompt)
+        ms, loads = measure(model, tok, state, batch, args, decode)
         med = {s: statistics.median(ms[s]) for s in STEPS}
         best = {s: min(ms[s]) for s in STEPS}
         print(f"\nbatch {batch}\n| step | ms/step, median of {args.rounds} | best | per round |\n| --- | --- | --- | --- |")
@@ -82,12 +76,10 @@ def main() -> None:
     print(f"wrote {path_out}")
 
 
-def measure(model, tok, state, batch: int, args, decode, format_prompt) -> tuple[dict[str, list[float]], list[float]]:
+def measure(model, tok, state, batch: int, args, decode) -> tuple[dict[str, list[float]], list[float]]:
     from rlhf.rollout.generate import SamplingParams
 
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    enc = tok([format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False,
-              padding_side="left")
+    enc = encode_prompts(tok, batch)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7)
     settings = decode.DecodeSettings(threads=args.threads)
     unreachable = len(tok) + 10  # an EOS id no token has: every call decodes --new-tokens steps
