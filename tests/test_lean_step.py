@@ -118,3 +118,18 @@ def test_a_lean_step_that_disagrees_is_dropped_and_the_step_is_the_full_forwards
     assert decode._state(model).lean is False
     # The checking step's cache slot was put back to the full forward's keys and values.
     assert torch.equal(full.tokens, checked.tokens) and torch.equal(full.logprobs, checked.logprobs)
+
+
+def test_a_lean_step_that_fails_outright_is_dropped_and_decoding_goes_on(tiny_tokenizer, monkeypatch):
+    model = tiny("llama", tiny_tokenizer)
+    full = sample(model, tiny_tokenizer, lean=False)
+
+    def broken(model, token, positions, slots, cache, slot, record):
+        for layer in cache.layers:  # it wrote to the cache before failing
+            layer.keys[:, :, slot] += 1.0
+        raise RuntimeError("a layout this step does not know")
+
+    monkeypatch.setattr(decode, "lean_step", broken)
+    decoded = sample(model, tiny_tokenizer, lean=True)
+    assert decode._state(model).lean is False
+    assert torch.equal(full.tokens, decoded.tokens) and torch.equal(full.logprobs, decoded.logprobs)

@@ -372,17 +372,27 @@ def _check_lean(model, state: _ModelState, step, fed, step_mask, positions, cach
     the model when it gives the same logits (and hidden states) to float32 rounding. Either way this
     call returns what every later call will compute, and leaves that computation's keys and values in
     the cache slot, so a run that checks on a later step (resumed from a checkpoint) samples from the
-    same numbers as one that checked on its first."""
+    same numbers as one that checked on its first. A lean step that fails outright (a layout it does not
+    know) is dropped the same way: the full forward is always right."""
     full = step(fed, step_mask, positions, cache)
-    saved = [(layer.keys[:, :, slot].clone(), layer.values[:, :, slot].clone()) for layer in cache.layers]
-    lean = lean_step(model, fed, positions, slots, cache, slot, record)
-    gap = rounding_gap(full[0], lean[0])
-    if gap is None and record:
-        gap = rounding_gap(full[1], lean[1])
-    state.lean = gap is None
+    try:
+        saved = [(layer.keys[:, :, slot].clone(), layer.values[:, :, slot].clone()) for layer in cache.layers]
+    except AttributeError as err:  # a cache layout other than the one lean_step writes to
+        log.info("lean decode step off for %s: %s", type(model).__name__, err)
+        state.lean = False
+        return full
+    try:
+        lean = lean_step(model, fed, positions, slots, cache, slot, record)
+        gap = rounding_gap(full[0], lean[0])
+        if gap is None and record:
+            gap = rounding_gap(full[1], lean[1])
+        reason = None if gap is None else f"it differs from the full forward by {gap:.2e}"
+    except Exception as err:  # noqa: BLE001 - whatever the lean step cannot run, the full forward can
+        reason = f"it failed ({type(err).__name__}: {err})"
+    state.lean = reason is None
     if state.lean:
         return lean
-    log.info("lean decode step off for %s: it differs from the full forward by %.2e", type(model).__name__, gap)
+    log.info("lean decode step off for %s: %s", type(model).__name__, reason)
     for layer, (keys, values) in zip(cache.layers, saved):
         layer.keys[:, :, slot] = keys
         layer.values[:, :, slot] = values
