@@ -14,7 +14,8 @@ GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
 
 
 def tiny(family: str, tok, kv_heads: int = 2, bias: bool = False):
-    """A 2-layer decoder of ``family`` built from its transformers config (random weights)."""
+    """A 2-layer decoder of ``family`` built from its transformers config (random weights). ``bias``: Llama's
+    attention biases (Qwen2 always has them on q, k and v; Mistral never)."""
     import transformers
 
     config_class, model_class = {

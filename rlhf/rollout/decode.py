@@ -375,25 +375,22 @@ def _check_lean(model, state: _ModelState, step, fed, step_mask, positions, cach
     same numbers as one that checked on its first. A lean step that fails outright (a layout it does not
     know) is dropped the same way: the full forward is always right."""
     full = step(fed, step_mask, positions, cache)
+    saved = []
     try:
         saved = [(layer.keys[:, :, slot].clone(), layer.values[:, :, slot].clone()) for layer in cache.layers]
-    except AttributeError as err:  # a cache layout other than the one lean_step writes to
-        log.info("lean decode step off for %s: %s", type(model).__name__, err)
-        state.lean = False
-        return full
-    try:
         lean = lean_step(model, fed, positions, slots, cache, slot, record)
         gap = rounding_gap(full[0], lean[0])
         if gap is None and record:
             gap = rounding_gap(full[1], lean[1])
         reason = None if gap is None else f"it differs from the full forward by {gap:.2e}"
-    except Exception as err:  # noqa: BLE001 - whatever the lean step cannot run, the full forward can
+    except Exception as err:  # noqa: BLE001
+        # Whatever the lean step cannot run (a cache or layer layout it does not know), the full forward can.
         reason = f"it failed ({type(err).__name__}: {err})"
     state.lean = reason is None
     if state.lean:
         return lean
     log.info("lean decode step off for %s: %s", type(model).__name__, reason)
-    for layer, (keys, values) in zip(cache.layers, saved):
+    for layer, (keys, values) in zip(cache.layers, saved):  # put back what the lean step overwrote
         layer.keys[:, :, slot] = keys
         layer.values[:, :, slot] = values
     return full
@@ -428,8 +425,9 @@ def _decode(model, query_ids, query_mask, params, eos_token_id, pad_token_id, se
         step_mask = real_slots = mask
 
     # The lean step (compiled steps keep the full forward: the compiler removes the same overhead).
-    lean = not settings.compile and state.lean is not False and _lean_usable(model, state)
-    slots = real_slots if real_slots.dtype == torch.bool else mask.bool()  # the lean step's mask
+    lean = not settings.compile and _lean_usable(model, state)
+    # The lean step's mask: the SDPA step mask's boolean view, or a boolean copy of the 2D one.
+    slots = (real_slots if real_slots.dtype == torch.bool else mask.bool()) if lean else None
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)

@@ -35,7 +35,7 @@ from rlhf.models.loading import unwrap_peft
 # cache check). Transformers 5's Llama, Mistral and Qwen2 layers all read so; Qwen3 (norms on q and k),
 # Gemma (scaled embeddings, extra norms) and others do not and keep the full forward.
 LEAN_LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 
 
@@ -53,7 +53,7 @@ def lean_problem(model) -> str | None:
             return f"{type(layer).__name__} has parts beyond attention, MLP and two norms"
         attention = layer.self_attn
         children = {name for name, _ in attention.named_children()}
-        if children != set(_ATTENTION_PARTS) or not hasattr(attention, "scaling") or not hasattr(attention, "head_dim"):
+        if children != _ATTENTION_PARTS or not hasattr(attention, "scaling") or not hasattr(attention, "head_dim"):
             return f"{type(attention).__name__} has parts beyond the four projections"
     return None
 
