@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench_generate import decode_bench_setup  # noqa: E402  (the decoding benchmark's prompts and loading)
+from bench_generate import decode_bench_setup, encode_prompts  # noqa: E402  (the decoding benchmark's prompts and loading)
 
 VARIANTS = ("split", "training verdict", "blas")
 
@@ -55,7 +55,8 @@ def main() -> None:
     from rlhf.rollout.generate import SamplingParams
     from rlhf.utils.io import atomic_write_json
 
-    tok, model, enc = decode_bench_setup(args.model, args.threads, args.batch)
+    tok, model = decode_bench_setup(args.model, args.threads)
+    enc = encode_prompts(tok, args.batch)
     layers = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "_onednn_small")]
     timed = {id(m): (m._onednn_large, m._onednn_small) for m in layers}
     routes = sorted({(f"{m.in_features}x{m.out_features}", *timed[id(m)]) for m in layers})

@@ -60,10 +60,9 @@ class FixedLengthTokenizer:
         return getattr(self._tok, name)
 
 
-def decode_bench_setup(model: str, threads: int, batch: int):
+def decode_bench_setup(model: str, threads: int):
     """What the decode benchmarks share: torch's thread count, ``--cpu-gemm auto`` (as every command runs),
-    the model (in eval mode) and tokenizer, and ``batch`` of ``PROMPTS`` through the chat template,
-    left-padded: (tokenizer, model, encoded prompts)."""
+    and (tokenizer, model in eval mode)."""
     import torch
 
     from rlhf.models import cpu_gemm
@@ -72,8 +71,7 @@ def decode_bench_setup(model: str, threads: int, batch: int):
     torch.set_num_threads(threads)
     cpu_gemm.configure("auto")
     path = resolve_model_path(model)
-    tok, lm = load_tokenizer(path), load_causal_lm(path).eval()
-    return tok, lm, encode_prompts(tok, batch)
+    return load_tokenizer(path), load_causal_lm(path).eval()
 
 
 def encode_prompts(tok, batch: int):

@@ -50,7 +50,7 @@ def main() -> None:
     from rlhf.rollout.lean_step import lean_problem
     from rlhf.utils.io import atomic_write_json
 
-    tok, model, _ = decode_bench_setup(args.model, args.threads, 1)
+    tok, model = decode_bench_setup(args.model, args.threads)
     state = decode._state(model)
     problem = lean_problem(model)
     if problem:
@@ -60,7 +60,7 @@ def main() -> None:
     path_out = Path(args.results)
     results = json.loads(path_out.read_text()) if path_out.is_file() else {}
     for batch in args.batches:
-        ms, loads = measure(model, tok, state, batch, args, decode)
+        ms, loads = measure(model, tok, state, batch, args)
         med = {s: statistics.median(ms[s]) for s in STEPS}
         best = {s: min(ms[s]) for s in STEPS}
         print(f"\nbatch {batch}\n| step | ms/step, median of {args.rounds} | best | per round |\n| --- | --- | --- | --- |")
@@ -76,7 +76,8 @@ def main() -> None:
     print(f"wrote {path_out}")
 
 
-def measure(model, tok, state, batch: int, args, decode) -> tuple[dict[str, list[float]], list[float]]:
+def measure(model, tok, state, batch: int, args) -> tuple[dict[str, list[float]], list[float]]:
+    from rlhf.rollout import decode
     from rlhf.rollout.generate import SamplingParams
 
     enc = encode_prompts(tok, batch)
@@ -85,10 +86,10 @@ def measure(model, tok, state, batch: int, args, decode) -> tuple[dict[str, list
     unreachable = len(tok) + 10  # an EOS id no token has: every call decodes --new-tokens steps
     uniforms = decode.episode_uniforms(list(range(batch)), args.new_tokens)
 
-    verdict: dict[str, bool | None] = {"lean": None}  # None until the first lean call has checked it
+    verdict = None  # the lean step's: None until the first lean call has checked it
 
     def run(step: str) -> float:
-        state.lean = False if step == "full forward" else verdict["lean"]
+        state.lean = False if step == "full forward" else verdict
         t = time.perf_counter()
         out = decode.sample_response_ids(model, enc["input_ids"], enc["attention_mask"], params, unreachable,
                                          tok.pad_token_id, settings, uniforms=uniforms)
@@ -96,8 +97,8 @@ def measure(model, tok, state, batch: int, args, decode) -> tuple[dict[str, list
 
     for step in STEPS:  # warm-up, and the lean step's one-time check against the full forward
         run(step)
-    verdict["lean"] = state.lean
-    if verdict["lean"] is not True:
+    verdict = state.lean
+    if verdict is not True:
         raise SystemExit("the lean step failed its check against the full forward on this model (see the log)")
     ms: dict[str, list[float]] = {s: [] for s in STEPS}
     loads = []
