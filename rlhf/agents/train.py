@@ -210,8 +210,8 @@ class EpisodeTrainer:
         self.actor.train()
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(self.device)
-            for start in range(0, n, mini):
-                mb_idx = perm[start:start + mini]
+            for first in range(0, n, mini):
+                mb_idx = perm[first:first + mini]
                 mb_tokens = dist.sum(batch.response_mask[mb_idx].sum())  # the whole minibatch's, every process
                 if int(mb_tokens) == 0:
                     continue

@@ -16,7 +16,7 @@ import torch
 
 from rlhf.errors import ConfigError
 from rlhf.models.cpu_gemm import use_fast_cpu_linears
-from rlhf.models.named import BUNDLED_DIR, NAMED_MODELS, ensure, lookup
+from rlhf.models.named import BUNDLED_DIR, NAMED_MODELS, ensure, lookup  # noqa: F401  (BUNDLED_DIR: re-exported)
 from rlhf.utils.model_files import check_model_folder, library_errors
 
 BUNDLED_NAMES = ("bundled", "default")

@@ -284,8 +284,8 @@ class GRPOTrainer:
         self.actor.train()
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(self.device)
-            for start in range(0, n, mini):
-                mb_idx = perm[start:start + mini]
+            for first in range(0, n, mini):
+                mb_idx = perm[first:first + mini]
                 # the whole minibatch's token (or reply) count, over every process
                 normaliser = (dist.sum(exp.response_mask[mb_idx].sum()) if cfg.loss_aggregation == "token"
                               else len(mb_idx) * dist.world_size)
