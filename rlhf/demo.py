@@ -68,7 +68,8 @@ class DemoConfig:
     reward_base: str = opt("minilm", help="Reward-model backbone (see rlhf reward train --base).")
     reward_epochs: float = opt(3.0, help="Reward-model training epochs.")
     reward_lr: float = opt(5e-5, help="Reward-model learning rate.")
-    reward_max_length: int = opt(64, help="Tokens per (prompt, reply) for the reward model.")
+    reward_max_length: int = opt(128, help="Tokens per (prompt, reply) for the reward model (longer inputs lose the start "
+                                           "of the prompt; training warns when that hits many pairs).")
     reward_freeze_layers: int | None = opt(None, help="Lowest backbone layers (and the embeddings) kept fixed while the "
                                                       "reward model trains (unset: 0 for bundled, as its demo was "
                                                       "measured; 2 for others, rlhf reward train's default).")

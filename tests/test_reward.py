@@ -244,6 +244,25 @@ def test_freeze_lower_layers_and_head_learning_rate(tiny_model_dir, tmp_path):
                            after["model.safetensors/model.layers.1.mlp.up_proj.weight"])
 
 
+def test_truncation_warning(tiny_model_dir, tmp_path, capsys):
+    """Training says so when many pairs lose part of their prompt at --max-length, and only then."""
+    from rlhf.train.reward import TruncationStats
+
+    assert TruncationStats(sequences=100, prompts_cut=5).warning(64) is None  # 5% is not "more than 5%"
+    msg = TruncationStats(sequences=100, prompts_cut=6, replies_cut=50).warning(64)
+    assert "at --max-length 64" in msg and "6 of 100 sequences (6%) lost the start of their prompt" in msg
+    assert "50 of 100 sequences (50%) lost the end of their reply" in msg
+    assert TruncationStats().warning(64) is None
+
+    train_reward_model(_cfg(tiny_model_dir, tmp_path, tmp_path / "short", max_length=128, max_steps=1))
+    assert "lost the start" not in capsys.readouterr().err
+    long = write_jsonl(tmp_path / "long.jsonl", [{**p, "prompt": "please tell me, " * 30 + p["prompt"]} for p in polite_pairs(32)])
+    summary = train_reward_model(_cfg(tiny_model_dir, tmp_path, tmp_path / "long", pairs=str(long), max_steps=1))
+    err = capsys.readouterr().err
+    assert summary["truncation"]["prompts_cut"] == summary["truncation"]["sequences"] == 64
+    assert "at --max-length 48, 64 of 64 sequences (100%) lost the start of their prompt" in err
+
+
 def test_non_finite_loss_stops_with_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
     import rlhf.train.reward as rt
 
