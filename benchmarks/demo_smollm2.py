@@ -5,6 +5,7 @@ reward model trained on real human harmlessness preferences.
     .venv/bin/python benchmarks/demo_smollm2.py --threads 1        # seeds 0 1 2 under runs/demo-smollm2/
     .venv/bin/python benchmarks/demo_smollm2.py --seeds 0 --extra --ppo-steps 8   # options after --extra go to rlhf demo
     .venv/bin/python benchmarks/demo_smollm2.py --task harmless --threads 1    # harmful requests (below)
+    .venv/bin/python benchmarks/demo_smollm2.py --task provoking --threads 2   # offensive requests (below)
 
 Each seed is one `rlhf demo --model smollm2 --seed S --out ROOT/seed-S` in its own process (a
 finished run's stages are reused, so the script can tabulate runs made earlier), with the
@@ -28,6 +29,16 @@ into the repository), with scripted labelers who stand in for the hh-rlhf harmle
 ``refusal`` judge (rlhf/judges/lexicons.py) is added to the evaluation and is *optimised* there
 (the labelers' preference contains it), as is the gold judge; the human-trained harmlessness judge
 stays independent: neither the labelers, the reward model nor the policy saw its data.
+
+``provoking`` is the ``harmless`` task on the requests that are themselves offensive: the
+hh-harmless first human turns that the profanity classifier (alt-profanity-check, the toxicity
+judge) rates offensive with probability above ``--prompt-toxicity`` (0.3), as detoxification work
+picks its "challenging" prompts by the prompt's own toxicity (RealToxicityPrompts). The selection
+reads the prompt text only, never a model's reply, so the base model's fresh samples at evaluation
+are not biased toward the toxic ones. SmolLM2 answers these in kind often enough for the toxicity
+judge to have room to fall (on 40 training prompts with p > 0.5, 4 replies each: mean 0.19, 12% of
+replies above 0.5, against 0.04-0.05 on the ``harmless`` task's requests). Same labelers and
+settings as ``harmless``; the held-out prompts are the validation split's that pass the threshold.
 """
 
 from __future__ import annotations
@@ -80,6 +91,28 @@ def harmful_request_prompts(root: Path, train: int, heldout: int) -> tuple[list[
             "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
 
 
+def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) -> tuple[list[str], Path]:
+    """The ``provoking`` task's prompt files under ``root``: the ``harmless`` task's distinct first
+    human turns, kept where the toxicity judge rates the prompt itself above ``threshold``."""
+    from cai_study import prepare
+
+    from rlhf.judges import load_scorer
+
+    prepare(root, 0)  # every distinct prompt of both splits; filtered below
+    toxicity = load_scorer("toxicity", "cpu")
+    files = {}
+    for name, limit in (("prompts-train.jsonl", train), ("prompts-heldout.jsonl", heldout)):
+        rows = [json.loads(ln) for ln in (root / name).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [r["prompt"] for r in rows]
+        kept = [r for r, p in zip(rows, toxicity.score(texts, texts).tolist()) if p > threshold][:limit]
+        files[name] = root / name.replace(".jsonl", f"-provoking-{limit}.jsonl")
+        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        print(f"{files[name]}: {len(kept)} of {len(rows)} prompts above {threshold}", file=sys.stderr)
+    eval_file = files["prompts-heldout.jsonl"]
+    return ["--prompts", str(files["prompts-train.jsonl"]), "--eval-prompts", str(eval_file),
+            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
+
+
 def row(seed: int, s: dict, judge: Path) -> dict:
     names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance", "sentiment": "sentiment",
              "refusal": "refusal"}
@@ -109,14 +142,17 @@ def samples(run: Path, n: int = 10) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--task", choices=("everyday", "harmless"), default="everyday",
-                    help="everyday = the demo's own prompts and labelers; harmless = hh-harmless requests (docstring)")
-    ap.add_argument("--train-prompts", type=int, default=64, help="harmless task: training prompts")
-    ap.add_argument("--eval-prompts", type=int, default=40, help="harmless task: held-out prompts judged")
-    ap.add_argument("--root", default="", help="one run folder per seed under here (default: runs/demo-smollm2[-harmless])")
+    ap.add_argument("--task", choices=("everyday", "harmless", "provoking"), default="everyday",
+                    help="everyday = the demo's own prompts and labelers; harmless = hh-harmless requests; "
+                         "provoking = the offensive ones among them (docstring)")
+    ap.add_argument("--train-prompts", type=int, default=64, help="harmless/provoking task: training prompts")
+    ap.add_argument("--eval-prompts", type=int, default=40, help="harmless/provoking task: held-out prompts judged")
+    ap.add_argument("--prompt-toxicity", type=float, default=0.3,
+                    help="provoking task: keep prompts the toxicity judge rates offensive above this probability")
+    ap.add_argument("--root", default="", help="one run folder per seed under here (default: runs/demo-smollm2[-TASK])")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0 = torch's default)")
     ap.add_argument("--judge", default="", help="harmlessness judge folder (default: $RLHF_HOME/judges/hh-harmless)")
-    ap.add_argument("--results", default="", help="default: benchmarks/results/demo_smollm2[_harmless].json")
+    ap.add_argument("--results", default="", help="default: benchmarks/results/demo_smollm2[_TASK].json")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further rlhf demo options, e.g. --ppo-steps 8")
     args = ap.parse_args()
 
@@ -127,10 +163,13 @@ def main() -> int:
     if not (judge / "judge.json").is_file():
         print(f"no harmlessness judge at {judge}: run benchmarks/harmless_judge.py first", file=sys.stderr)
         return 2
-    harmless = args.task == "harmless"
-    root = Path(args.root or REPO / "runs" / ("demo-smollm2-harmless" if harmless else "demo-smollm2"))
-    results = args.results or str(REPO / "benchmarks" / "results" / f"demo_smollm2{'_harmless' if harmless else ''}.json")
-    task, eval_file = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else ([], None)
+    harmless = args.task != "everyday"  # both hh-harmless tasks: their prompts stay out of the repository
+    root = Path(args.root or REPO / "runs" / ("demo-smollm2" + (f"-{args.task}" if harmless else "")))
+    results = args.results or str(REPO / "benchmarks" / "results" / f"demo_smollm2{f'_{args.task}' if harmless else ''}.json")
+    if args.task == "provoking":
+        task, eval_file = provoking_prompts(root, args.train_prompts, args.eval_prompts, args.prompt_toxicity)
+    else:
+        task, eval_file = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else ([], None)
     rows, examples = [], {}
     for seed in args.seeds:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
@@ -157,6 +196,7 @@ def main() -> int:
         print(f"- {e['prompt']!r}\n    before: {e['before']!r}\n    after:  {e['after']!r}")
     judge_info = json.loads((judge / "judge.json").read_text())
     atomic_write_json(results, {"task": args.task, "labelers": HARMLESS_LABELERS if harmless else "demo default",
+                                "prompt_toxicity": args.prompt_toxicity if args.task == "provoking" else None,
                                 "rows": rows, "samples": examples, "judge": {"path": str(judge), **judge_info},
                                 "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
                                 "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)})
