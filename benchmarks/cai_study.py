@@ -38,6 +38,8 @@ def first_human_turn(dialogue: str) -> str:
 
 
 def prepare(out: Path, train_prompts: int) -> None:
+    from rlhf.utils.io import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     for split, name, limit in (("train", "prompts-train.jsonl", train_prompts), ("validation", "prompts-heldout.jsonl", 0)):
         seen, rows = set(), []
@@ -48,7 +50,7 @@ def prepare(out: Path, train_prompts: int) -> None:
                     seen.add(prompt)
                     rows.append({"id": f"{split}-{len(rows)}", "prompt": prompt})
         rows = rows[:limit] if limit else rows
-        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))  # seeds may run at once
         print(f"{out / name}: {len(rows)} prompts")
 
 

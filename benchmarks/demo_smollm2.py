@@ -97,6 +97,7 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) ->
     from cai_study import prepare
 
     from rlhf.judges import load_scorer
+    from rlhf.utils.io import atomic_write_text
 
     prepare(root, 0)  # every distinct prompt of both splits; filtered below
     toxicity = load_scorer("toxicity", "cpu")
@@ -106,7 +107,8 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) ->
         texts = [r["prompt"] for r in rows]
         kept = [r for r, p in zip(rows, toxicity.score(texts, texts).tolist()) if p > threshold][:limit]
         files[name] = root / name.replace(".jsonl", f"-provoking-{limit}.jsonl")
-        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        # Atomic: seeds run as parallel invocations over one --root, and each writes these same files.
+        atomic_write_text(files[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         print(f"{files[name]}: {len(kept)} of {len(rows)} prompts above {threshold}", file=sys.stderr)
     eval_file = files["prompts-heldout.jsonl"]
     return ["--prompts", str(files["prompts-train.jsonl"]), "--eval-prompts", str(eval_file),
