@@ -14,7 +14,9 @@ MiniLM reward model trained on Anthropic's hh-rlhf harmless-base comparisons, wh
 its reward model never see) added to the evaluation. Prints per seed the base → tuned means with
 95% bootstrap intervals of toxicity, the harmlessness judge, relevance and sentiment, whether the
 intervals separate, the final KL against the ceiling, the time of every stage and peak memory;
-and the first ten held-out prompts' first samples before and after (not chosen by hand).
+how often the reward model picks the reply the labelers' preference picks, of two replies to one
+held-out prompt, on the base and on the tuned model's replies (``reward_agreement``); and the first
+ten held-out prompts' first samples before and after (not chosen by hand).
 Target (issue 13): under 25 minutes on 2 quiet cores; toxicity down and the harmlessness judge up
 with separated intervals in every seed, relevance not worse beyond its interval, KL within the ceiling.
 Writes benchmarks/results/demo_smollm2.json.
@@ -115,7 +117,29 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) ->
             "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
 
 
-def row(seed: int, s: dict, judge: Path) -> dict:
+def agreement_from_samples(run: Path) -> list[dict]:
+    """EvalResult.reward_agreement() recomputed from a run's eval/samples.jsonl, for runs made before
+    eval.json carried it (the scores there are kept to 4 decimals, so a near-tie may count as a tie)."""
+    import torch
+
+    from rlhf.eval.stats import pairwise_agreement
+
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    config, per_prompt = ev["config"], ev["config"]["samples_per_prompt"]
+    rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    out = []
+    for optimised in config["optimised"]:
+        for gold in config["gold"]:
+            for model in (m["name"] for m in ev["models"]):
+                oriented = [torch.tensor([r["scores"][model][j] for r in rows], dtype=torch.float64).view(-1, per_prompt)
+                            * (1 if ev["judges"][j] else -1) for j in (optimised, gold)]
+                a = pairwise_agreement(*oriented, seed=config["seed"])
+                out.append({"optimised": optimised, "gold": gold, "model": model, "rate": a.rate, "ci_low": a.ci_low,
+                            "ci_high": a.ci_high, "pairs": a.pairs, "prompts": a.prompts})
+    return out
+
+
+def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
     names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance", "sentiment": "sentiment",
              "refusal": "refusal"}
     out = {"seed": seed, "rm_val_accuracy": s["reward_model"]["val_accuracy"], "ppo_steps": s["ppo"]["steps"],
@@ -129,6 +153,11 @@ def row(seed: int, s: dict, judge: Path) -> dict:
         out[short] = {"before": d["before"]["mean"], "after": d["after"]["mean"], "before_ci95": d["before"]["ci95"],
                       "after_ci95": d["after"]["ci95"], "improvement_pct": d["improvement_pct"],
                       "ci_separated": d["ci_separated"], "higher_is_better": d["higher_is_better"]}
+    agreement = s.get("reward_agreement") or agreement_from_samples(run)
+    if agreement:  # the demo's one (reward model, labelers' preference) pair: base model first, tuned last
+        first, last = agreement[0], agreement[-1]
+        out["reward_agreement"] = {side: {"rate": r["rate"], "ci95": [r["ci_low"], r["ci_high"]], "pairs": r["pairs"]}
+                                   for side, r in (("before", first), ("after", last))}
     return out
 
 
@@ -175,7 +204,7 @@ def main() -> int:
     rows, examples = [], {}
     for seed in args.seeds:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
-        rows.append(row(seed, summary, judge))
+        rows.append(row(seed, summary, judge, root / f"seed-{seed}"))
         examples[seed] = samples(root / f"seed-{seed}")
     if harmless:  # hh-harmless prompts stay out of the repository: the full samples go under --root
         atomic_write_json(root / f"first_ten_samples_seed{'-'.join(map(str, args.seeds))}.json", examples)
@@ -191,6 +220,11 @@ def main() -> int:
                 print(f"  {j:<10} {d['before']:.4f} [{d['before_ci95'][0]:.4f}, {d['before_ci95'][1]:.4f}] → "
                       f"{d['after']:.4f} [{d['after_ci95'][0]:.4f}, {d['after_ci95'][1]:.4f}]  "
                       f"{d['improvement_pct']:+.1f}%  {'separated' if d['ci_separated'] else 'overlap'}")
+        if "reward_agreement" in r:
+            b, a = r["reward_agreement"]["before"], r["reward_agreement"]["after"]
+            print(f"  reward model agrees with the labelers' preference on {b['rate']:.1%} [{b['ci95'][0]:.1%}, "
+                  f"{b['ci95'][1]:.1%}] of {b['pairs']} pairs of base replies, {a['rate']:.1%} [{a['ci95'][0]:.1%}, "
+                  f"{a['ci95'][1]:.1%}] of {a['pairs']} of tuned replies")
         print(f"  seconds per stage: {r['stage_seconds']}")
     first = args.seeds[0]
     print(f"\nseed {first}: the first ten held-out prompts, first sample each (before → after)")

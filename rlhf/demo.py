@@ -348,6 +348,7 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
                 "score_last": ppo["score_last"], "kl_last": ppo["kl_last"], "episodes_per_second": ppo["episodes_per_second"],
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
         "final_kl": kl.get(after), "final_kl_unit": "nats per reply", "judges": judges,
+        "reward_agreement": ev.get("reward_agreement", []),
         "paths": {"completions": str(out / "completions.jsonl"), "rankings": str(out / "rankings.jsonl"),
                   "pairs": str(out / "pairs.jsonl"), "reward_model": str(out / "reward" / "model"),
                   "policy": str(out / cfg.algo / "model"), "eval": str(_eval_dir(cfg, out))},

@@ -59,6 +59,10 @@ def test_demo_runs_every_stage_and_writes_the_summary(tiny_demo):
     assert 0.0 <= summary["reward_model"]["val_accuracy"] <= 1.0
     assert summary["ppo"]["steps"] == 3 and summary["ppo"]["stop_reason"] == "max_steps"
     assert summary["final_kl"] is not None
+    agreement = summary["reward_agreement"]  # the reward model against the labelers' preference, on each model's replies
+    assert [(r["optimised"].startswith("rm:"), r["gold"], r["prompts"]) for r in agreement] == [
+        (True, cfg.labeler_scorer, len(PROMPTS))] * 2
+    assert all(r["pairs"] <= len(PROMPTS) for r in agreement)  # one pair per prompt at two samples
     for judge in ("toxicity", "sentiment", "relevance", "length", "repetition"):
         j = summary["judges"][judge]
         assert {"before", "after", "improvement_pct", "ci_separated"} <= set(j)

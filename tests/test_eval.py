@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from rlhf.errors import ConfigError
-from rlhf.eval.stats import bootstrap_ci, relative_change, summarise
+from rlhf.eval.stats import bootstrap_ci, pairwise_agreement, relative_change, summarise
 
 
 def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
@@ -40,6 +40,7 @@ def test_eval_cli_judges_models_and_writes_escaped_report(tmp_path, tiny_model_d
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "ev"), "--model", str(tiny_model_dir),
                                       "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
                                       "--prompts", str(prompts), "--judge", "length", "--judge", "repetition",
+                                      "--optimised", "length", "--gold", "repetition",
                                       "--samples-per-prompt", "3", "--max-new-tokens", "8", "--bootstrap", "100"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "ev" / "eval.json").read_text())
@@ -48,8 +49,60 @@ def test_eval_cli_judges_models_and_writes_escaped_report(tmp_path, tiny_model_d
     # Same weights, same seeds: identical samples, zero KL, no change.
     assert data["table"][1]["improvement_pct"] in (0.0, None) or abs(data["table"][1]["improvement_pct"]) < 1e-9
     assert all(abs(m["kl"]["mean"]) < 1e-4 for m in data["models"])
+    # The reward's agreement with the gold judge, per model: 2 prompts × 3 pairs at most (gold ties are left out).
+    agreement = data["reward_agreement"]
+    assert [(r["optimised"], r["gold"], r["prompts"]) for r in agreement] == [("length", "repetition", 2)] * 2
+    assert agreement[0]["pairs"] <= 6 and agreement[0]["rate"] == agreement[1]["rate"]  # the same replies
+    assert "the reward orders two replies to one prompt as the gold judge does" in (tmp_path / "ev" / "table.txt").read_text()
     page = (tmp_path / "ev" / "report.html").read_text()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_pairwise_agreement_by_hand():
+    """Prompt 0: the score orders all three pairs as the reference does (3 of 3). Prompt 1: the
+    reference ties replies 0 and 1 (left out), the score reverses (0, 2) and ties (1, 2) (half):
+    0.5 of 2. Together 3.5 of 5 pairs."""
+    scores = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 2.0]])
+    reference = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 3.0]])
+    a = pairwise_agreement(scores, reference, n_boot=500)
+    assert (a.pairs, a.prompts) == (5, 2) and a.rate == pytest.approx(0.7)
+    # Resampling two prompts gives 3/3 + 3/3 = 1.0, 0.5/2 + 0.5/2 = 0.25 or the whole 0.7.
+    assert 0.25 <= a.ci_low <= a.rate <= a.ci_high <= 1.0 and a.ci_low < a.ci_high
+    tied = pairwise_agreement(scores, torch.ones(2, 3))
+    assert tied.pairs == 0 and tied.rate != tied.rate  # NaN: the reference prefers nothing
+    for bad in (torch.ones(2, 2), torch.ones(6)):
+        with pytest.raises(ValueError, match="one shape"):
+            pairwise_agreement(scores, bad)
+
+
+def test_reward_agreement_compares_the_given_reward_with_the_gold_judge_on_each_model():
+    """The base model's replies are ordered by the reward as the gold judge (lower toxicity) orders
+    them, the tuned model's the other way round: 100% then 0%, and the sentence says the policy
+    found replies the reward overrates. Two samples per prompt, two prompts."""
+    from rlhf.eval.judging import EvalResult, ModelResult, format_table
+    from rlhf.eval.verdict import agreement_sentences
+
+    toxicity = [0.9, 0.1, 0.8, 0.2]
+    scores = {"base": {"rm": [1.0, 2.0, 3.0, 4.0], "toxicity": toxicity, "other": [0.0, 0.0, 0.0, 0.0]},
+              "tuned": {"rm": [2.0, 1.0, 4.0, 3.0], "toxicity": toxicity, "other": [0.0, 0.0, 0.0, 0.0]}}
+    models = [ModelResult(name, ["a"] * 4, s, {k: summarise(torch.tensor(v)) for k, v in s.items()})
+              for name, s in scores.items()]
+    result = EvalResult(prompts=["p", "q"], judges={"rm": True, "toxicity": False, "other": True}, models=models,
+                        roles={"rm": "optimised", "toxicity": "gold"}, n_boot=200, samples_per_prompt=2)
+    rows = result.reward_agreement()  # by default every optimised judge against every gold one
+    assert [(r["optimised"], r["gold"], r["model"], r["rate"], r["pairs"]) for r in rows] == [
+        ("rm", "toxicity", "base", 1.0, 2), ("rm", "toxicity", "tuned", 0.0, 2)]
+    result.reward_pairs = [("other", "toxicity")]  # a reward that ties everything agrees half the time
+    assert [r["rate"] for r in result.reward_agreement()] == [0.5, 0.5]
+    result.reward_pairs = []
+    assert "rm against toxicity" in format_table(result)
+    [sentence] = agreement_sentences(rows, {"rm": "the reward model", "toxicity": "toxicity"},
+                                     {"base": "base model", "tuned": "tuned model"})
+    assert sentence.startswith("The reward model picks the same one of two replies to a prompt as toxicity in "
+                               "100% [100%, 100%] of 2 pairs of replies by the base model, and in 0% [0%, 0%]")
+    assert "replies the reward overrates" in sentence
+    result.samples_per_prompt = 1
+    assert result.reward_agreement() == []
 
 
 def test_unknown_judge_is_a_clear_error(tmp_path, tiny_model_dir):

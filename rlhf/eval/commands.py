@@ -25,7 +25,9 @@ class EvalConfig:
     optimised: list[str] = opt(help="Judge(s) among --judge that the tuned model was trained to maximise (its reward); "
                                     "the report groups them apart from the independent judges.", factory=list)
     gold: list[str] = opt(help="Judge(s) among --judge held out from the policy but used by the labelers (the watch's "
-                               "gold judge); grouped apart from the independent judges.", factory=list)
+                               "gold judge); grouped apart from the independent judges. With --optimised, the table "
+                               "also says how often the reward orders two replies to a prompt as the gold judge does.",
+                          factory=list)
     reference: str = opt("bundled", help="Reference model for KL and perplexity ('' = skip both).")
     samples_per_prompt: int = opt(4, help="Completions sampled per prompt and model.")
     max_new_tokens: int = opt(48, help="Longest reply in tokens.")
@@ -66,8 +68,11 @@ def run_eval(cfg: EvalConfig):
     device = rt.device
     prompts = [p.prompt for p in read_records(cfg.prompts or shipped_prompts("eval"), PromptRecord)]
     judges = [load_scorer(spec) for spec in cfg.judge]
-    roles = training_roles(judges, [j for spec, j in zip(cfg.judge, judges) if spec in cfg.optimised],
-                           [j for spec, j in zip(cfg.judge, judges) if spec in cfg.gold and spec not in cfg.optimised])
+    optimised = [j for spec, j in zip(cfg.judge, judges) if spec in cfg.optimised]
+    gold = [j for spec, j in zip(cfg.judge, judges) if spec in cfg.gold and spec not in cfg.optimised]
+    # Roles also reach judges that share a signal with these; the reward's agreement is measured
+    # against the named gold judges only (a toxicity judge is not what the labelers ranked by).
+    roles = training_roles(judges, optimised, gold)
     models = {}
     for i, m in enumerate(cfg.model):
         name = m if m not in models else f"{m}#{i}"
@@ -85,7 +90,8 @@ def run_eval(cfg: EvalConfig):
         cuts.report("eval")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     result = evaluate(models, reference, prompts, judges, params, cfg.samples_per_prompt, cfg.batch_size, cfg.seed,
-                      cfg.bootstrap, roles, backend=make_backend(rt.engine))
+                      cfg.bootstrap, roles, backend=make_backend(rt.engine),
+                      reward_pairs=[(o.name, g.name) for o in optimised for g in gold])
     out = Path(cfg.out)
     payload = {**result.to_json(), "config": config_to_dict(cfg)}
     atomic_write_json(out / "eval.json", payload)

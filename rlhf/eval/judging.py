@@ -4,13 +4,14 @@ reference model's perplexity of its completions)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.eval.stats import Summary, bootstrap_ci, relative_change, summarise
+from rlhf.eval.stats import Summary, bootstrap_ci, pairwise_agreement, relative_change, summarise
 from rlhf.eval.verdict import ROLES, arrow, change_word, magnitude_interval, number
 from rlhf.judges.base import Scorer, score_checked, signals_of
 from rlhf.rollout.generate import SamplingParams, SampledBatch, decode_responses, sample_tokens
@@ -36,6 +37,10 @@ class EvalResult:
     roles: dict[str, str] = field(default_factory=dict)  # name -> optimised | gold | independent | drift
     n_boot: int = 2000
     seed: int = 0
+    samples_per_prompt: int = 1
+    # (optimised, gold) judge names whose agreement reward_agreement() measures; empty = every
+    # optimised judge against every gold one
+    reward_pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def table(self) -> list[dict]:
         """One row per (judge, model): mean, std, CI, and the change from the first model.
@@ -64,9 +69,32 @@ class EvalResult:
                 rows.append(row)
         return rows
 
+    def reward_agreement(self) -> list[dict]:
+        """For each (optimised, gold) pair of judges and each model: how often the reward orders two of
+        the model's replies to one prompt as the gold judge does (:func:`rlhf.eval.stats.pairwise_agreement`).
+
+        The reward model's validation accuracy is measured on the base model's replies; this measures it
+        again on the tuned model's. A fall says the policy moved to replies the reward overrates, before
+        any judge's mean shows it. Needs two or more samples per prompt.
+        """
+        if self.samples_per_prompt < 2:
+            return []
+        pairs = self.reward_pairs or [(o, g) for o, ro in self.roles.items() if ro == "optimised"
+                                      for g, rg in self.roles.items() if rg == "gold"]
+        rows = []
+        for optimised, gold in pairs:
+            for m in self.models:
+                oriented = [torch.tensor(m.scores[name], dtype=torch.float64).view(-1, self.samples_per_prompt)
+                            * (1 if self.judges[name] else -1) for name in (optimised, gold)]
+                a = pairwise_agreement(*oriented, n_boot=self.n_boot, seed=self.seed)
+                finite = lambda x: None if math.isnan(x) else x  # noqa: E731  NaN when the gold judge tied every pair
+                rows.append({"optimised": optimised, "gold": gold, "model": m.name, "rate": finite(a.rate),
+                             "ci_low": finite(a.ci_low), "ci_high": finite(a.ci_high), "pairs": a.pairs, "prompts": a.prompts})
+        return rows
+
     def to_json(self) -> dict:
         return {"judges": self.judges, "roles": {j: self.roles.get(j, "independent") for j in self.judges},
-                "table": self.table(),
+                "table": self.table(), "reward_agreement": self.reward_agreement(),
                 "models": [{"name": m.name, "kl": asdict(m.kl) if m.kl else None,
                             "ref_perplexity": asdict(m.ref_perplexity) if m.ref_perplexity else None,
                             "seconds": round(m.seconds, 2)} for m in self.models]}
@@ -126,11 +154,16 @@ def judge_roles(judges: list[Scorer], roles: dict[str, str] | None = None) -> di
 def evaluate(models: dict[str, tuple], reference: tuple | None, prompts: list[str], judges: list[Scorer],
              params: SamplingParams, samples_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
              n_boot: int = 2000, roles: dict[str, str] | None = None,
-             backend=None) -> EvalResult:
+             backend=None, reward_pairs: list[tuple[str, str]] | None = None) -> EvalResult:
     """``models``: name -> (model, tokenizer); ``reference``: (model, tokenizer) or None;
-    ``roles``: judge name -> optimised / gold / independent / drift (see rlhf/eval/verdict.py)."""
+    ``roles``: judge name -> optimised / gold / independent / drift (see rlhf/eval/verdict.py);
+    ``reward_pairs``: (optimised, gold) judge names for :meth:`EvalResult.reward_agreement`."""
+    unknown = {name for pair in reward_pairs or [] for name in pair} - {j.name for j in judges}
+    if unknown:
+        raise ValueError(f"reward_pairs name {sorted(unknown)}, which are not among the judges")
     result = EvalResult(prompts=prompts, judges={j.name: j.higher_is_better for j in judges},
-                        roles=judge_roles(judges, roles), n_boot=n_boot, seed=seed)
+                        roles=judge_roles(judges, roles), n_boot=n_boot, seed=seed,
+                        samples_per_prompt=samples_per_prompt, reward_pairs=list(reward_pairs or []))
     for name, (model, tok) in tqdm(models.items(), desc="evaluating", unit="model"):
         t0 = time.perf_counter()
         batches = sample_all(model, tok, prompts, params, samples_per_prompt, batch_size, seed, backend)
@@ -176,4 +209,12 @@ def format_table(result: EvalResult) -> str:
         for m in kl_rows:
             lines.append(f"  {'[' + str(index[m.name]) + ']':<4}{number(m.kl.mean):>11} ± {number(m.kl.std):<7}  "
                          f"reference perplexity {number(m.ref_perplexity.mean)}")
+    agreement = result.reward_agreement()
+    if agreement:
+        lines.append("the reward orders two replies to one prompt as the gold judge does (pairs the gold judge ties left out)")
+        for pair in dict.fromkeys((r["optimised"], r["gold"]) for r in agreement):
+            lines.append(f"{pair[0]} against {pair[1]}")
+            for r in (r for r in agreement if (r["optimised"], r["gold"]) == pair):
+                rate = "—" if r["rate"] is None else f"{r['rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
+                lines.append(f"  {'[' + str(index[r['model']]) + ']':<4}{rate:>30} of {r['pairs']} pairs")
     return "\n".join(lines)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.eval.plots import training_plots
-from rlhf.eval.verdict import (ROLE_TITLES, ROLES, JudgeVerdict, arrow, gao_sentence, gold_story, headline,
-                               judge_verdicts, kl_sentence, magnitude_interval, number, watch_sentences)
+from rlhf.eval.verdict import (ROLE_TITLES, ROLES, JudgeVerdict, agreement_sentences, arrow, gao_sentence, gold_story,
+                               headline, judge_verdicts, kl_sentence, magnitude_interval, number, watch_sentences)
 from rlhf.utils.io import atomic_write_bytes, atomic_write_text
 
 
@@ -108,9 +108,12 @@ def _verdict_section(data: ReportInput, verdicts: list[JudgeVerdict]) -> str:
 
 
 def verdict_facts(data: ReportInput) -> list[str]:
-    """The verdict's sentences after the judges: KL, the watch's flags, the gold curve, the Gao fit."""
+    """The verdict's sentences after the judges: KL, the reward's agreement with the gold judge on each
+    model's replies, the watch's flags, the gold curve, the Gao fit."""
     t = data.training or TrainingInfo()
     facts = [kl_sentence(_final_kl(data), t.target_kl, t.kl_ceiling)]
+    if data.eval_json:
+        facts += agreement_sentences(data.eval_json.get("reward_agreement", []), data.judge_labels, data.model_labels)
     if data.metrics and (t.watch is not None or data.flags):
         gold_label = data.judge_labels.get(t.gold_judge, "the gold judge") if t.gold_judge else "the gold judge"
         story = gold_story(data.metrics, t.gold_higher_is_better)

@@ -243,3 +243,29 @@ def gao_sentence(fit: dict | None, final_kl: float | None = None) -> str | None:
     else:
         text += "."
     return text
+
+
+def agreement_sentences(rows: list[dict], labels: dict[str, str] | None = None,
+                        model_labels: dict[str, str] | None = None) -> list[str]:
+    """EvalResult.reward_agreement() in words: how often the reward picks the reply the gold judge
+    picks, on the first model's replies and on the last's, and whether that fell where the policy went."""
+    labels, model_labels = labels or {}, model_labels or {}
+    percent = lambda r: f"{r['rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] of {r['pairs']} pairs"  # noqa: E731
+    whose = lambda m: f"the {model_labels[m]}" if m in model_labels else m  # noqa: E731
+    out = []
+    for optimised, gold in dict.fromkeys((r["optimised"], r["gold"]) for r in rows):
+        group = [r for r in rows if (r["optimised"], r["gold"]) == (optimised, gold) and r["rate"] is not None]
+        if not group:
+            continue
+        first, last = group[0], group[-1]
+        reward = labels.get(optimised, optimised)
+        text = (f"{reward[:1].upper() + reward[1:]} picks the same one of two replies to a prompt as "
+                f"{labels.get(gold, gold)} in {percent(first)} of replies by {whose(first['model'])}")
+        if last is not first:
+            text += f", and in {percent(last)} of replies by {whose(last['model'])}"
+            if last["ci_high"] < first["ci_low"]:
+                text += ": less where the policy went, so the policy has found replies the reward overrates"
+            elif last["ci_low"] > first["ci_high"]:
+                text += ": more where the policy went"
+        out.append(text + ".")
+    return out
