@@ -81,13 +81,13 @@ class EvalResult:
             return []
         pairs = self.reward_pairs or [(o, g) for o, ro in self.roles.items() if ro == "optimised"
                                       for g, rg in self.roles.items() if rg == "gold"]
+        finite = lambda x: None if math.isnan(x) else x  # noqa: E731  NaN where the gold judge tied every pair
         rows = []
         for optimised, gold in pairs:
             for m in self.models:
                 oriented = [torch.tensor(m.scores[name], dtype=torch.float64).view(-1, self.samples_per_prompt)
                             * (1 if self.judges[name] else -1) for name in (optimised, gold)]
                 a = pairwise_agreement(*oriented, n_boot=self.n_boot, seed=self.seed)
-                finite = lambda x: None if math.isnan(x) else x  # noqa: E731  NaN when the gold judge tied every pair
                 rows.append({"optimised": optimised, "gold": gold, "model": m.name, "rate": finite(a.rate),
                              "ci_low": finite(a.ci_low), "ci_high": finite(a.ci_high), "pairs": a.pairs, "prompts": a.prompts})
         return rows
