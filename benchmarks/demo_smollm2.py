@@ -145,6 +145,7 @@ def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
     out = {"seed": seed, "rm_val_accuracy": s["reward_model"]["val_accuracy"], "ppo_steps": s["ppo"]["steps"],
            "stop_reason": s["ppo"]["stop_reason"], "final_kl": s["final_kl"], "kl_ceiling": s["config"]["kl_ceiling"],
            "total_seconds": s["total_seconds"], "stage_seconds": s["stage_seconds"], "peak_rss_mb": s["peak_rss_mb"],
+           "this_run_seconds": s.get("this_run_seconds"),  # small where the invocation reused finished stages
            "load_average_start_end": s.get("load_average_start_end"), "optimised_judges": s.get("optimised_judges")}
     for short, name in names.items():
         d = s["judges"].get(name)

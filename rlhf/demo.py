@@ -122,6 +122,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # Seconds per stage, kept across runs: a rerun that skips finished stages still reports them all.
     stages_file = out / "stages.json"
     stages: dict[str, float] = json.loads(stages_file.read_text()) if cfg.resume and stages_file.is_file() else {}
+    earlier_peak = _earlier_peak_rss(out) if cfg.resume else 0
     t_all = time.perf_counter()
     clock = _clock(cfg, prompts, eval_prompts)
     order = ["generate", "label", "pairs", "reward", cfg.algo, "eval", "report"]
@@ -167,7 +168,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write_json(stages_file, stages)
     summary["total_seconds"] = round(sum(stages.values()), 1)  # all stages, whichever run did them
     summary["this_run_seconds"] = round(time.perf_counter() - t_all, 1)
-    summary["peak_rss_mb"] = round(peak_rss_mb())
+    summary["this_run_peak_rss_mb"] = round(peak_rss_mb())
+    # Like the stage seconds, the peak is that of whichever run did the stages: a rerun that only
+    # rewrites the summary must not report its own few hundred MB as the demo's peak.
+    summary["peak_rss_mb"] = max(earlier_peak, summary["this_run_peak_rss_mb"])
     summary["report"] = str(report)
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -275,6 +279,14 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
                      lora=cfg.lora, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.reply_tokens, temperature=cfg.temperature)
     pcfg.validate()
     run_ppo(pcfg)
+
+
+def _earlier_peak_rss(out: Path) -> int:
+    """The peak memory an earlier run of this --out recorded in its summary (0 if none or unreadable)."""
+    try:
+        return int(json.loads((out / "summary.json").read_text()).get("peak_rss_mb") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _eval_dir(cfg: DemoConfig, out: Path) -> Path:

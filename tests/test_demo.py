@@ -72,11 +72,14 @@ def test_demo_runs_every_stage_and_writes_the_summary(tiny_demo):
     assert len(read_metrics(Path(cfg.out) / "ppo")) == 3
 
 
-def test_demo_rerun_skips_finished_stages(tiny_demo):
+def test_demo_rerun_skips_finished_stages(tiny_demo, monkeypatch):
     cfg, first = tiny_demo
+    monkeypatch.setattr("rlhf.utils.metrics.peak_rss_mb", lambda: 1.0)  # a rerun that only rewrites the summary is small
     again = run_demo(cfg)
     assert again["stage_seconds"] == {**first["stage_seconds"], "report": again["stage_seconds"]["report"]}
     assert again["this_run_seconds"] < first["total_seconds"]  # every stage's outputs were complete
+    # ... and keeps the peak memory of the run that did the stages, as it keeps their seconds
+    assert again["this_run_peak_rss_mb"] == 1 and again["peak_rss_mb"] == first["peak_rss_mb"] > 1
     assert again["judges"] == first["judges"]
 
 
