@@ -140,7 +140,10 @@ def test_padding_invariance(base, tiny_model_dir, tmp_path):
     batch = score_checked(scorer, ["a much longer prompt about many things " * 3, "how do I cook rice", "x"],
                           ["a long reply that needs plenty of padding around the short one " * 2, "Rinse it.", "y"])
     assert batch.dtype == torch.float32 and batch.shape == (3,)
-    assert batch[1].item() == pytest.approx(alone.item(), abs=1e-5)
+    # The batch runs other kernel shapes than the single row, so float32 sums differ slightly; through a
+    # head of norm ~20 that reached 1.06e-5 on an AVX-512 Xeon (2026-12-02). Attending to or pooling
+    # over padding would move the score by far more than 1e-4.
+    assert batch[1].item() == pytest.approx(alone.item(), abs=1e-4)
     assert load_scorer(f"rm:{tmp_path / 'rm'}").score(["how do I cook rice"], ["Rinse it."]).item() == pytest.approx(alone.item(), abs=1e-6)
 
 
