@@ -120,23 +120,14 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) ->
 def agreement_from_samples(run: Path) -> list[dict]:
     """EvalResult.reward_agreement() recomputed from a run's eval/samples.jsonl, for runs made before
     eval.json carried it (the scores there are kept to 4 decimals, so a near-tie may count as a tie)."""
-    import torch
-
-    from rlhf.eval.stats import pairwise_agreement
+    from rlhf.eval.judging import agreement_rows
 
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    config, per_prompt = ev["config"], ev["config"]["samples_per_prompt"]
+    config = ev["config"]
     rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
-    out = []
-    for optimised in config["optimised"]:
-        for gold in config["gold"]:
-            for model in (m["name"] for m in ev["models"]):
-                oriented = [torch.tensor([r["scores"][model][j] for r in rows], dtype=torch.float64).view(-1, per_prompt)
-                            * (1 if ev["judges"][j] else -1) for j in (optimised, gold)]
-                a = pairwise_agreement(*oriented, seed=config["seed"])
-                out.append({"optimised": optimised, "gold": gold, "model": model, "rate": a.rate, "ci_low": a.ci_low,
-                            "ci_high": a.ci_high, "pairs": a.pairs, "prompts": a.prompts})
-    return out
+    scores = {m["name"]: {j: [r["scores"][m["name"]][j] for r in rows] for j in ev["judges"]} for m in ev["models"]}
+    return agreement_rows(scores, ev["judges"], [(o, g) for o in config["optimised"] for g in config["gold"]],
+                          config["samples_per_prompt"], seed=config["seed"])
 
 
 def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
@@ -154,10 +145,15 @@ def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
         out[short] = {"before": d["before"]["mean"], "after": d["after"]["mean"], "before_ci95": d["before"]["ci95"],
                       "after_ci95": d["after"]["ci95"], "improvement_pct": d["improvement_pct"],
                       "ci_separated": d["ci_separated"], "higher_is_better": d["higher_is_better"]}
-    agreement = s.get("reward_agreement") or agreement_from_samples(run)
+    agreement = s.get("reward_agreement")
+    if not agreement or "clear_rate" not in agreement[0]:  # runs from before eval wrote it, or wrote it without clear pairs
+        agreement = agreement_from_samples(run)
     if agreement:  # the demo's one (reward model, labelers' preference) pair: base model first, tuned last
         first, last = agreement[0], agreement[-1]
-        out["reward_agreement"] = {side: {"rate": r["rate"], "ci95": [r["ci_low"], r["ci_high"]], "pairs": r["pairs"]}
+        out["reward_agreement"] = {side: {"rate": r["rate"], "ci95": [r["ci_low"], r["ci_high"]], "pairs": r["pairs"],
+                                          "mean_gap": r["mean_gap"], "clear_min_gap": r["clear_min_gap"],
+                                          "clear_rate": r["clear_rate"], "clear_ci95": [r["clear_ci_low"], r["clear_ci_high"]],
+                                          "clear_pairs": r["clear_pairs"]}
                                    for side, r in (("before", first), ("after", last))}
     return out
 
@@ -225,7 +221,9 @@ def main() -> int:
             b, a = r["reward_agreement"]["before"], r["reward_agreement"]["after"]
             print(f"  reward model agrees with the labelers' preference on {b['rate']:.1%} [{b['ci95'][0]:.1%}, "
                   f"{b['ci95'][1]:.1%}] of {b['pairs']} pairs of base replies, {a['rate']:.1%} [{a['ci95'][0]:.1%}, "
-                  f"{a['ci95'][1]:.1%}] of {a['pairs']} of tuned replies")
+                  f"{a['ci95'][1]:.1%}] of {a['pairs']} of tuned replies; on clear pairs (gold gap > {b['clear_min_gap']:.3g}) "
+                  f"{b['clear_rate']:.1%} [{b['clear_ci95'][0]:.1%}, {b['clear_ci95'][1]:.1%}] of {b['clear_pairs']} and "
+                  f"{a['clear_rate']:.1%} [{a['clear_ci95'][0]:.1%}, {a['clear_ci95'][1]:.1%}] of {a['clear_pairs']}")
         print(f"  seconds per stage: {r['stage_seconds']}")
     first = args.seeds[0]
     print(f"\nseed {first}: the first ten held-out prompts, first sample each (before → after)")

@@ -66,6 +66,10 @@ def test_pairwise_agreement_by_hand():
     reference = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 3.0]])
     a = pairwise_agreement(scores, reference, n_boot=500)
     assert (a.pairs, a.prompts) == (5, 2) and a.rate == pytest.approx(0.7)
+    assert a.mean_gap == pytest.approx((1 + 2 + 1 + 2 + 2) / 5)
+    # Only the pairs the reference separates by more than 1.5: (0, 2) of prompt 0, agreed; (0, 2) and (1, 2) of prompt 1
+    clear = pairwise_agreement(scores, reference, n_boot=500, min_gap=1.5)
+    assert clear.pairs == 3 and clear.rate == pytest.approx((1 + 0 + 0.5) / 3)
     # Resampling two prompts gives 3/3 + 3/3 = 1.0, 0.5/2 + 0.5/2 = 0.25 or the whole 0.7.
     assert 0.25 <= a.ci_low <= a.rate <= a.ci_high <= 1.0 and a.ci_low < a.ci_high
     tied = pairwise_agreement(scores, torch.ones(2, 3))
@@ -103,6 +107,29 @@ def test_reward_agreement_compares_the_given_reward_with_the_gold_judge_on_each_
     assert "replies the reward overrates" in sentence
     result.samples_per_prompt = 1
     assert result.reward_agreement() == []
+
+
+def test_agreement_that_falls_only_because_replies_grew_alike_is_not_called_overrating():
+    """The reward orders every pair of the base model's replies as the gold judge does (gaps 1.5 and
+    2.5). The tuned model's replies are as clear on half the prompts (gap 2.5, ordered alike) and
+    nearly tied on the rest (gap 0.1, ordered the other way): agreement falls from 100% to 50%, but
+    on pairs wider than the base median gap it stays at 100%, so the verdict blames closeness."""
+    from rlhf.eval.judging import agreement_rows
+    from rlhf.eval.verdict import agreement_sentences
+
+    n = 20
+    base_gold = [v for k in range(n) for v in (0.0, 1.5 if k % 2 else 2.5)]
+    tuned_gold = [v for k in range(n) for v in (0.0, 2.5 if k % 2 else 0.1)]
+    tuned_rm = [v for k in range(n) for v in ((0.0, 1.0) if k % 2 else (1.0, 0.0))]
+    scores = {"base": {"rm": base_gold, "gold": base_gold}, "tuned": {"rm": tuned_rm, "gold": tuned_gold}}
+    rows = agreement_rows(scores, {"rm": True, "gold": True}, [("rm", "gold")], samples_per_prompt=2, n_boot=500)
+    base, tuned = rows
+    assert (base["rate"], tuned["rate"], base["clear_min_gap"]) == (1.0, 0.5, 1.5)
+    assert (base["clear_rate"], base["clear_pairs"], tuned["clear_rate"], tuned["clear_pairs"]) == (1.0, 10, 1.0, 10)
+    assert tuned["mean_gap"] == pytest.approx((2.5 + 0.1) / 2)
+    [sentence] = agreement_sentences(rows, model_labels={"base": "base model", "tuned": "tuned model"})
+    assert "less where the policy went, but replies by the tuned model lie closer together" in sentence
+    assert "no clear fall" in sentence and "overrates" not in sentence
 
 
 def test_unknown_judge_is_a_clear_error(tmp_path, tiny_model_dir):

@@ -71,26 +71,14 @@ class EvalResult:
 
     def reward_agreement(self) -> list[dict]:
         """For each (optimised, gold) pair of judges and each model: how often the reward orders two of
-        the model's replies to one prompt as the gold judge does (:func:`rlhf.eval.stats.pairwise_agreement`).
-
-        The reward model's validation accuracy is measured on the base model's replies; this measures it
-        again on the tuned model's. A fall says the policy moved to replies the reward overrates, before
-        any judge's mean shows it. Needs two or more samples per prompt.
-        """
+        the model's replies to one prompt as the gold judge does (:func:`agreement_rows`). Needs two or
+        more samples per prompt."""
         if self.samples_per_prompt < 2:
             return []
         pairs = self.reward_pairs or [(o, g) for o, ro in self.roles.items() if ro == "optimised"
                                       for g, rg in self.roles.items() if rg == "gold"]
-        finite = lambda x: None if math.isnan(x) else x  # noqa: E731  NaN where the gold judge tied every pair
-        rows = []
-        for optimised, gold in pairs:
-            for m in self.models:
-                oriented = [torch.tensor(m.scores[name], dtype=torch.float64).view(-1, self.samples_per_prompt)
-                            * (1 if self.judges[name] else -1) for name in (optimised, gold)]
-                a = pairwise_agreement(*oriented, n_boot=self.n_boot, seed=self.seed)
-                rows.append({"optimised": optimised, "gold": gold, "model": m.name, "rate": finite(a.rate),
-                             "ci_low": finite(a.ci_low), "ci_high": finite(a.ci_high), "pairs": a.pairs, "prompts": a.prompts})
-        return rows
+        return agreement_rows({m.name: m.scores for m in self.models}, self.judges, pairs, self.samples_per_prompt,
+                              self.n_boot, self.seed)
 
     def to_json(self) -> dict:
         return {"judges": self.judges, "roles": {j: self.roles.get(j, "independent") for j in self.judges},
@@ -98,6 +86,40 @@ class EvalResult:
                 "models": [{"name": m.name, "kl": asdict(m.kl) if m.kl else None,
                             "ref_perplexity": asdict(m.ref_perplexity) if m.ref_perplexity else None,
                             "seconds": round(m.seconds, 2)} for m in self.models]}
+
+
+def agreement_rows(scores: dict[str, dict[str, list[float]]], judges: dict[str, bool], pairs: list[tuple[str, str]],
+                   samples_per_prompt: int, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """``scores``: model name -> judge name -> one score per sample (prompt-major, ``samples_per_prompt``
+    per prompt), the first model the baseline; ``judges``: name -> higher is better. One row per
+    (optimised, gold) pair and model (:func:`rlhf.eval.stats.pairwise_agreement`).
+
+    The reward model's validation accuracy is measured on the base model's replies; this measures it
+    again on the tuned model's. Every pair the gold judge does not tie gives ``rate``. Because a
+    policy's replies often grow alike, and close pairs are hard to order for any score, the ``clear_``
+    fields count only pairs the gold judge separates by more than the median gap of the baseline's
+    pairs (``clear_min_gap``), the same threshold for every model. A fall there too means the policy
+    moved to replies the reward overrates.
+    """
+    finite = lambda x: None if math.isnan(x) else x  # noqa: E731  NaN where the gold judge tied every pair
+    rows = []
+    for optimised, gold in pairs:
+        oriented = {m: [torch.tensor(s[name], dtype=torch.float64).view(-1, samples_per_prompt) * (1 if judges[name] else -1)
+                        for name in (optimised, gold)] for m, s in scores.items()}
+        first_gold = next(iter(oriented.values()))[1]
+        i, j = torch.triu_indices(samples_per_prompt, samples_per_prompt, offset=1)
+        gaps = (first_gold[:, j] - first_gold[:, i]).abs().flatten()
+        gaps = gaps[gaps > 0]
+        min_gap = float(gaps.median()) if gaps.numel() else float("inf")
+        for model, (reward, reference) in oriented.items():
+            a = pairwise_agreement(reward, reference, n_boot=n_boot, seed=seed)
+            c = pairwise_agreement(reward, reference, n_boot=n_boot, seed=seed, min_gap=min_gap)
+            rows.append({"optimised": optimised, "gold": gold, "model": model, "rate": finite(a.rate),
+                         "ci_low": finite(a.ci_low), "ci_high": finite(a.ci_high), "pairs": a.pairs, "prompts": a.prompts,
+                         "mean_gap": finite(a.mean_gap), "clear_min_gap": finite(min_gap) if gaps.numel() else None,
+                         "clear_rate": finite(c.rate), "clear_ci_low": finite(c.ci_low), "clear_ci_high": finite(c.ci_high),
+                         "clear_pairs": c.pairs})
+    return rows
 
 
 def sample_all(model, tok, prompts: list[str], params: SamplingParams, samples_per_prompt: int, batch_size: int,
@@ -211,10 +233,15 @@ def format_table(result: EvalResult) -> str:
                          f"reference perplexity {number(m.ref_perplexity.mean)}")
     agreement = result.reward_agreement()
     if agreement:
-        lines.append("the reward orders two replies to one prompt as the gold judge does (pairs the gold judge ties left out)")
+        lines.append("the reward orders two replies to one prompt as the gold judge does (pairs the gold judge ties left out; "
+                     "clear pairs: a gold gap above the baseline's median)")
+        rate = lambda r, k="": "—" if r[k + "rate"] is None else (  # noqa: E731
+            f"{r[k + 'rate']:.1%} [{r[k + 'ci_low']:.1%}, {r[k + 'ci_high']:.1%}] of {r[k + 'pairs']}")
         for pair in dict.fromkeys((r["optimised"], r["gold"]) for r in agreement):
-            lines.append(f"{pair[0]} against {pair[1]}")
-            for r in (r for r in agreement if (r["optimised"], r["gold"]) == pair):
-                rate = "—" if r["rate"] is None else f"{r['rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
-                lines.append(f"  {'[' + str(index[r['model']]) + ']':<4}{rate:>30} of {r['pairs']} pairs")
+            rows = [r for r in agreement if (r["optimised"], r["gold"]) == pair]
+            lines.append(f"{pair[0]} against {pair[1]}" + (f" (clear: gap > {number(rows[0]['clear_min_gap'])})"
+                                                           if rows[0]["clear_min_gap"] is not None else ""))
+            for r in rows:
+                lines.append(f"  {'[' + str(index[r['model']]) + ']':<4}{rate(r):>30} pairs, mean gap "
+                             f"{number(r['mean_gap'])}; clear pairs {rate(r, 'clear_')}")
     return "\n".join(lines)

@@ -54,12 +54,13 @@ class Agreement:
     rate: float        # share of the counted pairs ordered alike (a tie in ``scores`` counts half)
     ci_low: float      # percentile bootstrap over prompts
     ci_high: float
-    pairs: int         # pairs counted: the reference's ties are left out
+    pairs: int         # pairs counted: the reference's ties (and gaps up to min_gap) are left out
     prompts: int
+    mean_gap: float    # mean |reference difference| of the counted pairs: how far apart they are
 
 
 def pairwise_agreement(scores: torch.Tensor, reference: torch.Tensor, n_boot: int = 2000, confidence: float = 0.95,
-                       seed: int = 0) -> Agreement:
+                       seed: int = 0, min_gap: float = 0.0) -> Agreement:
     """Share of within-prompt reply pairs that ``scores`` [P, S] orders as ``reference`` [P, S] does.
 
     Row p holds the S replies sampled for prompt p, both oriented so that higher is preferred. Every
@@ -68,6 +69,10 @@ def pairwise_agreement(scores: torch.Tensor, reference: torch.Tensor, n_boot: in
     can be compared between the base and the tuned model: where the tuned model's replies are ordered
     worse, the policy has moved to where the reward stands in for the reference less well. The
     interval resamples prompts, since the pairs of one prompt share its replies.
+
+    Close pairs are harder to order for any score, so agreement also falls when a model's replies
+    merely become more alike. ``min_gap`` counts only pairs the reference separates by more than
+    that, which compares two models on pairs equally clear to the reference.
     """
     if scores.dim() != 2 or scores.shape != reference.shape:
         raise ValueError(f"pairwise_agreement needs two [prompts, samples] tensors of one shape; "
@@ -76,17 +81,18 @@ def pairwise_agreement(scores: torch.Tensor, reference: torch.Tensor, n_boot: in
     i, j = torch.triu_indices(n_samples, n_samples, offset=1)
     ref_diff = (reference[:, j] - reference[:, i]).double()
     score_diff = (scores[:, j] - scores[:, i]).double()
-    counted = ref_diff != 0
+    counted = ref_diff.abs() > min_gap
     alike = torch.where(score_diff == 0, 0.5, (torch.sign(score_diff) == torch.sign(ref_diff)).double())
     per_prompt_alike = (alike * counted).sum(dim=1)
     per_prompt_pairs = counted.sum(dim=1).double()
     pairs = int(per_prompt_pairs.sum())
     if pairs == 0:
-        return Agreement(float("nan"), float("nan"), float("nan"), 0, n_prompts)
+        return Agreement(float("nan"), float("nan"), float("nan"), 0, n_prompts, float("nan"))
     rate = float(per_prompt_alike.sum() / pairs)
+    mean_gap = float(ref_diff.abs()[counted].mean())
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_prompts, (n_boot, n_prompts), generator=g)
     rates = per_prompt_alike[idx].sum(dim=1) / per_prompt_pairs[idx].sum(dim=1)  # NaN where a draw has no pair
     alpha = (1 - confidence) / 2
     lo, hi = torch.nanquantile(rates, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return Agreement(rate, float(lo), float(hi), pairs, n_prompts)
+    return Agreement(rate, float(lo), float(hi), pairs, n_prompts, mean_gap)

@@ -250,7 +250,8 @@ def agreement_sentences(rows: list[dict], labels: dict[str, str] | None = None,
     """EvalResult.reward_agreement() in words: how often the reward picks the reply the gold judge
     picks, on the first model's replies and on the last's, and whether that fell where the policy went."""
     labels, model_labels = labels or {}, model_labels or {}
-    percent = lambda r: f"{r['rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] of {r['pairs']} pairs"  # noqa: E731
+    percent = lambda r, k="": (f"{r[k + 'rate']:.0%} [{r[k + 'ci_low']:.0%}, {r[k + 'ci_high']:.0%}] "  # noqa: E731
+                               f"of {r[k + 'pairs']} pairs")
     whose = lambda m: f"the {model_labels[m]}" if m in model_labels else m  # noqa: E731
     out = []
     for optimised, gold in dict.fromkeys((r["optimised"], r["gold"]) for r in rows):
@@ -258,13 +259,22 @@ def agreement_sentences(rows: list[dict], labels: dict[str, str] | None = None,
         if not group:
             continue
         first, last = group[0], group[-1]
-        reward = labels.get(optimised, optimised)
-        text = (f"{reward[:1].upper() + reward[1:]} picks the same one of two replies to a prompt as "
+        reward = labels[optimised][:1].upper() + labels[optimised][1:] if optimised in labels else f"The reward ({optimised})"
+        text = (f"{reward} picks the same one of two replies to a prompt as "
                 f"{labels.get(gold, gold)} in {percent(first)} of replies by {whose(first['model'])}")
         if last is not first:
             text += f", and in {percent(last)} of replies by {whose(last['model'])}"
-            if last["ci_high"] < first["ci_low"]:
-                text += ": less where the policy went, so the policy has found replies the reward overrates"
+            clear = [r for r in (first, last) if r.get("clear_rate") is not None]
+            clear_fell = len(clear) == 2 and last["clear_ci_high"] < first["clear_ci_low"]
+            clear_text = (f"the pairs the gold judge separates clearly (a gap above {number(first['clear_min_gap'])}): "
+                          f"{percent(first, 'clear_')} and {percent(last, 'clear_')}") if len(clear) == 2 else ""
+            if last["ci_high"] < first["ci_low"] and clear_fell:
+                text += (f": less where the policy went, also on {clear_text}. So the policy has found replies the reward "
+                         "overrates")
+            elif last["ci_high"] < first["ci_low"]:
+                text += (f": less where the policy went, but replies by {whose(last['model'])} lie closer together by the gold "
+                         f"judge (mean gap {number(first.get('mean_gap'))} → {number(last.get('mean_gap'))}), and close pairs are "
+                         "hard to order for any score" + (f"; on {clear_text}, no clear fall" if clear_text else ""))
             elif last["ci_low"] > first["ci_high"]:
                 text += ": more where the policy went"
         out.append(text + ".")
