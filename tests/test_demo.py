@@ -63,6 +63,8 @@ def test_demo_runs_every_stage_and_writes_the_summary(tiny_demo):
     assert [(r["optimised"].startswith("rm:"), r["gold"], r["prompts"]) for r in agreement] == [
         (True, cfg.labeler_scorer, len(PROMPTS))] * 2
     assert all(r["pairs"] <= len(PROMPTS) for r in agreement)  # one pair per prompt at two samples
+    assert agreement[0]["rate"] is not None  # the gold judge (sentiment + length) separates some pair
+    assert "picks the same one of two replies to a prompt" in Path(summary["report"]).read_text()  # the verdict, in words
     for judge in ("toxicity", "sentiment", "relevance", "length", "repetition"):
         j = summary["judges"][judge]
         assert {"before", "after", "improvement_pct", "ci_separated"} <= set(j)
