@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.eval.stats import Summary, bootstrap_ci, pairwise_agreement, relative_change, summarise
+from rlhf.eval.stats import (Summary, bootstrap_ci, pairwise_agreement, relative_change, summarise,
+                              within_prompt_differences)
 from rlhf.eval.verdict import ROLES, arrow, change_word, magnitude_interval, number
 from rlhf.judges.base import Scorer, score_checked, signals_of
 from rlhf.rollout.generate import SamplingParams, SampledBatch, decode_responses, sample_tokens
@@ -106,9 +107,7 @@ def agreement_rows(scores: dict[str, dict[str, list[float]]], judges: dict[str, 
     for optimised, gold in pairs:
         oriented = {m: [torch.tensor(s[name], dtype=torch.float64).view(-1, samples_per_prompt) * (1 if judges[name] else -1)
                         for name in (optimised, gold)] for m, s in scores.items()}
-        first_gold = next(iter(oriented.values()))[1]
-        i, j = torch.triu_indices(samples_per_prompt, samples_per_prompt, offset=1)
-        gaps = (first_gold[:, j] - first_gold[:, i]).abs().flatten()
+        gaps = within_prompt_differences(next(iter(oriented.values()))[1]).abs().flatten()  # the baseline's gold gaps
         gaps = gaps[gaps > 0]
         min_gap = float(gaps.median()) if gaps.numel() else float("inf")
         for model, (reward, reference) in oriented.items():

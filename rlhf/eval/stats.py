@@ -59,6 +59,13 @@ class Agreement:
     mean_gap: float    # mean |reference difference| of the counted pairs: how far apart they are
 
 
+def within_prompt_differences(values: torch.Tensor) -> torch.Tensor:
+    """``values`` [P, S] (S samples per prompt) -> [P, S·(S−1)/2] float64: ``values[:, j] − values[:, i]``
+    for every pair i < j of one prompt's samples."""
+    i, j = torch.triu_indices(values.shape[1], values.shape[1], offset=1)
+    return (values[:, j] - values[:, i]).double()
+
+
 def pairwise_agreement(scores: torch.Tensor, reference: torch.Tensor, n_boot: int = 2000, confidence: float = 0.95,
                        seed: int = 0, min_gap: float = 0.0) -> Agreement:
     """Share of within-prompt reply pairs that ``scores`` [P, S] orders as ``reference`` [P, S] does.
@@ -77,10 +84,8 @@ def pairwise_agreement(scores: torch.Tensor, reference: torch.Tensor, n_boot: in
     if scores.dim() != 2 or scores.shape != reference.shape:
         raise ValueError(f"pairwise_agreement needs two [prompts, samples] tensors of one shape; "
                          f"got {tuple(scores.shape)} and {tuple(reference.shape)}")
-    n_prompts, n_samples = scores.shape
-    i, j = torch.triu_indices(n_samples, n_samples, offset=1)
-    ref_diff = (reference[:, j] - reference[:, i]).double()
-    score_diff = (scores[:, j] - scores[:, i]).double()
+    n_prompts = scores.shape[0]
+    ref_diff, score_diff = within_prompt_differences(reference), within_prompt_differences(scores)
     counted = ref_diff.abs() > min_gap
     alike = torch.where(score_diff == 0, 0.5, (torch.sign(score_diff) == torch.sign(ref_diff)).double())
     per_prompt_alike = (alike * counted).sum(dim=1)

@@ -264,10 +264,10 @@ def agreement_sentences(rows: list[dict], labels: dict[str, str] | None = None,
                 f"{labels.get(gold, gold)} in {percent(first)} of replies by {whose(first['model'])}")
         if last is not first:
             text += f", and in {percent(last)} of replies by {whose(last['model'])}"
-            clear = [r for r in (first, last) if r.get("clear_rate") is not None]
-            clear_fell = len(clear) == 2 and last["clear_ci_high"] < first["clear_ci_low"]
+            has_clear = first.get("clear_rate") is not None and last.get("clear_rate") is not None
+            clear_fell = has_clear and last["clear_ci_high"] < first["clear_ci_low"]
             clear_text = (f"the pairs the gold judge separates clearly (a gap above {number(first['clear_min_gap'])}): "
-                          f"{percent(first, 'clear_')} and {percent(last, 'clear_')}") if len(clear) == 2 else ""
+                          f"{percent(first, 'clear_')} and {percent(last, 'clear_')}") if has_clear else ""
             if last["ci_high"] < first["ci_low"] and clear_fell:
                 text += (f": less where the policy went, also on {clear_text}. So the policy has found replies the reward "
                          "overrates")
