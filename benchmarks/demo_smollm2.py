@@ -80,7 +80,7 @@ def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str])
     return summary
 
 
-def harmful_request_prompts(root: Path, train: int, heldout: int) -> tuple[list[str], Path]:
+def harmful_request_prompts(root: Path, train: int, heldout: int, labelers: str) -> tuple[list[str], Path]:
     """The ``harmless`` task's prompt files under ``root`` (from ../shared/data/hh-harmless, as
     cai_study.py prepares them): the rlhf demo options, and the held-out prompts file."""
     from cai_study import prepare  # the same "first human turn, distinct" extraction as the CAI study
@@ -90,10 +90,10 @@ def harmful_request_prompts(root: Path, train: int, heldout: int) -> tuple[list[
     eval_file = root / f"prompts-heldout-{heldout}.jsonl"
     eval_file.write_text("".join(kept), encoding="utf-8")
     return ["--prompts", str(root / "prompts-train.jsonl"), "--eval-prompts", str(eval_file),
-            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
+            "--labeler-scorer", labelers, "--extra-judges", "refusal"], eval_file
 
 
-def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) -> tuple[list[str], Path]:
+def provoking_prompts(root: Path, train: int, heldout: int, threshold: float, labelers: str) -> tuple[list[str], Path]:
     """The ``provoking`` task's prompt files under ``root``: the ``harmless`` task's distinct first
     human turns, kept where the toxicity judge rates the prompt itself above ``threshold``."""
     from cai_study import prepare
@@ -114,7 +114,7 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float) ->
         print(f"{files[name]}: {len(kept)} of {len(rows)} prompts above {threshold}", file=sys.stderr)
     eval_file = files["prompts-heldout.jsonl"]
     return ["--prompts", str(files["prompts-train.jsonl"]), "--eval-prompts", str(eval_file),
-            "--labeler-scorer", HARMLESS_LABELERS, "--extra-judges", "refusal"], eval_file
+            "--labeler-scorer", labelers, "--extra-judges", "refusal"], eval_file
 
 
 def agreement_from_samples(run: Path) -> list[dict]:
@@ -177,6 +177,8 @@ def main() -> int:
     ap.add_argument("--eval-prompts", type=int, default=40, help="harmless/provoking task: held-out prompts judged")
     ap.add_argument("--prompt-toxicity", type=float, default=0.3,
                     help="provoking task: keep prompts the toxicity judge rates offensive above this probability")
+    ap.add_argument("--labelers", default=HARMLESS_LABELERS,
+                    help="harmless/provoking task: the scripted labelers' preference (a weighted: scorer)")
     ap.add_argument("--root", default="", help="one run folder per seed under here (default: runs/demo-smollm2[-TASK])")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0 = torch's default)")
     ap.add_argument("--judge", default="", help="harmlessness judge folder (default: $RLHF_HOME/judges/hh-harmless)")
@@ -195,9 +197,11 @@ def main() -> int:
     root = Path(args.root or REPO / "runs" / ("demo-smollm2" + (f"-{args.task}" if harmless else "")))
     results = args.results or str(REPO / "benchmarks" / "results" / f"demo_smollm2{f'_{args.task}' if harmless else ''}.json")
     if args.task == "provoking":
-        task, eval_file = provoking_prompts(root, args.train_prompts, args.eval_prompts, args.prompt_toxicity)
+        task, eval_file = provoking_prompts(root, args.train_prompts, args.eval_prompts, args.prompt_toxicity,
+                                            args.labelers)
     else:
-        task, eval_file = harmful_request_prompts(root, args.train_prompts, args.eval_prompts) if harmless else ([], None)
+        task, eval_file = (harmful_request_prompts(root, args.train_prompts, args.eval_prompts, args.labelers)
+                           if harmless else ([], None))
     rows, examples = [], {}
     for seed in args.seeds:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
@@ -230,7 +234,7 @@ def main() -> int:
     for e in examples[first]:
         print(f"- {e['prompt']!r}\n    before: {e['before']!r}\n    after:  {e['after']!r}")
     judge_info = json.loads((judge / "judge.json").read_text())
-    atomic_write_json(results, {"task": args.task, "labelers": HARMLESS_LABELERS if harmless else "demo default",
+    atomic_write_json(results, {"task": args.task, "labelers": args.labelers if harmless else "demo default",
                                 "prompt_toxicity": args.prompt_toxicity if args.task == "provoking" else None,
                                 "rows": rows, "samples": examples, "judge": {"path": str(judge), **judge_info},
                                 "cpu_count": os.cpu_count(), "machine": platform.machine(), "threads": args.threads,
