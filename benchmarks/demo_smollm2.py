@@ -80,6 +80,13 @@ def run_seed(seed: int, root: Path, threads: int, judge: Path, extra: list[str])
     return summary
 
 
+def task_options(train_file: Path, eval_file: Path, labelers: str) -> list[str]:
+    """The rlhf demo options both hh-harmless tasks share: their prompt files, the scripted labelers'
+    preference, and the refusal judge (optimised there: the preference contains it)."""
+    return ["--prompts", str(train_file), "--eval-prompts", str(eval_file), "--labeler-scorer", labelers,
+            "--extra-judges", "refusal"]
+
+
 def harmful_request_prompts(root: Path, train: int, heldout: int, labelers: str) -> tuple[list[str], Path]:
     """The ``harmless`` task's prompt files under ``root`` (from ../shared/data/hh-harmless, as
     cai_study.py prepares them): the rlhf demo options, and the held-out prompts file."""
@@ -89,8 +96,7 @@ def harmful_request_prompts(root: Path, train: int, heldout: int, labelers: str)
     kept = (root / "prompts-heldout.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:heldout]
     eval_file = root / f"prompts-heldout-{heldout}.jsonl"
     eval_file.write_text("".join(kept), encoding="utf-8")
-    return ["--prompts", str(root / "prompts-train.jsonl"), "--eval-prompts", str(eval_file),
-            "--labeler-scorer", labelers, "--extra-judges", "refusal"], eval_file
+    return task_options(root / "prompts-train.jsonl", eval_file, labelers), eval_file
 
 
 def provoking_prompts(root: Path, train: int, heldout: int, threshold: float, labelers: str) -> tuple[list[str], Path]:
@@ -113,8 +119,7 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float, la
         atomic_write_text(files[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         print(f"{files[name]}: {len(kept)} of {len(rows)} prompts above {threshold}", file=sys.stderr)
     eval_file = files["prompts-heldout.jsonl"]
-    return ["--prompts", str(files["prompts-train.jsonl"]), "--eval-prompts", str(eval_file),
-            "--labeler-scorer", labelers, "--extra-judges", "refusal"], eval_file
+    return task_options(files["prompts-train.jsonl"], eval_file, labelers), eval_file
 
 
 def agreement_from_samples(run: Path) -> list[dict]:
