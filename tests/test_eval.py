@@ -130,6 +130,14 @@ def test_agreement_that_falls_only_because_replies_grew_alike_is_not_called_over
     [sentence] = agreement_sentences(rows, model_labels={"base": "base model", "tuned": "tuned model"})
     assert "less where the policy went, but replies by the tuned model lie closer together" in sentence
     assert "no clear fall" in sentence and "overrates" not in sentence
+    # The same fall with the pairs as far apart as before: closeness is not claimed, the clear pairs still are.
+    [sentence] = agreement_sentences([base, dict(tuned, mean_gap=base["mean_gap"])],
+                                     model_labels={"base": "base model", "tuned": "tuned model"})
+    assert "closer together" not in sentence and "less where the policy went, but on the pairs" in sentence
+    # ...and with no clear-pair check either, the sentence states only the fall.
+    unclear = {"clear_rate": None, "mean_gap": None}
+    [sentence] = agreement_sentences([dict(base, **unclear), dict(tuned, **unclear)])
+    assert sentence.endswith("of replies by tuned: less where the policy went.")
 
 
 def test_unknown_judge_is_a_clear_error(tmp_path, tiny_model_dir):

@@ -272,9 +272,15 @@ def agreement_sentences(rows: list[dict], labels: dict[str, str] | None = None,
                 text += (f": less where the policy went, also on {clear_text}. So the policy has found replies the reward "
                          "overrates")
             elif last["ci_high"] < first["ci_low"]:
-                text += (f": less where the policy went, but replies by {whose(last['model'])} lie closer together by the gold "
-                         f"judge (mean gap {number(first.get('mean_gap'))} → {number(last.get('mean_gap'))}), and close pairs are "
-                         "hard to order for any score" + (f"; on {clear_text}, no clear fall" if clear_text else ""))
+                # Closeness excuses the fall only when the gold judge's mean gap within a pair did shrink.
+                gaps = first.get("mean_gap"), last.get("mean_gap")
+                gap_fell = None not in gaps and gaps[1] < gaps[0]
+                text += ": less where the policy went"
+                if gap_fell:
+                    text += (f", but replies by {whose(last['model'])} lie closer together by the gold judge (mean gap "
+                             f"{number(gaps[0])} → {number(gaps[1])}), and close pairs are hard to order for any score")
+                if clear_text:
+                    text += f"{'; ' if gap_fell else ', but '}on {clear_text}, no clear fall"
             elif last["ci_low"] > first["ci_high"]:
                 text += ": more where the policy went"
         out.append(text + ".")
