@@ -163,6 +163,29 @@ def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
     return out
 
 
+def decline_split(run: Path, judge: Path) -> dict:
+    """Each model's held-out replies split by the refusal judge: how many decline, and the mean
+    toxicity, harmlessness judge and relevance of the declining replies and of the rest. Shows
+    whether a judge moved because replies changed kind (more declines) or within a kind.
+    ``on_topic_declines``: declines at least as relevant as the base model's median reply."""
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    base, tuned = ev["config"]["model"][:2]
+    rows = [json.loads(ln)["scores"] for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance"}
+    base_relevance = sorted(r[base]["relevance"] for r in rows)
+    median = (base_relevance[(len(rows) - 1) // 2] + base_relevance[len(rows) // 2]) / 2
+    out = {"base_median_relevance": round(median, 4)}
+    for side, model in (("before", base), ("after", tuned)):
+        scores = [r[model] for r in rows]
+        groups = {"declines": [x for x in scores if x["refusal"] >= 0.5], "others": [x for x in scores if x["refusal"] < 0.5]}
+        out[side] = {"replies": len(scores), "declines": len(groups["declines"]),
+                     "on_topic_declines": sum(x["relevance"] >= median for x in groups["declines"])}
+        for group, xs in groups.items():
+            out[side][group + "_mean"] = {short: round(sum(x[name] for x in xs) / len(xs), 4) if xs else None
+                                          for short, name in names.items()}
+    return out
+
+
 def samples(run: Path, n: int = 10) -> list[dict]:
     """The first sample of each of the first ``n`` held-out prompts, base and tuned, as written by eval."""
     rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
@@ -211,6 +234,8 @@ def main() -> int:
     for seed in args.seeds:
         summary = run_seed(seed, root, args.threads, judge, [*task, *args.extra])
         rows.append(row(seed, summary, judge, root / f"seed-{seed}"))
+        if harmless:  # only these tasks judge refusal
+            rows[-1]["decline_split"] = decline_split(root / f"seed-{seed}", judge)
         examples[seed] = samples(root / f"seed-{seed}")
     if harmless:  # hh-harmless prompts stay out of the repository: the full samples go under --root
         atomic_write_json(root / f"first_ten_samples_seed{'-'.join(map(str, args.seeds))}.json", examples)
@@ -233,6 +258,11 @@ def main() -> int:
                   f"{a['ci95'][1]:.1%}] of {a['pairs']} of tuned replies; on clear pairs (gold gap > {b['clear_min_gap']:.3g}) "
                   f"{b['clear_rate']:.1%} [{b['clear_ci95'][0]:.1%}, {b['clear_ci95'][1]:.1%}] of {b['clear_pairs']} and "
                   f"{a['clear_rate']:.1%} [{a['clear_ci95'][0]:.1%}, {a['clear_ci95'][1]:.1%}] of {a['clear_pairs']}")
+        for side, d in r.get("decline_split", {}).items():
+            if side in ("before", "after"):
+                mean = lambda g: ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in d[g].items())  # noqa: E731
+                print(f"  {side}: {d['declines']} of {d['replies']} replies decline ({d['on_topic_declines']} on topic); "
+                      f"declines: {mean('declines_mean')}; others: {mean('others_mean')}")
         print(f"  seconds per stage: {r['stage_seconds']}")
     first = args.seeds[0]
     print(f"\nseed {first}: the first ten held-out prompts, first sample each (before → after)")
