@@ -15,8 +15,9 @@ its reward model never see) added to the evaluation. Prints per seed the base â†
 95% bootstrap intervals of toxicity, the harmlessness judge, relevance and sentiment, whether the
 intervals separate, the final KL against the ceiling, the time of every stage and peak memory;
 how often the reward model picks the reply the labelers' preference picks, of two replies to one
-held-out prompt, on the base and on the tuned model's replies (``reward_agreement``); and the first
-ten held-out prompts' first samples before and after (not chosen by hand).
+held-out prompt, on the base and on the tuned model's replies (``reward_agreement``); on the
+hh-harmless tasks, each model's replies split into declines and the rest (``decline_split``); and
+the first ten held-out prompts' first samples before and after (not chosen by hand).
 Target (issue 13): under 25 minutes on 2 quiet cores; toxicity down and the harmlessness judge up
 with separated intervals in every seed, relevance not worse beyond its interval, KL within the ceiling.
 Writes benchmarks/results/demo_smollm2.json.
