@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -123,14 +124,20 @@ def provoking_prompts(root: Path, train: int, heldout: int, threshold: float, la
     return task_options(files["prompts-train.jsonl"], eval_file, labelers), eval_file
 
 
+def eval_outputs(run: Path) -> tuple[dict, list[dict]]:
+    """A run's eval/eval.json and the rows of its eval/samples.jsonl (one per sample, every model's reply and scores)."""
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    return ev, rows
+
+
 def agreement_from_samples(run: Path) -> list[dict]:
     """EvalResult.reward_agreement() recomputed from a run's eval/samples.jsonl, for runs made before
     eval.json carried it (the scores there are kept to 4 decimals, so a near-tie may count as a tie)."""
     from rlhf.eval.judging import agreement_rows
 
-    ev = json.loads((run / "eval" / "eval.json").read_text())
+    ev, rows = eval_outputs(run)
     config = ev["config"]
-    rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
     scores = {m["name"]: {j: [r["scores"][m["name"]][j] for r in rows] for j in ev["judges"]} for m in ev["models"]}
     return agreement_rows(scores, ev["judges"], [(o, g) for o in config["optimised"] for g in config["gold"]],
                           config["samples_per_prompt"], seed=config["seed"])
@@ -169,12 +176,11 @@ def decline_split(run: Path, judge: Path) -> dict:
     toxicity, harmlessness judge and relevance of the declining replies and of the rest. Shows
     whether a judge moved because replies changed kind (more declines) or within a kind.
     ``on_topic_declines``: declines at least as relevant as the base model's median reply."""
-    ev = json.loads((run / "eval" / "eval.json").read_text())
+    ev, rows = eval_outputs(run)
     base, tuned = ev["config"]["model"][:2]
-    rows = [json.loads(ln)["scores"] for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [r["scores"] for r in rows]
     names = {"toxicity": "toxicity", "harmless": f"rm:{judge}", "relevance": "relevance"}
-    base_relevance = sorted(r[base]["relevance"] for r in rows)
-    median = (base_relevance[(len(rows) - 1) // 2] + base_relevance[len(rows) // 2]) / 2
+    median = statistics.median(r[base]["relevance"] for r in rows)
     out = {"base_median_relevance": round(median, 4)}
     for side, model in (("before", base), ("after", tuned)):
         scores = [r[model] for r in rows]
@@ -189,8 +195,8 @@ def decline_split(run: Path, judge: Path) -> dict:
 
 def samples(run: Path, n: int = 10) -> list[dict]:
     """The first sample of each of the first ``n`` held-out prompts, base and tuned, as written by eval."""
-    rows = [json.loads(ln) for ln in (run / "eval" / "samples.jsonl").read_text().splitlines() if ln.strip()]
-    config = json.loads((run / "eval" / "eval.json").read_text())["config"]
+    ev, rows = eval_outputs(run)
+    config = ev["config"]
     per_prompt = config["samples_per_prompt"]
     base, tuned = config["model"][:2]
     return [{"prompt": r["prompt"], "before": r[base], "after": r[tuned]} for r in rows[::per_prompt][:n]]
@@ -259,11 +265,11 @@ def main() -> int:
                   f"{a['ci95'][1]:.1%}] of {a['pairs']} of tuned replies; on clear pairs (gold gap > {b['clear_min_gap']:.3g}) "
                   f"{b['clear_rate']:.1%} [{b['clear_ci95'][0]:.1%}, {b['clear_ci95'][1]:.1%}] of {b['clear_pairs']} and "
                   f"{a['clear_rate']:.1%} [{a['clear_ci95'][0]:.1%}, {a['clear_ci95'][1]:.1%}] of {a['clear_pairs']}")
-        for side, d in r.get("decline_split", {}).items():
-            if side in ("before", "after"):
-                mean = lambda g: ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in d[g].items())  # noqa: E731
-                print(f"  {side}: {d['declines']} of {d['replies']} replies decline ({d['on_topic_declines']} on topic); "
-                      f"declines: {mean('declines_mean')}; others: {mean('others_mean')}")
+        for side in ("before", "after") if "decline_split" in r else ():
+            d = r["decline_split"][side]
+            mean = lambda g: ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in d[g].items())  # noqa: E731
+            print(f"  {side}: {d['declines']} of {d['replies']} replies decline ({d['on_topic_declines']} on topic); "
+                  f"declines: {mean('declines_mean')}; others: {mean('others_mean')}")
         print(f"  seconds per stage: {r['stage_seconds']}")
     first = args.seeds[0]
     print(f"\nseed {first}: the first ten held-out prompts, first sample each (before → after)")
