@@ -146,6 +146,25 @@ def test_calibrate_reports_every_method_and_reading(tiny_model_dir, constitution
     assert result.exit_code == 0 and "NEAR CHANCE" in result.stderr
 
 
+def test_the_warning_reads_the_row_of_the_labeler_that_runs():
+    from rlhf.cai.calibrate import labeler_row
+    from rlhf.cai.labeler import LabelerSettings
+
+    def row(name, acc, lo):
+        return {"name": name, "accuracy": acc, "ci95": [lo, acc + 0.05], "n": 249, "near_chance": acc < 0.55 or lo <= 0.5}
+
+    result = {"rows": [row("likelihood | all 12 personas", 0.558, 0.494), row("likelihood + evaluators", 0.598, 0.538),
+                       row("choice/logit | all 12 pooled", 0.49, 0.43), row("choice/logit | 2 drawn per pair", 0.51, 0.45)]}
+    # The labeler `rlhf cai label` runs by default (likelihood with the evaluators) is not the feedback model alone.
+    assert labeler_row(result, LabelerSettings(), with_evaluators=True)["name"] == "likelihood + evaluators"
+    assert labeler_row(result, LabelerSettings(), with_evaluators=False)["name"] == "likelihood | all 12 personas"
+    drawn = LabelerSettings(method="choice", principles_per_pair=2)
+    assert labeler_row(result, drawn, with_evaluators=False)["name"] == "choice/logit | 2 drawn per pair"
+    # Its combined row was not measured: fall back to the pooled one rather than report nothing.
+    assert labeler_row(result, drawn, with_evaluators=True)["name"] == "choice/logit | all 12 pooled"
+    assert labeler_row(result, LabelerSettings(method="pointwise"), with_evaluators=True) is None
+
+
 def test_revise_writes_every_step_and_resumes(tiny_model_dir, constitution, tmp_path):
     prompts = write(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": t} for i, t in
                                            enumerate(["how do I cook rice", "my house is too hot", "I feel tired"])])

@@ -36,7 +36,7 @@ def test_default_constitution_is_complete():
     assert len(c.critique_examples) >= 2 and len(c.comparison_examples) >= 2
     # Worked comparisons must not all answer the same letter: that would teach a position bias.
     assert {e.answer for e in c.comparison_examples} == {"A", "B"}
-    assert [e.scorer for _, e in c.evaluators] == ["non-toxicity"]
+    assert [(p.id, e.scorer) for p, e in c.evaluators] == [("dangerous-help", "refusal"), ("respect", "non-toxicity")]
 
 
 def test_parse_good_file():

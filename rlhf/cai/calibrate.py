@@ -166,17 +166,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with_evaluators: bool) -> str | None:
-    """A loud message when ``calibration_file`` says this labeler is near chance (or never measured it), else None.
+def labeler_row(result: dict, settings: LabelerSettings, with_evaluators: bool) -> dict | None:
+    """The calibration row that measured the labeler ``settings`` describe, or None if none did.
 
-    The row read is the one matching how the labeler asks: its method and debiasing, its principles
-    pooled (all, or drawn per pair), with the evaluators when it uses them.
+    That is the row of its method and debiasing, with the evaluators when it uses them, else its
+    principles pooled (drawn per pair when it draws, else all of them).
     """
-    path = Path(calibration_file)
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"calibration file {path}: cannot read it ({exc})") from None
     want = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
     rows = {r["name"]: r for r in result.get("rows", [])}
     if with_evaluators:
@@ -186,15 +181,28 @@ def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with
     else:
         names = []
     names += [n for n in rows if n.startswith(f"{want} | all ")]
-    row = next((rows[n] for n in names if n in rows), None)
+    return next((rows[n] for n in names if n in rows), None)
+
+
+def near_chance_message(row: dict, where: str) -> str:
+    return (f"this judge is NEAR CHANCE: in {where}, {row['name']!r} agreed with people on {row['accuracy']:.1%} of "
+            f"{row['n']} pairs (95% CI {row['ci95'][0]:.1%}-{row['ci95'][1]:.1%}). Its labels are barely better "
+            "than coin flips; a reward model trained on them learns little. Use a stronger feedback model, "
+            "evaluators that measure better, or human labels.")
+
+
+def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with_evaluators: bool) -> str | None:
+    """A loud message when ``calibration_file`` says this labeler is near chance (or never measured it), else None."""
+    path = Path(calibration_file)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"calibration file {path}: cannot read it ({exc})") from None
+    row = labeler_row(result, settings, with_evaluators)
     if row is None:
+        want = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
         return f"the calibration in {path} did not measure {want!r}; this judge's agreement with people is unknown"
-    if row["near_chance"]:
-        return (f"this judge is NEAR CHANCE: in {path}, {row['name']!r} agreed with people on {row['accuracy']:.1%} of "
-                f"{row['n']} pairs (95% CI {row['ci95'][0]:.1%}-{row['ci95'][1]:.1%}). Its labels are barely better "
-                "than coin flips; a reward model trained on them learns little. Use a stronger feedback model, "
-                "evaluators that measure better, or human labels.")
-    return None
+    return near_chance_message(row, str(path)) if row["near_chance"] else None
 
 
 def banner(message: str) -> str:

@@ -207,7 +207,7 @@ class CalibrateConfig(JudgeOptions):
 @config_command(CalibrateConfig, name="calibrate")
 def calibrate(cfg: CalibrateConfig) -> None:
     """Agreement with human choices for each method, principle and way of handling position bias."""
-    from rlhf.cai.calibrate import calibrate as run, format_table, print_banner
+    from rlhf.cai.calibrate import calibrate as run, format_table, labeler_row, near_chance_message, print_banner
     from rlhf.cai.constitution import load_constitution
     from rlhf.train.reward import read_pairs
     from rlhf.engine.runtime import start
@@ -230,10 +230,10 @@ def calibrate(cfg: CalibrateConfig) -> None:
     table = format_table(result)
     atomic_write_text(out / "table.txt", table + "\n")
     click.echo(table)
-    near = [r for r in result["default"] if r["near_chance"]]
-    if near:
-        print_banner(f"the default labeler ({near[0]['name']}) agrees with people on {near[0]['accuracy']:.1%} "
-                     f"(95% CI {near[0]['ci95'][0]:.1%}–{near[0]['ci95'][1]:.1%}): near chance.")
+    # Warn about the labeler `rlhf cai label` runs with these settings: with the evaluators when it uses them.
+    row = labeler_row(result, settings, settings.use_evaluators and bool(constitution.evaluators))
+    if row is not None and row["near_chance"]:
+        print_banner(near_chance_message(row, str(out / "calibration.json")))
     sys.stdout.flush()
 
 
