@@ -78,7 +78,7 @@ def run_seed(args) -> None:
     method = {"method": args.method} if args.method else {}  # unset: the recipe's default labeler
     opts = CAIOptions(feedback_model=args.feedback_model or args.model, **method,
                       principles_per_pair=args.principles_per_pair, sl_stage="on", revise_tokens=args.revise_tokens,
-                      calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}"], revise_limit=args.revise_limit,
+                      calibration=args.calibration, extra_judges=[f"rm:{args.hh_judge}", *args.judge], revise_limit=args.revise_limit,
                       revise_rounds=args.revise_rounds, reviser=args.reviser, lora=pick(args.lora, "lora"),
                       temperature=pick(args.temperature, "temperature"), reply_tokens=pick(args.reply_tokens, "reply_tokens"),
                       ppo_epochs=pick(args.ppo_epochs, "ppo_epochs"))
@@ -150,6 +150,8 @@ def main() -> None:
     s.add_argument("--revise-rounds", type=int, default=1)
     s.add_argument("--eval-samples", type=int, default=None)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--judge", action="append", default=[],
+                   help="another judge (scorer spec, repeat), e.g. refusal; one the constitution uses is reported as optimised")
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)
     r.add_argument("--results", default=str(RESULTS / "cai_study.json"), help="where the JSON goes")
