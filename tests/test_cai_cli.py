@@ -146,6 +146,35 @@ def test_calibrate_reports_every_method_and_reading(tiny_model_dir, constitution
     assert result.exit_code == 0 and "NEAR CHANCE" in result.stderr
 
 
+def test_calibrate_pools_the_evaluators_without_a_feedback_model():
+    import torch
+
+    from rlhf.cai.calibrate import calibrate
+    from rlhf.cai.constitution import parse_constitution
+    from rlhf.cai.labeler import LabelerSettings
+    from rlhf.data.records import PairRecord
+
+    two = CONSTITUTION.replace("    comparison: Which reply is on topic?\n",
+                               "    comparison: Which reply is on topic?\n    evaluator: {scorer: refusal, weight: 3}\n")
+    c = parse_constitution(two, "two.yaml")
+    long_yes, short_no = "Sure, here is a long and detailed answer for you.", "I'm sorry, I can't."
+    pairs = [PairRecord(prompt="q", chosen=short_no, rejected=long_yes),           # refusal right, length wrong
+             PairRecord(prompt="q", chosen=long_yes + " More.", rejected=long_yes),  # length right, refusal ties
+             PairRecord(prompt="q", chosen=long_yes, rejected="I'm sorry."),       # length right, refusal wrong
+             PairRecord(prompt="q", chosen="I won't.", rejected="Yes: do it.")]    # refusal right, length wrong
+    rows = {r["name"]: r for r in calibrate(c, None, pairs, [], [], 0, [], LabelerSettings(), progress=False)["rows"]}
+    # By hand: log-odds are score differences over each scorer's spread; the pool is their weighted mean.
+    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+    length = torch.tensor([len(s.split()) for s in chosen + rejected], dtype=torch.float64)
+    refusal = torch.tensor([1.0, 0, 0, 1, 0, 0, 1, 0], dtype=torch.float64)
+    pooled = ((length[:4] - length[4:]) / length.std() + 3 * (refusal[:4] - refusal[4:]) / refusal.std()) / 4
+    assert (pooled > 0).tolist() == [True, True, False, True]
+    assert rows["evaluator:polite:length"]["accuracy"] == pytest.approx(2 / 4)
+    assert rows["evaluator:topic:refusal"]["accuracy"] == pytest.approx(2.5 / 4)   # the tie counts half
+    assert rows["evaluators pooled"]["accuracy"] == pytest.approx(3 / 4)            # better than either alone
+    assert rows["evaluators pooled"]["kind"] == "evaluator"
+
+
 def test_the_warning_reads_the_row_of_the_labeler_that_runs():
     from rlhf.cai.calibrate import labeler_row
     from rlhf.cai.labeler import LabelerSettings

@@ -5,9 +5,10 @@ For every method asked for, the feedback model answers under every chosen princi
 choice: one order only (which reply is shown first is a seeded coin flip per pair, so a position
 bias cannot pass for skill), both orders averaged, both orders debiased in log-odds; per principle,
 all principles pooled, and ``--draw`` principles drawn at random per pair as the labeler does. The
-constitution's evaluators, the shorter-reply baseline and any ``--reference`` scorers (such as a
-reward model trained on human pairs, reported as such) are scored on the same pairs. Agreement
-counts a tie as half and comes with a 95% bootstrap interval over pairs.
+constitution's evaluators (each alone, and pooled without the feedback model, which shows what the
+model adds), the shorter-reply baseline and any ``--reference`` scorers (such as a reward model
+trained on human pairs, reported as such) are scored on the same pairs. Agreement counts a tie as
+half and comes with a 95% bootstrap interval over pairs.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def calibrate(constitution: Constitution, feedback, pairs: list, methods: list[s
         weight_of = {f"evaluator:{p.id}:{e.scorer}": e.weight for p, e in constitution.evaluators}
         ev_stack = torch.stack(list(evaluators.values()), dim=1)
         ev_weights = torch.tensor([weight_of[k] for k in evaluators], dtype=torch.float64)
+        if len(evaluators) > 1:  # what the evaluators decide without the feedback model: what the model adds
+            rows.append(agreement("evaluators pooled", combine_log_odds(ev_stack, ev_weights.expand_as(ev_stack)),
+                                  first_human, "evaluator", settings.seed))
         for label, odds in pooled.items():
             stacked = torch.cat([odds[:, None], ev_stack], dim=1)
             weights = torch.cat([torch.tensor([settings.feedback_weight], dtype=torch.float64), ev_weights]).expand_as(stacked)
