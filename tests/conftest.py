@@ -46,6 +46,21 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module, its folder on sys.path for the imports it makes itself."""
+    import importlib.util
+    import sys
+
+    folder = REPO / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def hh_missing_reason(folder: Path) -> str:
     """Why a test that needs real human preference pairs skips, and where such pairs come from."""
     return (f"real human preference pairs not found at {folder}: these tests read train.jsonl.gz and "

@@ -1,21 +1,10 @@
 """benchmarks/demo_smollm2.py's decline split, on a hand-built run folder (no model is loaded)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("demo_smollm2", REPO / "benchmarks" / "demo_smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_decline_split_groups_replies_by_refusal_and_counts_on_topic_declines(tmp_path):
@@ -33,7 +22,7 @@ def test_decline_split_groups_replies_by_refusal_and_counts_on_topic_declines(tm
     (run / "eval" / "samples.jsonl").write_text(
         "".join(json.dumps({"prompt": "p", "scores": {"base": b, "tuned": t}}) + "\n" for b, t in zip(base, tuned)))
 
-    split = load_bench().decline_split(run, judge)
+    split = load_benchmark("demo_smollm2").decline_split(run, judge)
 
     assert split["base_median_relevance"] == pytest.approx(0.5)
     before, after = split["before"], split["after"]

@@ -2,24 +2,12 @@
 then the same with a SIGKILL and restart in the middle, on SQLite and on PostgreSQL. Runs
 benchmarks/label_load.py's own code."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_benchmark
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("label_load", REPO / "benchmarks" / "label_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["label_load"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-L = load_benchmark()
+L = load_benchmark("label_load")
 SMALL = L.LoadConfig(labelers=8, submissions=80, crash_submissions=80, kill_at=0.4, items=40, labels_per_item=3,
                      admin_poll_s=0.5, max_seconds=150.0)  # a bound for loaded machines, not a target
 

@@ -1,25 +1,12 @@
 """The chat load test, small: 6 concurrent chat users against a real `rlhf personal serve` process, a
 SIGKILL in the middle, a restart; runs benchmarks/personal_load.py's own code."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_benchmark
 
 
-def load_benchmark():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("personal_load", REPO / "benchmarks" / "personal_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["personal_load"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-P = load_benchmark()
+P = load_benchmark("personal_load")
 
 
 @pytest.mark.slow
