@@ -72,7 +72,7 @@ def run_seed(args) -> None:
     suits = DEMO_DEFAULTS["bundled" if args.model in BUNDLED_NAMES else "other"]
     pick = lambda given, key: suits[key] if given is None else given  # noqa: E731
     cfg = DemoConfig(out=str(out / f"seed-{args.seed}"), policy=args.model, prompts=str(out / "prompts-train.jsonl"),
-                     eval_prompts=str(heldout), num_completions=2, reward_epochs=3,
+                     eval_prompts=str(heldout), num_completions=args.completions, reward_epochs=3,
                      ppo_steps=args.ppo_steps, ppo_batch_size=args.ppo_batch, ppo_lr=args.ppo_lr, eval_samples=args.eval_samples,
                      seed=args.seed, recipe="cai", engine=EngineConfig(device="cpu", threads=args.threads))
     method = {"method": args.method} if args.method else {}  # unset: the recipe's default labeler
@@ -136,6 +136,8 @@ def main() -> None:
     s.add_argument("--calibration", default="")
     s.add_argument("--method", default="", help="how the feedback model is asked (default: the recipe's, likelihood)")
     s.add_argument("--principles-per-pair", type=int, default=2)
+    s.add_argument("--completions", type=int, default=2,
+                   help="replies sampled per training prompt for the AI labeler to rank (K; K(K-1)/2 pairs each)")
     s.add_argument("--revise-tokens", type=int, default=64)
     s.add_argument("--revise-limit", type=int, default=0)
     s.add_argument("--reviser", default="", help="model that writes the critique-revision chains (default: the policy)")
