@@ -5,6 +5,10 @@
         standalone harmful request), train split for the stages, validation split held out;
     python benchmarks/cai_study.py seed --out DIR --seed S --model M --hh-judge RMDIR [--calibration FILE]
         one seed of `rlhf demo --recipe cai` (rlhf/cai/recipe.py) on those prompts, resumable;
+    python benchmarks/cai_study.py last --out DIR --seed S
+        the seed's last PPO checkpoint judged with the seed's own evaluation settings, for runs
+        the over-optimisation watch stopped (they publish the best-gold checkpoint instead): what
+        the policy had become when it was stopped; written to DIR/seed-S/eval-last;
     python benchmarks/cai_study.py report --out DIR
         every finished seed: each judge's mean and 95% CI per model, whether RL-CAI beats base with
         separated CIs; JSON to benchmarks/results/cai_study.json (or --results). The first ten
@@ -121,6 +125,42 @@ def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
     return result
 
 
+def eval_last(out: Path, seed: int) -> None:
+    import shutil
+
+    from rlhf.engine.config import EngineConfig
+    from rlhf.eval.commands import EvalConfig, run_eval
+
+    seed_dir = out / f"seed-{seed}"
+    cfg = json.loads((seed_dir / "eval" / "eval.json").read_text())["config"]
+    last = sorted((seed_dir / "ppo" / "checkpoints").glob("step-*"))[-1]
+    model = last / "model"
+    if not (model / "config.json").is_file():  # a LoRA adapter on the PPO start (the SL-CAI model): merge it
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        start, model = seed_dir / "sl" / "model", seed_dir / f"last-{last.name}"
+        if not (model / "config.json").is_file():
+            base = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+            PeftModel.from_pretrained(base, last / "model").merge_and_unload().save_pretrained(model)
+            for f in start.iterdir():
+                if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
+                    shutil.copy(f, model / f.name)
+    cfg.update(out=str(seed_dir / "eval-last"), model=[str(model)], engine=EngineConfig(**cfg["engine"]))
+    ecfg = EvalConfig(**cfg)
+    ecfg.validate()
+    run_eval(ecfg)
+    base = json.loads((seed_dir / "summary.json").read_text())["judges"]
+    for r in json.loads((seed_dir / "eval-last" / "eval.json").read_text())["table"]:
+        b = base[r["judge"]]["base"]
+        better = HIGHER_IS_BETTER.get(r["judge"], True)
+        up, down = b["ci95"][1] < r["ci_low"], r["ci_high"] < b["ci95"][0]
+        verdict = "better" if (up if better else down) else "worse" if (down if better else up) else "overlap"
+        print(f"  {r['judge'][:50]:<52} base {b['mean']:.3f} -> {last.name} {r['mean']:.3f} "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] {verdict}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,6 +194,9 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--judge", action="append", default=[],
                    help="another judge (scorer spec, repeat), e.g. refusal; one the constitution uses is reported as optimised")
+    last = sub.add_parser("last")
+    last.add_argument("--out", required=True)
+    last.add_argument("--seed", type=int, required=True)
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)
     r.add_argument("--results", default=str(RESULTS / "cai_study.json"), help="where the JSON goes")
@@ -162,6 +205,8 @@ def main() -> None:
         prepare(Path(args.out), args.train_prompts)
     elif args.cmd == "seed":
         run_seed(args)
+    elif args.cmd == "last":
+        eval_last(Path(args.out), args.seed)
     else:
         report(Path(args.out), Path(args.results))
 
