@@ -157,6 +157,8 @@ def eval_last(out: Path, seed: int) -> None:
         better = HIGHER_IS_BETTER.get(r["judge"], True)
         up, down = b["ci95"][1] < r["ci_low"], r["ci_high"] < b["ci95"][0]
         verdict = "better" if (up if better else down) else "worse" if (down if better else up) else "overlap"
+        if r["judge"] == "length":  # a drift signal, neither better nor worse
+            verdict = "longer" if up else "shorter" if down else "overlap"
         print(f"  {r['judge'][:50]:<52} base {b['mean']:.3f} -> {last.name} {r['mean']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] {verdict}")
 
