@@ -67,6 +67,11 @@ def placements(n: int, seed: int) -> torch.Tensor:
     return torch.tensor([random.Random(f"place:{seed}:{i}").random() < 0.5 for i in range(n)])
 
 
+def reading_name(settings: LabelerSettings) -> str:
+    """How the calibration rows name the labeler's reading: its method, and its debiasing for two-option methods."""
+    return settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
+
+
 def calibrate(constitution: Constitution, feedback, pairs: list, methods: list[str], principle_ids: list[str],
               draw: int, reference: list[str], settings: LabelerSettings, device: str = "cpu",
               progress: bool = True) -> dict:
@@ -139,7 +144,7 @@ def calibrate(constitution: Constitution, feedback, pairs: list, methods: list[s
         rows.append(agreement(f"reference {spec}", _scorer_log_odds(spec, items, device), first_human, "reference",
                               settings.seed))
 
-    default = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
+    default = reading_name(settings)
     default_rows = [r for r in rows if r.name.startswith(default + " | all") or r.name == f"{default} + evaluators"]
     return {"pairs": len(pairs), "principles": [p.id for p in principles], "methods": methods,
             "human_first_share": round(float(first_human.double().mean()), 4),
@@ -176,7 +181,7 @@ def labeler_row(result: dict, settings: LabelerSettings, with_evaluators: bool) 
     That is the row of its method and debiasing, with the evaluators when it uses them, else its
     principles pooled (drawn per pair when it draws, else all of them).
     """
-    want = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
+    want = reading_name(settings)
     rows = {r["name"]: r for r in result.get("rows", [])}
     if with_evaluators:
         names = [f"{want} + evaluators"]
@@ -204,8 +209,8 @@ def chance_warning(calibration_file: str | Path, settings: LabelerSettings, with
         raise ConfigError(f"calibration file {path}: cannot read it ({exc})") from None
     row = labeler_row(result, settings, with_evaluators)
     if row is None:
-        want = settings.method if settings.method in SINGLE_READING else f"{settings.method}/{settings.debias}"
-        return f"the calibration in {path} did not measure {want!r}; this judge's agreement with people is unknown"
+        return (f"the calibration in {path} did not measure {reading_name(settings)!r}; this judge's agreement with "
+                "people is unknown")
     return near_chance_message(row, str(path)) if row["near_chance"] else None
 
 
