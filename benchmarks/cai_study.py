@@ -90,6 +90,12 @@ def run_seed(args) -> None:
     print(json.dumps(summary["judges"], indent=1))
 
 
+def beats(judge: str, base_ci: list[float], other_ci: list[float]) -> tuple[bool, bool]:
+    """(better, worse) than base with separated 95% intervals, in the judge's direction."""
+    up, down = base_ci[1] < other_ci[0], other_ci[1] < base_ci[0]
+    return (up, down) if HIGHER_IS_BETTER.get(judge, True) else (down, up)
+
+
 def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
     seeds = sorted(out.glob("seed-*/summary.json"))
     if not seeds:
@@ -100,10 +106,7 @@ def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
         seed = path.parent.name
         rows = {}
         for judge, by_model in s["judges"].items():
-            better = HIGHER_IS_BETTER.get(judge, True)
-            base, rl = by_model["base"], by_model["RL-CAI"]
-            separated = base["ci95"][1] < rl["ci95"][0] if better else rl["ci95"][1] < base["ci95"][0]
-            worse = rl["ci95"][1] < base["ci95"][0] if better else base["ci95"][1] < rl["ci95"][0]
+            separated, worse = beats(judge, by_model["base"]["ci95"], by_model["RL-CAI"]["ci95"])
             rows[judge] = {**by_model, "rl_beats_base_separated": separated, "rl_worse_separated": worse,
                            "optimised": judge in s.get("optimised_judges", [])}
         per_seed[seed] = {"judges": rows, "stage_seconds": s["stage_seconds"], "labeling": s["labeling"]}
@@ -126,8 +129,6 @@ def report(out: Path, results: Path = RESULTS / "cai_study.json") -> dict:
 
 
 def eval_last(out: Path, seed: int) -> None:
-    import shutil
-
     from rlhf.engine.config import EngineConfig
     from rlhf.eval.commands import EvalConfig, run_eval
 
@@ -138,15 +139,14 @@ def eval_last(out: Path, seed: int) -> None:
     if not (model / "config.json").is_file():  # a LoRA adapter on the PPO start (the SL-CAI model): merge it
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlhf.train.ppo_loop import _publish_policy  # what PPO publishes its LoRA policy with
 
         start, model = seed_dir / "sl" / "model", seed_dir / f"last-{last.name}"
         if not (model / "config.json").is_file():
-            base = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-            PeftModel.from_pretrained(base, last / "model").merge_and_unload().save_pretrained(model)
-            for f in start.iterdir():
-                if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
-                    shutil.copy(f, model / f.name)
+            policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32), last / "model")
+            _publish_policy(policy, AutoTokenizer.from_pretrained(start), model)
     cfg.update(out=str(seed_dir / "eval-last"), model=[str(model)], engine=EngineConfig(**cfg["engine"]))
     ecfg = EvalConfig(**cfg)
     ecfg.validate()
@@ -154,11 +154,10 @@ def eval_last(out: Path, seed: int) -> None:
     base = json.loads((seed_dir / "summary.json").read_text())["judges"]
     for r in json.loads((seed_dir / "eval-last" / "eval.json").read_text())["table"]:
         b = base[r["judge"]]["base"]
-        better = HIGHER_IS_BETTER.get(r["judge"], True)
-        up, down = b["ci95"][1] < r["ci_low"], r["ci_high"] < b["ci95"][0]
-        verdict = "better" if (up if better else down) else "worse" if (down if better else up) else "overlap"
+        better, worse = beats(r["judge"], b["ci95"], [r["ci_low"], r["ci_high"]])
+        verdict = "better" if better else "worse" if worse else "overlap"
         if r["judge"] == "length":  # a drift signal, neither better nor worse
-            verdict = "longer" if up else "shorter" if down else "overlap"
+            verdict = "longer" if better else "shorter" if worse else "overlap"
         print(f"  {r['judge'][:50]:<52} base {b['mean']:.3f} -> {last.name} {r['mean']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] {verdict}")
 
