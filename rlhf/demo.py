@@ -13,6 +13,7 @@ outputs under ``--out`` and a rerun skips stages whose outputs are complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -94,6 +95,11 @@ class DemoConfig:
                                                           "dpo (straight from the pairs) or grpo (against the reward "
                                                           "model, G replies per prompt, no critic). Shares the earlier "
                                                           "stages' outputs in --out with the other algorithms.")
+    sft_preferred: bool = opt(False, help="Before RL, fine-tune the policy on each prompt's preferred completion (the "
+                                          "labelers' Borda-best of its K, `rlhf data preferred`); RL starts from that "
+                                          "model and keeps its KL to it. The evaluation still compares with the starting model.")
+    sft_epochs: float = opt(2.0, help="--sft-preferred: passes over the preferred completions.")
+    sft_lr: float | None = opt(None, help="--sft-preferred: learning rate (unset: 2e-4 with a LoRA policy, 5e-5 without).")
     seed: int = opt(0, help="Seed for every stage.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
     recipe: Literal["rlhf", "agent", "cai"] = opt("rlhf", help="rlhf (the loop above, scripted human labels), agent "
@@ -125,7 +131,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     earlier_peak = _earlier_peak_rss(out) if cfg.resume else 0
     t_all = time.perf_counter()
     clock = _clock(cfg, prompts, eval_prompts)
-    order = ["generate", "label", "pairs", "reward", cfg.algo, "eval", "report"]
+    order = ["generate", "label", "pairs", "reward", *(["sft"] if cfg.sft_preferred else []), cfg.algo, "eval", "report"]
     pending = [n for n in order if not (cfg.resume and n in stages)]
 
     def stage(name: str, done: Path, fn) -> None:
@@ -154,9 +160,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("pairs", pairs, lambda: _pairs(rankings, pairs))
     reward_dir = out / "reward"
     stage("reward", reward_dir / "summary.json", lambda: _reward(cfg, pairs, reward_dir))
+    train_cfg = cfg  # what the training stage starts from: the model given, or its SFT on preferred completions
+    if cfg.sft_preferred:
+        sft_dir = out / "sft"
+        stage("sft", sft_dir / "summary.json", lambda: _sft_preferred(cfg, rankings, out / "preferred.jsonl", sft_dir))
+        train_cfg = dataclasses.replace(cfg, policy=str(sft_dir / "model"))
     ppo_dir = out / cfg.algo  # the training stage: rlhf/train/demo_algos.py for dpo and grpo
-    stage(cfg.algo, ppo_dir / "summary.json", lambda: _ppo(cfg, prompts, reward_dir / "model", completions, ppo_dir)
-          if cfg.algo == "ppo" else _other_algo(cfg, prompts, pairs, reward_dir / "model", completions, ppo_dir))
+    stage(cfg.algo, ppo_dir / "summary.json", lambda: _ppo(train_cfg, prompts, reward_dir / "model", completions, ppo_dir)
+          if cfg.algo == "ppo" else _other_algo(train_cfg, prompts, pairs, reward_dir / "model", completions, ppo_dir))
+    trained_from = json.loads((ppo_dir / "summary.json").read_text()).get("config", {}).get("policy")
+    if trained_from is not None and trained_from != train_cfg.policy:  # a resumed --out from a run with other options
+        raise ConfigError(f"{ppo_dir} was trained from {trained_from}, but this run starts {cfg.algo} from {train_cfg.policy} "
+                          f"(--sft-preferred differs from the run that made it): use a new --out")
     eval_dir = _eval_dir(cfg, out)
     stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, ppo_dir / "model", reward_dir / "model", eval_dir))
 
@@ -264,6 +279,21 @@ def reward_scale(reward_model: Path, completions: Path) -> float:
     return 1.0 / std
 
 
+def _sft_preferred(cfg: DemoConfig, rankings: Path, data: Path, out: Path) -> None:
+    from rlhf.data.pairs import preferred_file
+    from rlhf.train.sft import SFTConfig, run_sft
+
+    stats = preferred_file(rankings, data)
+    if not stats.kept:
+        raise ConfigError(f"{rankings}: no item has a single preferred completion (all {stats.items} tie at the top)")
+    _say(f"  {stats.kept} preferred completions of {stats.items} items ({stats.tied_best} tied at the top left out) → {data}")
+    scfg = SFTConfig(data=str(data), out=str(out), model=cfg.policy, epochs=cfg.sft_epochs, lora=bool(cfg.lora),
+                     lr=cfg.sft_lr if cfg.sft_lr is not None else (2e-4 if cfg.lora else 5e-5),
+                     batch_size=min(8, stats.kept), warmup_steps=2, seed=cfg.seed, engine=cfg.engine)
+    scfg.validate()
+    run_sft(scfg)
+
+
 def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, out: Path) -> None:
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
@@ -361,11 +391,18 @@ def _summarise(cfg: DemoConfig, out: Path, stages: dict) -> dict:
                 "stage_share": ppo["stage_share"], "watch": ppo.get("watch")},
         "final_kl": kl.get(after), "final_kl_unit": "nats per reply", "judges": judges,
         "reward_agreement": ev.get("reward_agreement", []),
+        "sft": _sft_summary(out) if cfg.sft_preferred else None,
         "paths": {"completions": str(out / "completions.jsonl"), "rankings": str(out / "rankings.jsonl"),
                   "pairs": str(out / "pairs.jsonl"), "reward_model": str(out / "reward" / "model"),
                   "policy": str(out / cfg.algo / "model"), "eval": str(_eval_dir(cfg, out))},
         "config": config_to_dict(cfg),
     }
+
+
+def _sft_summary(out: Path) -> dict:
+    sft = json.loads((out / "sft" / "summary.json").read_text())
+    return {"examples": sft["examples"], "data": str(out / "preferred.jsonl"), "model": sft["model"],
+            "final_loss": sft.get("final_loss"), "steps": sft.get("steps")}
 
 
 def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
@@ -389,7 +426,9 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
              "completions as a campaign (rlhf label import), send each person a link (rlhf label add-labeler), serve "
              "the app (rlhf label serve), export the rankings (rlhf label export) and train the reward model on them; "
              "the demo prints the exact commands, and docs/labeling.md walks through it."]
-    table = {"model": model_label(cfg.policy) + (" with a LoRA policy" if cfg.lora else ""),
+    sft = summary.get("sft")
+    table = {"model": model_label(cfg.policy) + (" with a LoRA policy" if cfg.lora else "")
+             + (f", fine-tuned first on {sft['examples']} preferred completions" if sft else ""),
              "reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
              f"{cfg.algo.upper()} steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
              "final KL from reference (nats per reply)": summary["final_kl"],
@@ -398,6 +437,7 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
     lineage = {"base model": cfg.policy, "completions": summary["paths"]["completions"],
                "rankings": summary["paths"]["rankings"], "pairs": summary["paths"]["pairs"],
                "reward model": summary["paths"]["reward_model"], "policy": summary["paths"]["policy"],
+               **({"SFT on preferred completions": sft["model"]} if sft else {}),
                "labeling": summary["labeling"], "config": summary["config"]}
     best_gold = out / cfg.algo / "best-gold"
     training = TrainingInfo(target_kl=cfg.target_kl, kl_ceiling=cfg.kl_ceiling, kl_last=summary["ppo"]["kl_last"],

@@ -187,3 +187,38 @@ def test_tests_needing_real_pairs_say_where_the_public_data_comes_from(tmp_path)
     assert str(tmp_path / "hh-harmless") in reason and "DEVELOPERS.md" not in reason
     assert "Anthropic" in reason and "hh-rlhf" in reason and "harmless-base" in reason
     assert "https://huggingface.co/datasets/Anthropic/hh-rlhf" in reason
+
+
+def test_preferred_completion_is_the_borda_winner_of_each_items_labelers():
+    from rlhf.data.pairs import PreferredStats, preferred_completions
+
+    def rec(ranking, labeler, prompt="p", **extra):
+        return RankingRecord.from_json({"prompt": prompt, "completions": ["a", "b", "c"], "ranking": ranking,
+                                        "labeler": labeler, **extra})
+
+    stats = PreferredStats()
+    out = preferred_completions([
+        # p: ann ranks c > a > b, bob a > c > b, cat c > b > a. Borda points (one per completion beaten):
+        # a 1 + 2 + 0 = 3, b 0 + 0 + 1 = 1, c 2 + 1 + 2 = 5 → c, although bob put a first.
+        rec([2, 0, 1], "ann"), rec([0, 2, 1], "bob"), rec([2, 1, 0], "cat"),
+        # q: two labelers put different completions first with the rest equal: a tie at the top, no example.
+        rec([0, 1, 2], "ann", "q"), rec([1, 0, 2], "bob", "q"),
+        # r: one labeler, with a tie below the top; a skipped ranking and a gold item add nothing.
+        rec([1, 0, 2], "ann", "r", ties=[[0, 2]]), rec([], "bob", "r", skipped=True),
+        rec([0, 1, 2], "ann", "gold-item", gold=True),
+    ], stats)
+    assert [(e.prompt, e.completion) for e in out] == [("p", "c"), ("r", "b")]
+    assert (stats.items, stats.kept, stats.tied_best, stats.skipped_rankings, stats.gold_rankings) == (3, 2, 1, 1, 1)
+
+
+def test_cli_preferred_writes_sft_records(tmp_path):
+    from rlhf.cli import main
+
+    rankings = write_lines(tmp_path / "r.jsonl", [RANK, {**RANK, "labeler": "bob", "ranking": [2, 1, 0]}])
+    out = tmp_path / "sft.jsonl"
+    main(["data", "preferred", "--rankings", str(rankings), "--out", str(out)])
+    assert read_records(out, "sft")[0].completion == "c"
+    bad = write_lines(tmp_path / "bad.jsonl", [RANK, {**RANK, "ranking": [0, 1, 7]}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "preferred", "--rankings", str(bad), "--out", str(tmp_path / "none.jsonl")])
+    assert exit_info.value.code == 2 and not (tmp_path / "none.jsonl").exists()

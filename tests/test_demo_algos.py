@@ -49,3 +49,30 @@ def test_each_algorithm_trains_and_is_evaluated_on_the_same_labels(demos, tiny_m
     # One set of labels: the grpo run found the dpo run's labels, pairs and reward model and skipped them.
     assert dpo["paths"]["pairs"] == grpo["paths"]["pairs"]
     assert json.loads((Path(demos["grpo"][0].out) / "eval-grpo" / "eval.json").read_text())["models"]
+
+
+def test_sft_on_preferred_completions_comes_before_rl_and_rl_starts_from_it(demos, tiny_model_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from rlhf.data.io import read_records
+    from rlhf.errors import ConfigError
+
+    cfg, _ = demos["grpo"]
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)  # the labels, pairs and reward model of the runs above
+    # The copied GRPO stage was trained from the base model: a run that starts from the SFT model must not reuse it.
+    with pytest.raises(ConfigError, match="use a new --out"):
+        run_demo(dataclasses.replace(cfg, out=str(out), sft_preferred=True))
+    summary = run_demo(dataclasses.replace(cfg, out=str(out), sft_preferred=True, algo="ppo"))
+    preferred = read_records(out / "preferred.jsonl", "sft")
+    ranked = {r.prompt: set(r.completions) for r in read_records(out / "rankings.jsonl", "rankings")}
+    assert preferred and summary["sft"]["examples"] == len(preferred)
+    assert all(e.completion in ranked[e.prompt] for e in preferred)  # one of the item's own ranked completions
+    assert "sft" in summary["stage_seconds"]
+    sft_model = out / "sft" / "model"
+    assert any(not torch.equal(a, b) for a, b in zip(weights(sft_model).values(), weights(tiny_model_dir).values()))
+    ppo_config = json.loads((out / "ppo" / "summary.json").read_text())["config"]
+    assert ppo_config["policy"] == str(sft_model)  # RL starts from, and keeps its KL to, the SFT model
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert ev["config"]["model"] == [str(tiny_model_dir), str(out / "ppo" / "model")]  # judged against the starting model

@@ -9,7 +9,7 @@ import click
 
 from rlhf.config import config_command, opt
 from rlhf.data.io import read_records
-from rlhf.data.pairs import rankings_file_to_pairs
+from rlhf.data.pairs import preferred_file, rankings_file_to_pairs
 from rlhf.data.records import RECORD_TYPES
 
 
@@ -36,6 +36,24 @@ def pairs_cmd(cfg: PairsConfig) -> None:
                            "out": cfg.out}))
 
 
+@dataclass
+class PreferredConfig:
+    """Each ranked item's consensus-best completion, as prompt/completion data for `rlhf sft`."""
+
+    rankings: str = opt(help="Rankings file (JSON Lines): prompt, completions, ranking best-first.")
+    out: str = opt(help="SFT file to write (JSON Lines: prompt, completion); written atomically.")
+    include_gold: bool = opt(False, help="Also use gold (attention-check) items; by default they are left out.")
+
+
+@config_command(PreferredConfig, name="preferred")
+def preferred_cmd(cfg: PreferredConfig) -> None:
+    """Labelers' rankings of one item are combined by Borda count; an item whose best place is tied gives nothing."""
+    stats = preferred_file(cfg.rankings, cfg.out, cfg.include_gold)
+    click.echo(json.dumps({"items": stats.items, "examples": stats.kept, "tied_best_dropped": stats.tied_best,
+                           "skipped_rankings": stats.skipped_rankings, "gold_rankings_dropped": stats.gold_rankings,
+                           "out": cfg.out}))
+
+
 @data.command("validate")
 @click.argument("path", type=click.Path())
 @click.option("--kind", type=click.Choice(sorted(RECORD_TYPES)), required=True, help="Which contract the file follows.")
@@ -46,3 +64,4 @@ def validate_cmd(path: str, kind: str) -> None:
 
 
 data.add_command(pairs_cmd)
+data.add_command(preferred_cmd)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.data.io import read_records, write_records
-from rlhf.data.records import PairRecord, RankingRecord
+from rlhf.data.records import PairRecord, RankingRecord, SFTRecord
+from rlhf.feedback.consensus import borda_consensus
 
 
 @dataclass
@@ -66,6 +67,54 @@ def rankings_file_to_pairs(rankings: str | Path, out: str | Path, include_gold: 
     """Read a rankings file, write its pairs atomically to ``out``; returns what was kept and dropped."""
     stats = PairStats()
     write_records(out, rankings_to_pairs(read_records(rankings, RankingRecord), stats, include_gold))
+    return stats
+
+
+@dataclass
+class PreferredStats:
+    items: int = 0          # distinct (prompt, completions) items with at least one usable ranking
+    kept: int = 0           # items whose consensus has one best completion
+    tied_best: int = 0      # items whose best place is a tie: no single preferred completion
+    skipped_rankings: int = 0
+    gold_rankings: int = 0
+
+
+def preferred_completions(rankings: list[RankingRecord], stats: PreferredStats | None = None,
+                          include_gold: bool = False) -> list[SFTRecord]:
+    """Each ranked item's consensus-best completion as a (prompt, completion) SFT example.
+
+    An item is one prompt with one list of completions; its labelers' rankings are combined by Borda
+    count (rlhf/feedback/consensus.py). Items whose best place is a tie give nothing, since no single
+    completion was preferred; skipped rankings and gold items are left out as for pairs. This is
+    "preferred-completion" fine-tuning (best-of-K under the labels): it moves a policy towards what
+    people ranked first before RL, using only rankings that were collected anyway.
+    """
+    stats = stats if stats is not None else PreferredStats()
+    items: dict[tuple, list[RankingRecord]] = {}
+    for rec in rankings:
+        if rec.extra.get("gold") is True and not include_gold:
+            stats.gold_rankings += 1
+        elif rec.skipped:
+            stats.skipped_rankings += 1
+        else:
+            items.setdefault((rec.prompt_id, rec.prompt, tuple(rec.completions)), []).append(rec)
+    out = []
+    for (_, prompt, completions), recs in items.items():
+        stats.items += 1
+        consensus = borda_consensus([(r.ranking, r.ties) for r in recs])
+        best = consensus.ranking[0]
+        if any(best in group for group in consensus.ties):
+            stats.tied_best += 1
+            continue
+        stats.kept += 1
+        out.append(SFTRecord(prompt=prompt, completion=completions[best]))
+    return out
+
+
+def preferred_file(rankings: str | Path, out: str | Path, include_gold: bool = False) -> PreferredStats:
+    """Read a rankings file, write each item's preferred completion atomically to ``out`` (SFT contract)."""
+    stats = PreferredStats()
+    write_records(out, preferred_completions(read_records(rankings, RankingRecord), stats, include_gold))
     return stats
 
 
