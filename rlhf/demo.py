@@ -98,7 +98,7 @@ class DemoConfig:
     sft_preferred: bool = opt(False, help="Before RL, fine-tune the policy on each prompt's preferred completion (the "
                                           "labelers' Borda-best of its K, `rlhf data preferred`); RL starts from that "
                                           "model and keeps its KL to it. The evaluation still compares with the starting model.")
-    sft_epochs: float = opt(2.0, help="--sft-preferred: passes over the preferred completions.")
+    sft_epochs: float = opt(3.0, help="--sft-preferred: passes over the preferred completions.")
     sft_lr: float | None = opt(None, help="--sft-preferred: learning rate (unset: 2e-4 with a LoRA policy, 5e-5 without).")
     seed: int = opt(0, help="Seed for every stage.")
     resume: bool = opt(True, help="Skip stages whose outputs are already complete in --out.")
