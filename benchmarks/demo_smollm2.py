@@ -161,6 +161,8 @@ def row(seed: int, s: dict, judge: Path, run: Path) -> dict:
     agreement = s.get("reward_agreement")
     if not agreement or "clear_rate" not in agreement[0]:  # runs from before eval wrote it, or wrote it without clear pairs
         agreement = agreement_from_samples(run)
+    # The reward model's rows only: with --reward-extra the terms added to the reward are optimised judges too.
+    agreement = [r for r in agreement if r["optimised"] == f"rm:{run / 'reward' / 'model'}"]
     if agreement:  # the demo's one (reward model, labelers' preference) pair: base model first, tuned last
         first, last = agreement[0], agreement[-1]
         out["reward_agreement"] = {side: {"rate": r["rate"], "ci95": [r["ci_low"], r["ci_high"]], "pairs": r["pairs"],

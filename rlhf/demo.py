@@ -95,6 +95,9 @@ class DemoConfig:
                                                           "dpo (straight from the pairs) or grpo (against the reward "
                                                           "model, G replies per prompt, no critic). Shares the earlier "
                                                           "stages' outputs in --out with the other algorithms.")
+    reward_extra: str = opt("", help="Terms added to the RL reward beside the reward model (scaled to unit spread), "
+                                     "written as a weighted: scorer's parts, e.g. '5*relevance': a rule or classifier "
+                                     "reward combined with the learned one. The evaluation counts them as optimised.")
     sft_preferred: bool = opt(False, help="Before RL, fine-tune the policy on each prompt's preferred completion (the "
                                           "labelers' Borda-best of its K, `rlhf data preferred`); RL starts from that "
                                           "model and keeps its KL to it. The evaluation still compares with the starting model.")
@@ -298,9 +301,9 @@ def _ppo(cfg: DemoConfig, prompts: str, reward_model: Path, completions: Path, o
     from rlhf.train.ppo_config import PPOConfig
     from rlhf.train.ppo_loop import run_ppo
 
-    scale = reward_scale(reward_model, completions)
-    _say(f"  reward = {scale:.4f} × reward model (unit spread on the labeled completions)")
-    pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=f"weighted:{scale:.6g}*rm:{reward_model}", prompts=prompts,
+    reward = rl_reward(cfg, reward_model, completions)
+    _say(f"  reward = {reward} (the reward model at unit spread on the labeled completions)")
+    pcfg = PPOConfig(out=str(out), policy=cfg.policy, reward=reward, prompts=prompts,
                      max_steps=cfg.ppo_steps,
                      batch_size=cfg.ppo_batch_size, mini_batch_size=min(16, cfg.ppo_batch_size),
                      micro_batch_size=min(16, cfg.ppo_batch_size), lr=cfg.ppo_lr, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
@@ -329,7 +332,26 @@ def _other_algo(cfg: DemoConfig, prompts: str, pairs: Path, reward_model: Path, 
     if cfg.algo == "dpo":
         dpo_stage(cfg, pairs, out)
     else:
-        grpo_stage(cfg, prompts, f"weighted:{reward_scale(reward_model, completions):.6g}*rm:{reward_model}", out)
+        grpo_stage(cfg, prompts, rl_reward(cfg, reward_model, completions), out)
+
+
+def rl_reward(cfg: DemoConfig, reward_model: Path, completions: Path) -> str:
+    """The RL stage's reward spec: the reward model scaled to unit spread, plus ``--reward-extra``."""
+    extra = f"+{cfg.reward_extra}" if cfg.reward_extra else ""
+    return f"weighted:{reward_scale(reward_model, completions):.6g}*rm:{reward_model}{extra}"
+
+
+def extra_reward_scorers(extra: str) -> list[str]:
+    """The scorer specs among ``--reward-extra``'s parts (``5*relevance+-0.1*length`` → relevance, length)."""
+    names = []
+    for part in filter(None, (p.strip() for p in extra.split("+"))):
+        weight, star, name = part.partition("*")
+        name = name if star else weight
+        try:
+            float(name)  # a constant part
+        except ValueError:
+            names.append(name.strip())
+    return names
 
 
 JUDGES = ["toxicity", "sentiment", "relevance", "length", "repetition"]
@@ -338,8 +360,11 @@ JUDGES = ["toxicity", "sentiment", "relevance", "length", "repetition"]
 def _eval(cfg: DemoConfig, prompts: str, tuned: Path, reward_model: Path, out: Path) -> None:
     from rlhf.eval.commands import EvalConfig, run_eval
 
+    extra = extra_reward_scorers(cfg.reward_extra)  # judged as optimised: the policy was rewarded for them
+    judges = [*JUDGES, *cfg.extra_judges]
     ecfg = EvalConfig(out=str(out), model=[cfg.policy, str(tuned)], prompts=prompts,
-                      judge=[*JUDGES, *cfg.extra_judges, cfg.labeler_scorer, f"rm:{reward_model}"], optimised=[f"rm:{reward_model}"],
+                      judge=[*judges, *(e for e in extra if e not in judges), cfg.labeler_scorer, f"rm:{reward_model}"],
+                      optimised=[f"rm:{reward_model}", *extra],
                       gold=[cfg.labeler_scorer], reference=cfg.policy, samples_per_prompt=cfg.eval_samples,
                       seed=cfg.seed + 1, engine=cfg.engine, temperature=cfg.temperature)
     ecfg.validate()

@@ -223,3 +223,15 @@ def test_demo_prints_its_results_once_aligned_without_library_bars_or_carriage_r
     assert len(rows) == 7 and len({ln.index("→") for ln in rows}) == 1, "\n".join(rows)  # aligned, long names too
     assert err.count("rlhf label import") == 1 and "report: " in err
     assert "over-optimisation watch" in err
+
+
+def test_reward_extra_terms_join_the_rl_reward_and_are_judged_as_optimised(monkeypatch, tmp_path):
+    import rlhf.demo as demo_module
+
+    monkeypatch.setattr(demo_module, "reward_scale", lambda reward_model, completions: 0.25)
+    cfg = DemoConfig(reward_extra="5*relevance+-0.1*length+0.5")
+    assert demo_module.rl_reward(cfg, tmp_path / "rm", tmp_path / "c.jsonl") == \
+        f"weighted:0.25*rm:{tmp_path / 'rm'}+5*relevance+-0.1*length+0.5"
+    assert demo_module.extra_reward_scorers(cfg.reward_extra) == ["relevance", "length"]  # the constant is no scorer
+    assert demo_module.extra_reward_scorers("refusal") == ["refusal"] and demo_module.extra_reward_scorers("") == []
+    assert demo_module.rl_reward(DemoConfig(), tmp_path / "rm", tmp_path / "c.jsonl") == f"weighted:0.25*rm:{tmp_path / 'rm'}"
