@@ -123,6 +123,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rlhf.utils.metrics import peak_rss_mb
 
     cfg = with_model_defaults(cfg)  # fills the options left unset with what suits the model (named.py)
+    if cfg.reward_extra:  # a bad spec fails here, not after the stages before RL have run
+        from rlhf.judges import load_scorer
+
+        load_scorer(f"weighted:{cfg.reward_extra}")
     start(cfg.engine)  # each stage applies the same section again; the first says what it chose
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

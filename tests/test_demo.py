@@ -20,6 +20,7 @@ import yaml
 
 from conftest import artifacts
 from rlhf.demo import DemoConfig, run_demo
+from rlhf.errors import ConfigError
 from rlhf.engine.config import EngineConfig
 from rlhf.config import config_to_dict
 from rlhf.demo import REAL_PEOPLE, judge_labels
@@ -235,3 +236,6 @@ def test_reward_extra_terms_join_the_rl_reward_and_are_judged_as_optimised(monke
     assert demo_module.extra_reward_scorers(cfg.reward_extra) == ["relevance", "length"]  # the constant is no scorer
     assert demo_module.extra_reward_scorers("refusal") == ["refusal"] and demo_module.extra_reward_scorers("") == []
     assert demo_module.rl_reward(DemoConfig(), tmp_path / "rm", tmp_path / "c.jsonl") == f"weighted:0.25*rm:{tmp_path / 'rm'}"
+    with pytest.raises(ConfigError, match="names no scorer"):  # checked before the first stage writes anything
+        run_demo(DemoConfig(out=str(tmp_path / "run"), reward_extra="5*"))
+    assert not (tmp_path / "run").exists()
