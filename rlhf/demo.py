@@ -175,10 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ppo_dir = out / cfg.algo  # the training stage: rlhf/train/demo_algos.py for dpo and grpo
     stage(cfg.algo, ppo_dir / "summary.json", lambda: _ppo(train_cfg, prompts, reward_dir / "model", completions, ppo_dir)
           if cfg.algo == "ppo" else _other_algo(train_cfg, prompts, pairs, reward_dir / "model", completions, ppo_dir))
-    trained_from = json.loads((ppo_dir / "summary.json").read_text()).get("config", {}).get("policy")
-    if trained_from is not None and trained_from != train_cfg.policy:  # a resumed --out from a run with other options
-        raise ConfigError(f"{ppo_dir} was trained from {trained_from}, but this run starts {cfg.algo} from {train_cfg.policy} "
-                          f"(--sft-preferred differs from the run that made it): use a new --out")
+    _check_trained_as_asked(train_cfg, ppo_dir)
     eval_dir = _eval_dir(cfg, out)
     stage("eval", eval_dir / "eval.json", lambda: _eval(cfg, eval_prompts, ppo_dir / "model", reward_dir / "model", eval_dir))
 
@@ -284,6 +281,20 @@ def reward_scale(reward_model: Path, completions: Path) -> float:
     if not std > 1e-6:
         raise ConfigError(f"the reward model in {reward_model} gives every labeled completion the same score; it learned nothing")
     return 1.0 / std
+
+
+def _check_trained_as_asked(cfg: DemoConfig, out: Path) -> None:
+    """A resumed --out keeps its finished training stage only if that stage started from the same model
+    (--sft-preferred) and, for PPO and GRPO, optimised the same reward terms (--reward-extra)."""
+    done = json.loads((out / "summary.json").read_text()).get("config", {})
+    if done.get("policy") not in (None, cfg.policy):
+        raise ConfigError(f"{out} was trained from {done['policy']}, but this run starts {cfg.algo} from {cfg.policy} "
+                          f"(--sft-preferred differs from the run that made it): use a new --out")
+    reward = done.get("reward")  # weighted:SCALE*rm:DIR[+EXTRA] (a copied --out has another DIR; no DIR holds a "+")
+    if reward is not None and reward.partition("+")[2] != cfg.reward_extra:
+        asked = f"the reward model plus {cfg.reward_extra}" if cfg.reward_extra else "the reward model alone"
+        raise ConfigError(f"{out} optimised {reward}, but this run asks for {asked} "
+                          f"(--reward-extra differs from the run that made it): use a new --out")
 
 
 def _sft_preferred(cfg: DemoConfig, rankings: Path, data: Path, out: Path) -> None:

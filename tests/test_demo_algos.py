@@ -65,6 +65,8 @@ def test_sft_on_preferred_completions_comes_before_rl_and_rl_starts_from_it(demo
     with pytest.raises(ConfigError, match="use a new --out"):
         run_demo(dataclasses.replace(cfg, out=str(out), sft_preferred=True))
     summary = run_demo(dataclasses.replace(cfg, out=str(out), sft_preferred=True, algo="ppo"))
+    with pytest.raises(ConfigError, match="--reward-extra differs"):  # nor one whose RL reward had other terms
+        run_demo(dataclasses.replace(cfg, out=str(out), sft_preferred=True, algo="ppo", reward_extra="0.5*length"))
     preferred = read_records(out / "preferred.jsonl", "sft")
     ranked = {r.prompt: set(r.completions) for r in read_records(out / "rankings.jsonl", "rankings")}
     assert preferred and summary["sft"]["examples"] == len(preferred)
