@@ -471,7 +471,9 @@ def _report_input(cfg: DemoConfig, out: Path, summary: dict):
              + (f", fine-tuned first on {sft['examples']} preferred completions" if sft else ""),
              "reward-model validation accuracy": summary["reward_model"]["val_accuracy"],
              f"{cfg.algo.upper()} steps": summary["ppo"]["steps"], "stop criterion": summary["ppo"]["stop_reason"],
-             "final KL from reference (nats per reply)": summary["final_kl"],
+             # The evaluation's KL is from the starting model; after --sft-preferred that includes the SFT stage's.
+             ("final KL from the starting model, SFT included (nats per reply)" if sft
+              else "final KL from reference (nats per reply)"): summary["final_kl"],
              "labeler agreement (Kendall's W)": summary["labeling"]["kendalls_w"],
              "wall time per stage": stage_text}
     lineage = {"base model": cfg.policy, "completions": summary["paths"]["completions"],

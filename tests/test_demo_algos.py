@@ -76,5 +76,6 @@ def test_sft_on_preferred_completions_comes_before_rl_and_rl_starts_from_it(demo
     assert any(not torch.equal(a, b) for a, b in zip(weights(sft_model).values(), weights(tiny_model_dir).values()))
     ppo_config = json.loads((out / "ppo" / "summary.json").read_text())["config"]
     assert ppo_config["policy"] == str(sft_model)  # RL starts from, and keeps its KL to, the SFT model
+    assert "final KL from the starting model, SFT included" in (out / "report.html").read_text()
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert ev["config"]["model"] == [str(tiny_model_dir), str(out / "ppo" / "model")]  # judged against the starting model
