@@ -358,15 +358,9 @@ def rl_reward(cfg: DemoConfig, reward_model: Path, completions: Path) -> str:
 
 def extra_reward_scorers(extra: str) -> list[str]:
     """The scorer specs among ``--reward-extra``'s parts (``5*relevance+-0.1*length`` → relevance, length)."""
-    names = []
-    for part in filter(None, (p.strip() for p in extra.split("+"))):
-        weight, star, name = part.partition("*")
-        name = name if star else weight
-        try:
-            float(name)  # a constant part
-        except ValueError:
-            names.append(name.strip())
-    return names
+    from rlhf.judges.base import weighted_terms
+
+    return [spec for _, spec in weighted_terms(extra)[0]] if extra else []
 
 
 JUDGES = ["toxicity", "sentiment", "relevance", "length", "repetition"]

@@ -115,7 +115,9 @@ def signals_of(scorer: Scorer) -> set[str]:
     return {getattr(scorer, "signal", None) or scorer.name}
 
 
-def _weighted(arg: str, device: str) -> WeightedScorer:
+def weighted_terms(arg: str) -> tuple[list[tuple[float, str]], float]:
+    """A weighted scorer's argument (``2*relevance+non-toxicity+-1.2``) read into (weight, scorer spec)
+    parts and the sum of its constant parts, without loading any scorer."""
     parts, offset = [], 0.0
     for term in (t.strip() for t in arg.split("+")):
         try:
@@ -136,10 +138,15 @@ def _weighted(arg: str, device: str) -> WeightedScorer:
             raise ConfigError(f"weighted scorer: {term!r} should be WEIGHT*SPEC or SPEC (e.g. 2*relevance)") from None
         if not spec or spec.startswith("weighted"):
             raise ConfigError(f"weighted scorer: {term!r} names no scorer (or nests another weighted one)")
-        parts.append((w, load_scorer(spec, device)))
+        parts.append((w, spec))
     if not parts:
         raise ConfigError("weighted scorer needs at least one scorer among its parts: weighted:2*relevance+non-toxicity")
-    return WeightedScorer(parts, f"weighted:{arg}", offset)
+    return parts, offset
+
+
+def _weighted(arg: str, device: str) -> WeightedScorer:
+    parts, offset = weighted_terms(arg)
+    return WeightedScorer([(w, load_scorer(spec, device)) for w, spec in parts], f"weighted:{arg}", offset)
 
 
 def no_argument(kind: str, make: Callable[[], Scorer]) -> Callable[[str, str], Scorer]:
