@@ -80,9 +80,9 @@ class DemoConfig:
     ppo_steps: int | None = opt(None, help="Maximum PPO steps (unset: 60 for bundled, fewer for larger models; "
                                            "rlhf/models/named.py DEMO_DEFAULTS).")
     ppo_batch_size: int | None = opt(None, help="Episodes per PPO step (unset: 32 for bundled).")
-    ppo_lr: float | None = opt(None, help="PPO learning rate (unset: 5e-5 for bundled, higher for a LoRA policy).")
+    ppo_lr: float | None = opt(None, help="PPO and GRPO learning rate (unset: 5e-5 for bundled, higher for a LoRA policy).")
     ppo_epochs: int | None = opt(None, help="PPO passes over each batch (unset: 4 for bundled).")
-    reply_tokens: int | None = opt(None, help="Longest reply in tokens when sampling for PPO (unset: 32 for bundled).")
+    reply_tokens: int | None = opt(None, help="Longest reply in tokens when sampling for PPO or GRPO (unset: 32).")
     temperature: float | None = opt(None, help="Sampling temperature of every stage: labeling, PPO (its logprobs at the "
                                                "same temperature), evaluation (unset: 1.0 for bundled, 0.7 for others).")
     init_kl_coef: float = opt(0.1, help="Initial β of the per-token KL penalty (rewards are scaled to unit spread).")

@@ -46,6 +46,12 @@ def test_each_algorithm_trains_and_is_evaluated_on_the_same_labels(demos, tiny_m
     assert dpo["ppo"]["score_first"] is None and dpo["ppo"]["reward"] is None   # DPO optimises no reward
     assert grpo["ppo"]["steps"] == 3 and grpo["ppo"]["reward"].startswith("weighted:")
     assert grpo["ppo"]["watch"]["best_gold_step"] is not None                 # the gold judge watched GRPO too
+    # Both train the policy the demo's PPO would: a model other than `bundled` gets a LoRA adapter, and GRPO
+    # samples at the demo's temperature and reply length with its learning rate.
+    configs = {a: json.loads((Path(c.out) / a / "summary.json").read_text())["config"] for a, (c, _) in demos.items()}
+    assert configs["dpo"]["lora"] is True and configs["dpo"]["lr"] == 3e-4
+    assert configs["grpo"]["lora"] is True
+    assert (configs["grpo"]["temperature"], configs["grpo"]["max_new_tokens"], configs["grpo"]["lr"]) == (0.7, 32, 3e-4)
     # One set of labels: the grpo run found the dpo run's labels, pairs and reward model and skipped them.
     assert dpo["paths"]["pairs"] == grpo["paths"]["pairs"]
     assert json.loads((Path(demos["grpo"][0].out) / "eval-grpo" / "eval.json").read_text())["models"]
